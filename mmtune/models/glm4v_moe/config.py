@@ -1,0 +1,243 @@
+"""GLM-4.5V (`glm4v_moe`) configuration: typed, read from an HF config.json in either style.
+
+Both config.json styles are read: transformers>=5 `rope_parameters`, and the legacy
+`rope_scaling` + `rope_theta` + `partial_rotary_factor`. Values always come from the file; the
+defaults below are the real GLM-4.5V's (GLM45V_FACTS.md section 4), never transformers' defaults.
+Keys this class does not model are kept in `extra` so that a round trip loses nothing.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 10944  # dense MLP of the first `first_k_dense_replace` layers
+    moe_intermediate_size: int = 1408
+    num_hidden_layers: int = 46
+    num_attention_heads: int = 96
+    num_key_value_heads: int = 8
+    head_dim: int = 128
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 65536
+    rms_norm_eps: float = 1e-5
+    attention_bias: bool = True
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    mrope_section: list[int] = field(default_factory=lambda: [8, 12, 12])
+    n_routed_experts: int = 128
+    n_shared_experts: int = 1
+    num_experts_per_tok: int = 8
+    n_group: int = 1
+    topk_group: int = 1
+    first_k_dense_replace: int = 1
+    norm_topk_prob: bool = True
+    routed_scaling_factor: float = 1.0
+    router_aux_loss_coef: float = 1e-4
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    eos_token_id: int | list[int] | None = field(default_factory=lambda: [151329, 151336, 151338])
+    pad_token_id: int | None = 151329
+    num_nextn_predict_layers: int = 0  # MTP layers stored after the last decoder layer (not run)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:
+        return layer_idx >= self.first_k_dense_replace
+
+
+@dataclass
+class VisionConfig:
+    depth: int = 24
+    hidden_size: int = 1536
+    num_heads: int = 12
+    intermediate_size: int = 10944
+    out_hidden_size: int = 4096
+    patch_size: int = 14
+    image_size: int = 336
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    in_channels: int = 3
+    rms_norm_eps: float = 1e-5
+    hidden_act: str = "silu"
+    attention_bias: bool = False
+    initializer_range: float = 0.02
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        """Length of one row of `pixel_values`: C * T * P * P (1176 for GLM-4.5V)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size**2
+
+
+@dataclass
+class Glm4vMoeConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    image_token_id: int = 151363
+    video_token_id: int = 151364
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+    video_start_token_id: int = 151341
+    video_end_token_id: int = 151342
+    tie_word_embeddings: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    model_type = "glm4v_moe"
+
+    # ---- reading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Glm4vMoeConfig":
+        """Read `path/config.json` (or `path` itself when it is a file)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json (expected an HF model dir with config.json)")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        return cls.from_dict(data, source=str(file))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Glm4vMoeConfig":
+        data = copy.deepcopy(data)
+        model_type = data.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{source}: model_type is {model_type!r}; mmtune's GLM-4.5V model reads model_type 'glm4v_moe'"
+            )
+        text = _text_from_dict(data.pop("text_config", {}) or {}, source)
+        vision = _dataclass_from_dict(VisionConfig, data.pop("vision_config", {}) or {}, source, "vision_config")
+        data.pop("model_type")
+        data.pop("architectures", None)  # always written by to_dict()
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name in ("text", "vision", "extra") or f.name not in data:
+                continue
+            kwargs[f.name] = data.pop(f.name)
+        # a pre-v5 save keeps tie_word_embeddings inside text_config
+        if not kwargs.get("tie_word_embeddings") and text.tie_word_embeddings:
+            kwargs["tie_word_embeddings"] = True
+        return cls(text=text, vision=vision, extra=data, **kwargs)
+
+    # ---- writing -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """An HF config.json (transformers>=5 style) that `AutoConfig.from_pretrained` reads."""
+        t = self.text
+        text = {k: v for k, v in dataclasses.asdict(t).items() if k not in _TEXT_ROPE_KEYS | {"extra"}}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "partial_rotary_factor": t.partial_rotary_factor,
+            "mrope_section": list(t.mrope_section),
+        }
+        text["model_type"] = "glm4v_moe_text"
+        text.update(copy.deepcopy(t.extra))
+        vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k != "extra"}
+        vision["model_type"] = "glm4v_moe_vision"
+        vision.update(copy.deepcopy(self.vision.extra))
+        out: dict[str, Any] = {"architectures": ["Glm4vMoeForConditionalGeneration"], "model_type": self.model_type}
+        out.update(copy.deepcopy(self.extra))
+        out.update(text_config=text, vision_config=vision)
+        for f in dataclasses.fields(self):
+            if f.name not in ("text", "vision", "extra"):
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_TEXT_ROPE_KEYS = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+
+
+def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
+    d = dict(d)
+    d.pop("model_type", None)
+    rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+    d.pop("rope_scaling", None)
+    if "rope_theta" in rope:
+        d.setdefault("rope_theta", rope["rope_theta"])
+    if "partial_rotary_factor" in rope:
+        d.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    if "mrope_section" in rope:
+        d["mrope_section"] = list(rope["mrope_section"])
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ValueError(f"{source}: text_config rope type {rope_type!r} is not supported (expected 'default')")
+    if d.get("head_dim") is None:
+        d["head_dim"] = d.get("hidden_size", TextConfig.hidden_size) // d.get(
+            "num_attention_heads", TextConfig.num_attention_heads
+        )
+    cfg = _dataclass_from_dict(TextConfig, d, source, "text_config")
+    if sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
+        raise ValueError(
+            f"{source}: text_config mrope_section {cfg.mrope_section} sums to {sum(cfg.mrope_section)}, "
+            f"but head_dim * partial_rotary_factor / 2 = {cfg.rotary_dim // 2}"
+        )
+    return cfg
+
+
+def _dataclass_from_dict(cls, d: dict[str, Any], source: str, section: str):
+    names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+    known = {k: v for k, v in d.items() if k in names}
+    extra = {k: v for k, v in d.items() if k not in names and k != "model_type"}
+    try:
+        return cls(**known, extra=extra)
+    except TypeError as e:  # pragma: no cover - dataclass signature mismatch
+        raise ValueError(f"{source}: {section}: {e}") from e
+
+
+def glm45v_config() -> Glm4vMoeConfig:
+    """The real zai-org/GLM-4.5V configuration (GLM45V_FACTS.md section 4)."""
+    return Glm4vMoeConfig()
+
+
+def tiny_config() -> Glm4vMoeConfig:
+    """The embedded default: a tiny GLM-4.5V-architecture model (under 1M params) that learns the shapes
+    task on a CPU in minutes. 3 decoder layers (1 dense + 2 MoE), 4 experts top-2, 2 vision blocks, and
+    the tiny tokenizer's 512-id vocabulary (special tokens at mmtune.tokens.TINY_SPECIAL_BASE)."""
+    from mmtune.tokens import TINY_SPECIAL_BASE, TINY_VOCAB_SIZE, model_token_ids
+
+    ids = model_token_ids(TINY_SPECIAL_BASE)
+    text = TextConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        moe_intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=32,
+        mrope_section=[2, 3, 3],
+        max_position_embeddings=4096,
+        n_routed_experts=4,
+        n_shared_experts=1,
+        num_experts_per_tok=2,
+        first_k_dense_replace=1,
+        num_nextn_predict_layers=1,
+        eos_token_id=ids.pop("eos_token_id"),
+        pad_token_id=ids.pop("pad_token_id"),
+    )
+    vision = VisionConfig(
+        depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128, image_size=56
+    )
+    return Glm4vMoeConfig(text=text, vision=vision, **ids)
