@@ -1,0 +1,64 @@
+"""`mmtune data <tool>`: make-shapes, llava-to-mllm, check. Thin: parses flags, calls mmtune.data."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmtune data", description="data tools")
+    sub = p.add_subparsers(dest="tool", required=True, metavar="{make-shapes,llava-to-mllm,check}")
+
+    s = sub.add_parser("make-shapes", help="write the synthetic shapes VQA data set (LLaVA format)",
+                       description="Write DIR/images/*.png (56x56 coloured shapes) and DIR/llava_format.json.")
+    s.add_argument("--out", required=True, help="output directory (created if missing)")
+    s.add_argument("--num", type=int, default=2000, help="number of samples (default 2000)")
+    s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
+
+    s = sub.add_parser("llava-to-mllm", help="convert LLaVA-Instruct json to the MLLM format",
+                       description="Convert LLaVA-Instruct samples (image, conversations) to MLLM samples "
+                       "(messages, images). Image paths are written relative to the output file's folder, "
+                       "which becomes the data set's dataset_dir. Skipped samples are listed with the reason.")
+    s.add_argument("--input", required=True, help="LLaVA json (a list) or jsonl file")
+    s.add_argument("--output", required=True, help="MLLM json file to write")
+    s.add_argument("--image-dir", default=None,
+                   help="folder the LLaVA image paths are relative to (default: the input file's folder)")
+    s.add_argument("--strict", action="store_true",
+                   help="fail (exit 1, write nothing) when any sample cannot be converted")
+
+    s = sub.add_parser("check", help="validate every sample of a data.json as training reads it",
+                       description="Read every sample as training would (tokenise, resolve and decode images) "
+                       "and print each bad one as file:index: reason. Exit 1 when any is bad.")
+    s.add_argument("--mm-data", required=True, help="the data.json (MindSpeed-MM style dataset_param/dataloader_param)")
+    s.add_argument("--seq-length", type=int, default=None,
+                   help="flag samples longer than this many tokens (default: no length check)")
+    s.add_argument("--tokenizer-dir", default=None,
+                   help="tokenizer + preprocessor_config.json dir (default: preprocess_parameters.model_name_or_path)")
+    return p
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.tool == "make-shapes":
+            from mmtune.data.shapes import make_shapes
+
+            path = make_shapes(args.out, num=args.num, seed=args.seed)
+            print(f"wrote {args.num} samples to {path}")
+            return 0
+        if args.tool == "llava-to-mllm":
+            from mmtune.data.llava import llava_to_mllm
+
+            report = llava_to_mllm(args.input, args.output, image_dir=args.image_dir, strict=args.strict)
+            for name, reason in report.skipped:
+                print(f"skipped {name}: {reason}", file=sys.stderr)
+            print(f"{report.summary()}; wrote {args.output}")
+            return 0
+        from mmtune.data.check import check_data
+
+        bad = check_data(args.mm_data, seq_length=args.seq_length, tokenizer_dir=args.tokenizer_dir)
+        return 1 if bad else 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mmtune data {args.tool}: error: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,124 @@
+"""LLaVA-Instruct json -> MLLM json (`mmtune data llava-to-mllm`).
+
+LLaVA sample: {"id", "image": "rel/path.jpg" (optional), "conversations": [{"from": "human"|"gpt", "value"}]}.
+MLLM sample:  {"id", "messages": [{"role": "user"|"assistant"|"system", "content"}], "images": [path]}.
+
+Text is kept byte for byte (non-ASCII too; the json is written with ensure_ascii=False). A sample without
+an image (no key, null or "") becomes text-only with images: []. Image paths are looked up under
+`image_dir` (default: the input file's folder) and written relative to the output file's folder, which is
+then the data set's `dataset_dir`. A sample that cannot be converted is skipped and named in the report.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+IMAGE_TAG = "<image>"
+
+
+@dataclass
+class ConversionReport:
+    kept: int = 0
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id or "index N", reason)
+
+    def summary(self) -> str:
+        return f"kept {self.kept} samples, skipped {len(self.skipped)}"
+
+
+def read_records(path: str | os.PathLike) -> list:
+    """A json list or a jsonl file (one object a line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    text = p.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    try:
+        if stripped.startswith("["):
+            return json.loads(text)
+        return [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: not valid json or jsonl ({e}); expected a list of samples") from e
+
+
+def _inside(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+        return True
+    except ValueError:
+        return False
+
+
+def convert_sample(sample: dict, image_dir: Path, out_dir: Path) -> dict:
+    """One LLaVA sample -> MLLM; raises ValueError(reason) when it cannot be converted."""
+    if not isinstance(sample, dict):
+        raise ValueError("not a json object")
+    convs = sample.get("conversations")
+    if not convs:
+        raise ValueError("empty conversation")
+    messages = []
+    for k, turn in enumerate(convs):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise ValueError(f"turn {k} lacks 'from' or 'value'")
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"turn {k}: unknown role {turn['from']!r} (known: {', '.join(ROLES)})")
+        if not isinstance(turn["value"], str):
+            raise ValueError(f"turn {k}: value is not a string")
+        messages.append({"role": role, "content": turn["value"]})
+    image = sample.get("image")
+    names = [] if image in (None, "") else [image] if isinstance(image, str) else list(image)
+    images = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"bad image entry {name!r}")
+        rel = Path(name)
+        full = (image_dir / rel).resolve()
+        if rel.is_absolute() or not _inside(full, image_dir.resolve()):
+            raise ValueError(f"image path {name!r} escapes the image dir {image_dir}")
+        if not full.is_file():
+            raise ValueError(f"image file missing: {full}")
+        images.append(Path(os.path.relpath(full, out_dir.resolve())).as_posix())
+    tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
+    if tags != len(images):
+        raise ValueError(f"{tags} {IMAGE_TAG} tags for {len(images)} images")
+    out = {"messages": messages, "images": images}
+    if "id" in sample:
+        out = {"id": sample["id"], **out}
+    return out
+
+
+def llava_to_mllm(
+    input: str | os.PathLike, output: str | os.PathLike, image_dir: str | os.PathLike | None = None,
+    strict: bool = False,
+) -> ConversionReport:
+    """Convert; write `output` atomically. With strict=True a skipped sample raises ValueError (nothing
+    written). Returns the report (kept count, skipped (id, reason) pairs)."""
+    from tqdm import tqdm
+
+    records = read_records(input)
+    if not isinstance(records, list):
+        raise ValueError(f"{input}: expected a json list of LLaVA samples")
+    image_root = Path(image_dir) if image_dir is not None else Path(input).parent
+    if not image_root.is_dir():
+        raise FileNotFoundError(f"--image-dir {image_root}: no such directory")
+    out_path = Path(output)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    report, converted = ConversionReport(), []
+    for i, sample in enumerate(tqdm(records, desc="llava-to-mllm", unit="sample", disable=len(records) < 5000)):
+        try:
+            converted.append(convert_sample(sample, image_root, out_path.parent))
+        except ValueError as e:
+            name = f"id {sample['id']}" if isinstance(sample, dict) and "id" in sample else f"index {i}"
+            report.skipped.append((name, str(e)))
+    report.kept = len(converted)
+    if strict and report.skipped:
+        name, reason = report.skipped[0]
+        raise ValueError(f"{input}: {len(report.skipped)} samples cannot be converted, first {name}: {reason}")
+    tmp = out_path.with_name(out_path.name + ".tmp")
+    tmp.write_text(json.dumps(converted, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, out_path)
+    return report

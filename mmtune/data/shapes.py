@@ -1,0 +1,128 @@
+"""The embedded default data set: 56x56 images of one coloured shape, with LLaVA-format questions.
+
+`make_shapes(out_dir, num, seed)` writes out_dir/images/NNNNNN.png and out_dir/llava_format.json
+(LLaVA-Instruct style: id, image "images/NNNNNN.png", conversations human/gpt with "<image>\\n" in the
+first question). Questions ask the colour ("red") or the shape ("circle"); about 30% of the image samples
+ask both (two turns); about 10% of all samples are text-only, with answers readable from the question
+("Name the color in: a red circle." -> "red"). Everything follows from `seed`.
+
+`eval_questions(num, seed)` gives held-out (PIL image, question, answer) triples for greedy-answer
+accuracy; it draws from a different random stream than `make_shapes`, so the images are new.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+IMAGE_SIZE = 56
+BACKGROUND = (32, 32, 32)
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 200, 40),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 30),
+    "purple": (150, 40, 200),
+    "orange": (250, 140, 20),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+COLOR_QUESTION = "What color is the shape?"
+SHAPE_QUESTION = "What shape is this?"
+_EVAL_STREAM = 0x5EED_E7A1  # xor-ed into the seed so eval images never repeat training ones
+
+
+@dataclass(frozen=True)
+class ShapeSpec:
+    color: str
+    shape: str
+    cx: int
+    cy: int
+    radius: int
+
+
+def random_spec(rng: random.Random) -> ShapeSpec:
+    radius = rng.randint(8, 18)
+    return ShapeSpec(
+        color=rng.choice(list(COLORS)),
+        shape=rng.choice(SHAPES),
+        cx=rng.randint(radius, IMAGE_SIZE - 1 - radius),
+        cy=rng.randint(radius, IMAGE_SIZE - 1 - radius),
+        radius=radius,
+    )
+
+
+def draw(spec: ShapeSpec) -> Image.Image:
+    """The 56x56 RGB image of one shape on a plain background."""
+    img = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), BACKGROUND)
+    d = ImageDraw.Draw(img)
+    fill, x, y, r = COLORS[spec.color], spec.cx, spec.cy, spec.radius
+    if spec.shape == "circle":
+        d.ellipse((x - r, y - r, x + r, y + r), fill=fill)
+    elif spec.shape == "square":
+        s = int(r * 0.8)
+        d.rectangle((x - s, y - s, x + s, y + s), fill=fill)
+    elif spec.shape == "triangle":
+        d.polygon([(x, y - r), (x - r, y + r), (x + r, y + r)], fill=fill)
+    else:  # cross
+        w = max(2, r // 3)
+        d.rectangle((x - r, y - w, x + r, y + w), fill=fill)
+        d.rectangle((x - w, y - r, x + w, y + r), fill=fill)
+    return img
+
+
+def _sample(i: int, rng: random.Random) -> tuple[dict, Image.Image | None]:
+    spec = random_spec(rng)
+    sample_id = f"shapes_{i:06d}"
+    if rng.random() < 0.1:  # text-only: the answer is in the question
+        which = rng.choice(("color", "shape"))
+        article = "an" if spec.color[0] in "aeiou" else "a"
+        q = f"Name the {which} in: {article} {spec.color} {spec.shape}."
+        a = spec.color if which == "color" else spec.shape
+        return {"id": sample_id, "conversations": [{"from": "human", "value": q}, {"from": "gpt", "value": a}]}, None
+    qa = [(COLOR_QUESTION, spec.color), (SHAPE_QUESTION, spec.shape)]
+    rng.shuffle(qa)
+    if rng.random() >= 0.3:
+        qa = qa[:1]
+    turns = []
+    for k, (q, a) in enumerate(qa):
+        turns += [{"from": "human", "value": ("<image>\n" + q) if k == 0 else q}, {"from": "gpt", "value": a}]
+    sample = {"id": sample_id, "image": f"images/{i:06d}.png", "conversations": turns}
+    return sample, draw(spec)
+
+
+def make_shapes(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0) -> Path:
+    """Write `num` samples to out_dir (images/*.png + llava_format.json); returns the json path."""
+    if num < 1:
+        raise ValueError(f"make-shapes: --num must be >= 1, got {num}")
+    from tqdm import tqdm
+
+    out = Path(out_dir)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    samples = []
+    for i in tqdm(range(num), desc="make-shapes", unit="sample", disable=num < 500):
+        sample, img = _sample(i, rng)
+        if img is not None:
+            img.save(out / sample["image"], format="PNG")
+        samples.append(sample)
+    path = out / "llava_format.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def eval_questions(num: int, seed: int = 0) -> list[tuple[Image.Image, str, str]]:
+    """`num` held-out (image, question, answer) triples; half colour and half shape questions."""
+    rng = random.Random(seed ^ _EVAL_STREAM)
+    out = []
+    for i in range(num):
+        spec = random_spec(rng)
+        q, a = (COLOR_QUESTION, spec.color) if i % 2 == 0 else (SHAPE_QUESTION, spec.shape)
+        out.append((draw(spec), q, a))
+    return out
