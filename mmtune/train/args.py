@@ -1,0 +1,584 @@
+"""`mmtune train`'s configuration: Megatron-style flags, a YAML `--config`, the recipe's model.json
+and fsdp2 yaml, resolved into one typed `TrainConfig`.
+
+The flags are the MindSpeed-MM launch script's names (SEED_RECIPE.md item 6), so a recipe script
+ports by changing its `torchrun ... pretrain_transformers.py` line to `torchrun ... -m mmtune train`.
+Flags that only configure Megatron/Ascend internals (`IGNORED_SWITCHES`, `IGNORED_OPTIONS`) are
+accepted and reported in ONE warning line; anything else unknown is a ValueError naming it.
+
+Precedence: command line > `--config` YAML > defaults. YAML keys are spelled like the flags, with
+`_` or `-` (`micro_batch_size` or `micro-batch-size`); store-true flags take true/false.
+
+Every user error raises ValueError (or FileNotFoundError) naming the flag, key or file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+log = logging.getLogger(__name__)
+
+PROG = "mmtune train"
+
+# Megatron/Ascend flags with no effect in mmtune: store-true switches, then flags taking one value.
+# (The architecture comes from the HF config.json; tokenisation from data.json; fusions are the
+# model's own choice; the optimizer is always torch AdamW, sharded by FSDP2.)
+IGNORED_SWITCHES = (
+    "--use-mcore-models", "--use-fused-rmsnorm", "--swiglu", "--use-fused-swiglu",
+    "--no-masked-softmax-fusion", "--use-distributed-optimizer", "--reuse-fp32-param",
+    "--variable-seq-lengths", "--untie-embeddings-and-output-weights",
+    "--no-gradient-accumulation-fusion", "--use-fused-rotary-pos-emb", "--use-cpu-initialization",
+    "--sequence-parallel", "--overlap-grad-reduce", "--overlap-param-gather", "--disable-bias-linear",
+    "--add-qkv-bias", "--group-query-attention", "--no-rope-fusion", "--no-bias-dropout-fusion",
+    "--no-bias-swiglu-fusion", "--use-rotary-position-embeddings", "--moe-grouped-gemm",
+    "--use-fused-moe-token-permute-and-unpermute", "--use-ascend-mc2", "--trust-remote-code",
+    "--attention-softmax-in-fp32", "--no-shared-storage", "--use-fused-ring-attention-update",
+    "--no-load-strict", "--finetune", "--use-dist-ckpt", "--use-fsdp2-checkpoint",
+)
+IGNORED_OPTIONS = (
+    "--tokenizer-type", "--tokenizer-model", "--tokenizer-name-or-path", "--make-vocab-size-divisible-by",
+    "--normalization", "--vocab-size", "--num-layers", "--hidden-size", "--ffn-hidden-size",
+    "--num-attention-heads", "--num-query-groups", "--max-position-embeddings", "--ckpt-format",
+    "--position-embedding-type", "--rotary-base", "--norm-epsilon", "--attention-dropout",
+    "--hidden-dropout", "--init-method-std", "--optimizer-selection", "--context-parallel-algo",
+    "--eval-interval", "--eval-iters", "--transformer-impl", "--split", "--data-path",
+    "--moe-router-topk", "--num-experts", "--expert-model-parallel-size", "--padded-vocab-size",
+    "--attention-mask-type", "--virtual-pipeline-model-parallel-size",
+)
+
+LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss")
+DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+          "fp32": "float32", "float32": "float32"}
+
+
+# --------------------------------------------------------------------------- model.json
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class VisionEncoderConfig(_Strict):
+    """model.json `image_encoder.vision_encoder`. Architecture numbers are informational: the
+    architecture always comes from `init_from_hf_path`'s config.json (the recipe says the same)."""
+
+    model_id: str = "glm4v_moe"
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    freeze: bool = True
+    attn_implementation: str = "sdpa"
+
+
+class VisionProjectorConfig(_Strict):
+    """model.json `image_encoder.vision_projector` (the patch merger / downsample)."""
+
+    model_id: str = "lnmlp"
+    num_layers: int | None = None
+    freeze: bool = True
+
+
+class ImageEncoderConfig(_Strict):
+    vision_encoder: VisionEncoderConfig = VisionEncoderConfig()
+    vision_projector: VisionProjectorConfig = VisionProjectorConfig()
+
+
+class TextDecoderConfig(_Strict):
+    """model.json `text_decoder`; `freeze` covers the embeddings, decoder layers, final norm and lm head.
+    `use_npu_fused_moe` selects the grouped-GEMM MoE path (the recipe's fused NPU kernels)."""
+
+    model_id: str = "glm_4v_moe_text"
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_attention_heads: int | None = None
+    max_position_embeddings: int | None = None
+    freeze: bool = False
+    use_npu_fused_moe: bool = True
+    attn_implementation: str = "sdpa"
+    activation_offload: bool = False
+
+
+class LossConfig(_Strict):
+    """model.json `loss_cfg` (semantics: mmtune/train/loss.py). `router_aux_loss_coef` 0 turns the
+    router's load-balancing loss off (transformers' default: output_router_logits=False)."""
+
+    compute_mode: Literal["default", "chunk"] = "default"
+    chunk_size: int = Field(1024, gt=0)
+    loss_type: Literal["default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss"] = "default"
+    router_aux_loss_coef: float = Field(0.0, ge=0.0)
+
+
+ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3")
+
+
+class ModelJsonConfig(_Strict):
+    """The recipe's model.json (`--mm-model`), e.g. shared/seed/model_106B.json."""
+
+    model_id: str = "glm4v_moe"
+    init_from_hf_path: str | None = None
+    image_encoder: ImageEncoderConfig = ImageEncoderConfig()
+    text_decoder: TextDecoderConfig = TextDecoderConfig()
+    loss_cfg: LossConfig = LossConfig()
+    patch: dict[str, Any] = Field(default_factory=dict)  # MindSpeed monkey-patch switches: ignored
+
+    # conveniences for the trainer
+    @property
+    def freeze_vision_encoder(self) -> bool:
+        return self.image_encoder.vision_encoder.freeze
+
+    @property
+    def freeze_vision_projector(self) -> bool:
+        return self.image_encoder.vision_projector.freeze
+
+    @property
+    def freeze_text_decoder(self) -> bool:
+        """Embeddings, decoder layers, final norm and lm head."""
+        return self.text_decoder.freeze
+
+    @property
+    def grouped_gemm(self) -> bool:
+        return self.text_decoder.use_npu_fused_moe
+
+    @property
+    def attn_implementation(self) -> str:
+        return self.text_decoder.attn_implementation
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "ModelJsonConfig":
+        data = _read_mapping(path, "json")
+        cfg = _validate(cls, data, path)
+        for where in (cfg.text_decoder.attn_implementation, cfg.image_encoder.vision_encoder.attn_implementation):
+            if where not in ATTN_IMPLEMENTATIONS:
+                raise ValueError(f"{path}: attn_implementation {where!r} is not one of {ATTN_IMPLEMENTATIONS}")
+        if cfg.patch:
+            log.warning("%s: `patch` keys %s configure MindSpeed-MM internals and are ignored by mmtune",
+                        path, sorted(cfg.patch))
+        return cfg
+
+
+# --------------------------------------------------------------------------- fsdp2 yaml
+
+
+class Fsdp2Config(_Strict):
+    """The recipe's fsdp2 yaml (`--fsdp2-config-path`), e.g. shared/seed/fsdp2_config.yaml.
+
+    - sharding_size: "auto" = all data-parallel ranks (plain FSDP); an int n < world size = HSDP,
+      shard within groups of n ranks and replicate across groups.
+    - reshard_after_forward: free the unsharded params after forward (re-gather in backward).
+    - param_dtype / reduce_dtype: FSDP2 MixedPrecisionPolicy on CUDA; on CPU training is fp32.
+    - cast_forward_inputs: cast floating inputs of each sharded module to param_dtype.
+    - num_to_forward_prefetch / num_to_backward_prefetch: how many following blocks to all-gather
+      ahead (0 = FSDP2's default implicit prefetch of one).
+    - offload_to_cpu: FSDP2 CPUOffloadPolicy (params, grads and optimizer step on the CPU).
+    - align_fsdp_param_groups: MindSpeed-MM splits each block's FSDP group so that one group holds only
+      Linear weights (aligned shards for Ascend collectives). mmtune shards one group per block and
+      does not split them: accepted, no effect (a warning says so when true).
+    """
+
+    sharding_size: int | Literal["auto"] = "auto"
+    reshard_after_forward: bool = True
+    param_dtype: str = "bf16"
+    reduce_dtype: str = "fp32"
+    cast_forward_inputs: bool = True
+    num_to_forward_prefetch: int = Field(0, ge=0)
+    num_to_backward_prefetch: int = Field(0, ge=0)
+    offload_to_cpu: bool = False
+    align_fsdp_param_groups: bool = False
+
+    @property
+    def param_torch_dtype(self):
+        import torch
+
+        return getattr(torch, DTYPES[self.param_dtype])
+
+    @property
+    def reduce_torch_dtype(self):
+        import torch
+
+        return getattr(torch, DTYPES[self.reduce_dtype])
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "Fsdp2Config":
+        cfg = _validate(cls, _read_mapping(path, "yaml"), path)
+        for key in ("param_dtype", "reduce_dtype"):
+            if getattr(cfg, key) not in DTYPES:
+                raise ValueError(f"{path}: {key} {getattr(cfg, key)!r} is not one of {sorted(DTYPES)}")
+        if isinstance(cfg.sharding_size, int) and cfg.sharding_size < 1:
+            raise ValueError(f"{path}: sharding_size must be 'auto' or a positive int, got {cfg.sharding_size}")
+        if cfg.align_fsdp_param_groups:
+            log.warning("%s: align_fsdp_param_groups has no effect in mmtune (one FSDP group per block)", path)
+        return cfg
+
+
+def _read_mapping(path: str | os.PathLike, kind: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"{p}: no such file")
+    text = p.read_text()
+    try:
+        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as e:
+        raise ValueError(f"{p}: not valid {kind}: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
+    return data
+
+
+def _validate(cls: type[BaseModel], data: dict, path) -> Any:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as exc:
+        raise ValueError(f"{path}: " + "; ".join(_describe(cls, e) for e in exc.errors())) from None
+
+
+def _describe(cls: type[BaseModel], err: dict) -> str:
+    loc = ".".join(str(x) for x in err["loc"])
+    if err["type"] != "extra_forbidden":
+        return f"key {loc!r}: {err['msg']}"
+    owner = cls
+    for part in err["loc"][:-1]:
+        ann = owner.model_fields[part].annotation if isinstance(part, str) and part in owner.model_fields else None
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            break
+        owner = ann
+    return f"unknown key {loc!r}" + _suggest(str(err["loc"][-1]), list(owner.model_fields))
+
+
+def _suggest(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+# --------------------------------------------------------------------------- flags
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse would exit(2); the caller decides what to do
+        raise ValueError(f"{self.prog}: {message}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog=PROG, allow_abbrev=False,
+                description="Finetune GLM-4.5V (glm4v_moe) with FSDP2 (one process, or torchrun -m mmtune train). "
+                            "Flags follow MindSpeed-MM's launch script.")
+    a = p.add_argument_group("inputs").add_argument
+    a("--mm-data", help="data.json (MindSpeed-MM format): datasets, template, image processor, loader")
+    a("--mm-model", help="model.json: init_from_hf_path, freeze flags, attention, loss_cfg")
+    a("--mm-tool", help="tools.json: profiling (torch.profiler ranks/steps, CUDA memory snapshot)")
+    a("--fsdp2-config-path", help="fsdp2 yaml: sharding_size, reshard_after_forward, dtypes, prefetch, offload")
+    a("--config", help="YAML with any of these settings (keys spelled like the flags, _ or -); flags win")
+
+    a = p.add_argument_group("batch and schedule").add_argument
+    a("--micro-batch-size", type=int, default=1, help="samples (or packed rows) per rank per forward (default 1)")
+    a("--global-batch-size", type=int,
+      help="samples per optimizer step over all ranks; grad-accum = GBS / (MBS * data-parallel size), must "
+           "divide (default MBS * data-parallel size: no accumulation)")
+    a("--seq-length", type=int, help="maximum tokens per sample / packed row (default: data.json decides)")
+    a("--train-iters", type=int, help="optimizer steps to train (required)")
+    a("--lr", type=float, help="peak learning rate (required)")
+    a("--min-lr", type=float, default=0.0, help="learning rate at the end of decay (default 0)")
+    a("--lr-decay-style", choices=["cosine", "linear", "constant"], default="linear",
+      help="decay after warmup, Megatron semantics (default linear)")
+    a("--lr-decay-iters", type=int, help="steps over which lr decays to --min-lr (default --train-iters)")
+    a("--lr-warmup-fraction", type=float, help="linear warmup over this fraction of the decay steps")
+    a("--lr-warmup-iters", type=int, default=0, help="linear warmup steps (exclusive with --lr-warmup-fraction)")
+    a("--weight-decay", type=float, default=0.01, help="AdamW weight decay; not applied to norms/biases (default 0.01)")
+    a("--clip-grad", type=float, default=1.0, help="clip the global grad norm to this; 0 = no clipping (default 1.0)")
+    a("--adam-beta1", type=float, default=0.9, help="AdamW beta1 (default 0.9)")
+    a("--adam-beta2", type=float, default=0.999, help="AdamW beta2 (default 0.999)")
+    a("--adam-eps", type=float, default=1e-8, help="AdamW epsilon (default 1e-8)")
+    a("--seed", type=int, default=1234, help="random seed (default 1234, Megatron's)")
+    a("--max-nonfinite-steps", type=int, default=3,
+      help="a step with a non-finite loss or grad norm is skipped; this many in a row stop the run (default 3)")
+
+    a = p.add_argument_group("checkpoints and logging").add_argument
+    a("--load", help="a checkpoint dir to resume (<save> layout) or a converted weights-only DCP to start from")
+    a("--save", help="run dir: iter_XXXXXXX/ checkpoints, latest_checkpointed_iteration.txt, metrics.jsonl")
+    a("--save-interval", type=int, help="save every N steps (and always at the end when --save is set)")
+    a("--exit-interval", type=int, help="stop (after saving) when the step count is a multiple of N")
+    a("--log-interval", type=int, default=100, help="log every N steps (default 100, Megatron's)")
+    a("--metrics-file", help="JSON-lines metrics file (default <save>/metrics.jsonl)")
+    a("--log-tps", action="store_true", help="log tokens per second (always in metrics.jsonl)")
+    for what in ("optim", "rng"):
+        a(f"--no-load-{what}", action="store_true", help=f"do not restore the {what} state from --load")
+        a(f"--no-save-{what}", action="store_true", help=f"do not write the {what} state into checkpoints")
+
+    a = p.add_argument_group("model and parallelism").add_argument
+    a("--init-model-with-meta-device", action="store_true",
+      help="build the model on the meta device, shard, then load weights (needed for the 106B model)")
+    a("--use-flash-attn", action="store_true", help="flash attention (varlen over packed samples) on CUDA")
+    a("--bf16", action="store_true", help="bf16 parameters on CUDA (FSDP2 mixed precision); CPU trains in fp32")
+    a("--fp16", action="store_true", help="not supported (needs loss scaling): use --bf16")
+    a("--use-torch-fsdp2", action="store_true", help="accepted for the recipe: mmtune always shards with FSDP2")
+    a("--distributed-backend", choices=["auto", "nccl", "gloo"], default="auto",
+      help="process-group backend (default auto: nccl on CUDA, gloo on CPU)")
+    a("--distributed-timeout-minutes", type=int, default=10, help="collective timeout (default 10)")
+    a("--num-workers", type=int, default=2, help="data-loader worker processes per rank (default 2)")
+    a("--recompute-granularity", choices=["full", "selective"],
+      help="activation checkpointing per transformer block: full (selective is not supported)")
+    a("--recompute-method", choices=["uniform", "block"], default="uniform",
+      help="uniform: every block; block: the first --recompute-num-layers blocks of each tower")
+    a("--recompute-num-layers", type=int, default=1, help="blocks checkpointed with --recompute-method block")
+    for name in ("tensor-model", "pipeline-model", "context"):
+        a(f"--{name}-parallel-size", type=int, default=1, help="must be 1 (not supported yet; use FSDP2)")
+
+    g = p.add_argument_group("Megatron/Ascend flags accepted for compatibility (no effect in mmtune)")
+    for flag in IGNORED_SWITCHES:
+        g.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help="no effect")
+    for flag in IGNORED_OPTIONS:
+        g.add_argument(flag, default=argparse.SUPPRESS, metavar="X", help="no effect")
+    return p
+
+
+def supported_flags() -> list[str]:
+    """Every flag mmtune acts on (the pinned CLI surface), sorted."""
+    ignored = set(IGNORED_SWITCHES) | set(IGNORED_OPTIONS) | {"-h", "--help"}
+    flags = {s for act in build_parser()._actions for s in act.option_strings}
+    return sorted(flags - ignored)
+
+
+# --------------------------------------------------------------------------- TrainConfig
+
+
+class TrainConfig(BaseModel):
+    """The resolved `mmtune train` configuration (flags + model.json + fsdp2 yaml + world size)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mm_data: str
+    mm_model: str
+    mm_tool: str | None = None
+    fsdp2_config_path: str | None = None
+    micro_batch_size: int = Field(gt=0)
+    global_batch_size: int = Field(gt=0)
+    seq_length: int | None = Field(None, gt=0)
+    train_iters: int = Field(gt=0)
+    lr: float = Field(gt=0)
+    min_lr: float = Field(ge=0)
+    lr_decay_style: Literal["cosine", "linear", "constant"]
+    lr_decay_iters: int = Field(gt=0)
+    lr_warmup_iters: int = Field(ge=0)
+    weight_decay: float = Field(ge=0)
+    clip_grad: float = Field(ge=0)
+    adam_beta1: float = Field(ge=0, lt=1)
+    adam_beta2: float = Field(ge=0, lt=1)
+    adam_eps: float = Field(gt=0)
+    seed: int
+    max_nonfinite_steps: int = Field(gt=0)
+    load: str | None = None
+    save: str | None = None
+    save_interval: int | None = Field(None, gt=0)
+    exit_interval: int | None = Field(None, gt=0)
+    log_interval: int = Field(gt=0)
+    metrics_file: str | None = None
+    log_tps: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+    no_save_optim: bool = False
+    no_save_rng: bool = False
+    init_model_with_meta_device: bool = False
+    use_flash_attn: bool = False
+    bf16: bool = False
+    distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    distributed_timeout_minutes: int = Field(gt=0)
+    num_workers: int = Field(ge=0)
+    recompute_granularity: Literal["full"] | None = None
+    recompute_method: Literal["uniform", "block"] = "uniform"
+    recompute_num_layers: int = Field(ge=0)
+    world_size: int = Field(1, gt=0)
+    model: ModelJsonConfig
+    fsdp2: Fsdp2Config
+    ignored_flags: tuple[str, ...] = ()
+
+    # derived -------------------------------------------------------------
+    @property
+    def dp_size(self) -> int:
+        return self.world_size  # tensor/pipeline/context parallel are 1
+
+    @property
+    def grad_accum_steps(self) -> int:
+        return self.global_batch_size // (self.micro_batch_size * self.dp_size)
+
+    @property
+    def loss(self) -> LossConfig:
+        return self.model.loss_cfg
+
+    @property
+    def metrics_path(self) -> Path | None:
+        if self.metrics_file:
+            return Path(self.metrics_file)
+        return Path(self.save) / "metrics.jsonl" if self.save else None
+
+    def param_dtype(self, device_type: str):
+        """Parameter dtype for FSDP2 mixed precision: fp32 on CPU; on CUDA the fsdp2 yaml's param_dtype
+        when a yaml was given, else bf16 with --bf16, else fp32."""
+        import torch
+
+        if device_type != "cuda":
+            return torch.float32
+        if self.fsdp2_config_path:
+            return self.fsdp2.param_torch_dtype
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def checkpointed_blocks(self, num_blocks: int) -> list[int]:
+        """Indices of the blocks (of one tower) to wrap in activation checkpointing."""
+        if self.recompute_granularity is None:
+            return []
+        if self.recompute_method == "block":
+            return list(range(min(self.recompute_num_layers, num_blocks)))
+        return list(range(num_blocks))
+
+    # output --------------------------------------------------------------
+    def flag_values(self) -> dict[str, Any]:
+        """The settings as `--config` YAML keys (flag names with `_`); None values omitted."""
+        skip = {"world_size", "model", "fsdp2", "ignored_flags"}
+        return {k: v for k, v in self.model_dump(exclude=skip).items() if v is not None}
+
+    def to_yaml(self) -> str:
+        """A `--config` YAML that reproduces this run (on the same world size), plus the derived values
+        and the resolved model.json / fsdp2 yaml as comments."""
+        head = (f"# mmtune train resolved config: world_size={self.world_size} dp={self.dp_size} "
+                f"grad_accum_steps={self.grad_accum_steps}\n")
+        body = yaml.safe_dump(self.flag_values(), sort_keys=False)
+        resolved = yaml.safe_dump({"model": self.model.model_dump(), "fsdp2": self.fsdp2.model_dump()}, sort_keys=False)
+        return head + body + "".join(f"# {line}\n" for line in resolved.splitlines())
+
+    def save_to(self, run_dir: str | os.PathLike) -> Path:
+        """Write run_dir/train_config.yaml (atomically) plus copies of data.json / model.json / fsdp2 yaml
+        (the yaml points at the copies, so `mmtune train --config run_dir/train_config.yaml` reruns)."""
+        run_dir = Path(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        values = self.flag_values()
+        for key, name in (("mm_data", "data.json"), ("mm_model", "model.json"), ("fsdp2_config_path", "fsdp2.yaml"),
+                          ("mm_tool", "tools.json")):
+            if values.get(key) and Path(values[key]).is_file():
+                dst = run_dir / name
+                if Path(values[key]).resolve() != dst.resolve():
+                    shutil.copyfile(values[key], dst)
+                values[key] = str(dst.resolve())
+        cfg = self.model_copy(update={k: values[k] for k in ("mm_data", "mm_model", "fsdp2_config_path", "mm_tool")
+                                      if k in values})
+        out = run_dir / "train_config.yaml"
+        tmp = out.with_suffix(".yaml.tmp")
+        tmp.write_text(cfg.to_yaml())
+        os.replace(tmp, out)
+        return out
+
+
+def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> tuple[dict[str, Any], list[str]]:
+    """--config YAML -> (argparse defaults by dest, ignored flags named in it)."""
+    data = _read_mapping(path, "yaml")
+    by_flag = parser._option_string_actions
+    known = [s for s in by_flag if s.startswith("--")]
+    defaults, ignored = {}, []
+    for key, value in data.items():
+        flag = "--" + str(key).replace("_", "-")
+        if flag not in by_flag or flag in ("--help", "--config"):
+            raise ValueError(f"{path}: unknown key {key!r}" + _suggest(flag, known).replace("'--", "'"))
+        if flag in IGNORED_SWITCHES or flag in IGNORED_OPTIONS:
+            ignored.append(flag)
+            continue
+        defaults[by_flag[flag].dest] = value
+    return defaults, ignored
+
+
+def parse_train_args(argv: list[str], world_size: int | None = None) -> TrainConfig:
+    """Parse `mmtune train`'s flags (plus --config YAML, model.json, fsdp2 yaml) into a TrainConfig.
+
+    world_size: the number of ranks (default: $WORLD_SIZE as torchrun sets it, else 1); it sets the
+    data-parallel size that --global-batch-size is divided by. Raises ValueError / FileNotFoundError
+    naming the flag, key or file on any user error; `--help` prints and raises SystemExit(0).
+    """
+    parser = build_parser()
+    argv = list(argv)
+    pre = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    pre.add_argument("--config")
+    config_path = pre.parse_known_args(argv)[0].config
+    ignored: list[str] = []
+    if config_path:
+        defaults, ignored = _yaml_defaults(parser, config_path)
+        parser.set_defaults(**defaults)
+
+    ns, extra = parser.parse_known_args(argv)
+    if extra:
+        known = [s for s in parser._option_string_actions if s.startswith("--")]
+        bad = [x for x in extra if x.startswith("-")] or extra
+        raise ValueError(f"{PROG}: unknown argument {bad[0]!r}" + _suggest(bad[0].split("=")[0], known)
+                         + (f" (and {len(bad) - 1} more: {' '.join(bad[1:])})" if len(bad) > 1 else ""))
+    args = vars(ns)
+    dest_to_flag = {act.dest: act.option_strings[0] for act in parser._actions if act.option_strings}
+    for dest in list(args):
+        flag = dest_to_flag.get(dest)
+        if flag in IGNORED_SWITCHES or flag in IGNORED_OPTIONS:
+            args.pop(dest)
+            ignored.append(flag)
+    ignored = sorted(set(ignored))
+    if ignored:
+        log.warning("%s: these Megatron/Ascend flags have no effect in mmtune and are ignored: %s",
+                    PROG, " ".join(ignored))
+    return _resolve(args, world_size, tuple(ignored))
+
+
+def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, ...]) -> TrainConfig:
+    for flag in ("mm_data", "mm_model", "train_iters", "lr"):
+        if args.get(flag) is None:
+            raise ValueError(f"{PROG}: --{flag.replace('_', '-')} is required (on the command line or in --config)")
+    for name in ("tensor_model", "pipeline_model", "context"):
+        size = args.pop(f"{name}_parallel_size")
+        if size != 1:
+            raise ValueError(f"{PROG}: --{name.replace('_', '-')}-parallel-size {size} is not supported yet; "
+                             "set it to 1 and scale with FSDP2 data parallelism")
+    if args.pop("fp16"):
+        raise ValueError(f"{PROG}: --fp16 is not supported (fp16 needs loss scaling); use --bf16")
+    args.pop("use_torch_fsdp2")
+    args.pop("config")
+    if args.get("recompute_granularity") == "selective":
+        raise ValueError(f"{PROG}: --recompute-granularity selective is not supported; use full "
+                         "(activation checkpointing of whole blocks)")
+    if world_size is None:
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    mbs = args["micro_batch_size"]
+    if mbs is None or mbs < 1:
+        raise ValueError(f"{PROG}: --micro-batch-size must be >= 1, got {mbs}")
+    if args["global_batch_size"] is None:
+        args["global_batch_size"] = mbs * world_size
+    gbs = args["global_batch_size"]
+    if gbs % (mbs * world_size) != 0 or gbs < mbs * world_size:
+        raise ValueError(f"{PROG}: --global-batch-size {gbs} must be a positive multiple of --micro-batch-size "
+                         f"{mbs} x data-parallel size {world_size} (= {mbs * world_size}); grad-accum steps = "
+                         "GBS / (MBS x DP)")
+    frac, warm = args.pop("lr_warmup_fraction"), args["lr_warmup_iters"]
+    if args["lr_decay_iters"] is None:
+        args["lr_decay_iters"] = args["train_iters"]
+    if frac is not None:
+        if warm:
+            raise ValueError(f"{PROG}: give --lr-warmup-fraction or --lr-warmup-iters, not both")
+        if not 0.0 <= frac <= 1.0:
+            raise ValueError(f"{PROG}: --lr-warmup-fraction must be in [0, 1], got {frac}")
+        args["lr_warmup_iters"] = int(frac * args["lr_decay_iters"])  # Megatron: fraction of decay steps
+    if args["lr_warmup_iters"] > args["lr_decay_iters"]:
+        raise ValueError(f"{PROG}: warmup ({args['lr_warmup_iters']} steps) is longer than the decay "
+                         f"({args['lr_decay_iters']} steps); lower --lr-warmup-iters/--lr-warmup-fraction")
+    if args["min_lr"] > args["lr"]:
+        raise ValueError(f"{PROG}: --min-lr {args['min_lr']} is above --lr {args['lr']}")
+    model = ModelJsonConfig.load(args["mm_model"])
+    fsdp2 = Fsdp2Config.load(args["fsdp2_config_path"]) if args.get("fsdp2_config_path") else Fsdp2Config()
+    if not Path(args["mm_data"]).is_file():
+        raise FileNotFoundError(f"--mm-data {args['mm_data']}: no such file")
+    try:
+        return TrainConfig(**args, world_size=world_size, model=model, fsdp2=fsdp2, ignored_flags=ignored)
+    except ValidationError as exc:
+        msgs = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
+        raise ValueError(f"{PROG}: " + "; ".join(msgs)) from None
