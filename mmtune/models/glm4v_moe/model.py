@@ -1,0 +1,207 @@
+"""GLM-4.5V (`glm4v_moe`): vision tower + MoE text decoder + lm head, single-device PyTorch.
+
+`model.visual` (vision.py) turns each image into t*h*w/4 LLM-width vectors; they replace the
+`<|image|>` placeholder embeddings in order; `model.language_model` (text.py) runs the decoder on
+3D (M-RoPE) positions; `lm_head` gives the logits. Parameter names equal transformers>=5's
+`Glm4vMoeForConditionalGeneration` (either loads the other's state dict).
+
+Legend: B batch, S tokens per row, H hidden, V vocab, P image patches, I images, E experts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
+from mmtune.models.glm4v_moe.rope import get_rope_index
+from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextModel
+from mmtune.models.glm4v_moe.vision import VisionModel
+from mmtune.ops.attention import build_mask
+from mmtune.ops.moe import GroupedExperts, TopKRouter
+
+
+@dataclass
+class Glm4vMoeOutput:
+    logits: torch.Tensor | None  # [B, S, V], None with return_logits=False
+    hidden_states: torch.Tensor  # [B, S, H] after the final norm
+    router_logits: tuple[torch.Tensor, ...]  # one fp32 [B*S, E] per MoE layer
+    past_key_values: KVCache | None = None
+
+
+class Glm4vMoeModel(nn.Module):
+    """`model`: `visual` and `language_model`."""
+
+    def __init__(self, config: Glm4vMoeConfig):
+        super().__init__()
+        self.visual = VisionModel(config.vision)
+        self.language_model = TextModel(config.text)
+
+
+class Glm4vMoeForConditionalGeneration(nn.Module):
+    def __init__(self, config: Glm4vMoeConfig):
+        super().__init__()
+        self.config = config
+        self.model = Glm4vMoeModel(config)
+        self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.language_model.embed_tokens.weight
+
+    # ---- forward -----------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        cu_seqlens: torch.Tensor | None = None,
+        return_logits: bool = True,
+        run_vision_without_images: bool = False,
+        past_key_values: KVCache | None = None,
+        use_cache: bool = False,
+    ) -> Glm4vMoeOutput:
+        """See docs/INTERNALS.md "Model". `input_ids` [B, S]; `pixel_values` [P, patch_dim] of all images
+        in token order with `image_grid_thw` [I, 3]; `position_ids` [3, B, S] (computed when None);
+        `attention_mask` [B, past + S] (1 = token, 0 = pad); `cu_seqlens` int32 segment bounds over the
+        flattened B*S tokens for packed rows."""
+        B, S = input_ids.shape
+        embeds_BSH = self._embed(input_ids, pixel_values, image_grid_thw, run_vision_without_images)
+
+        cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
+        num_past = cache.get_seq_length() if cache is not None else 0
+        if cache is not None and attention_mask is not None and attention_mask.shape[1] == S and num_past:
+            # HF style also passes the whole mask; accept only-new-tokens masks by extending the stored one
+            attention_mask = torch.cat([cache.attention_mask_BK, attention_mask], dim=1)
+        if cache is not None and attention_mask is not None:
+            cache.attention_mask_BK = attention_mask
+        if position_ids is None:
+            position_ids = self._position_ids(input_ids, image_grid_thw, attention_mask, cache, num_past)
+        elif position_ids.dim() == 2:
+            position_ids = position_ids[None].expand(3, -1, -1)
+        mask = build_mask(
+            B, S, device=input_ids.device, causal=True, cu_seqlens=cu_seqlens,
+            attention_mask_BK=attention_mask, num_past=num_past,
+        )
+        hidden_BSH, router_logits = self.model.language_model(embeds_BSH, position_ids, mask, cache)
+        logits = self.lm_head(hidden_BSH) if return_logits else None
+        return Glm4vMoeOutput(logits, hidden_BSH, router_logits, cache)
+
+    def _embed(self, input_ids, pixel_values, image_grid_thw, run_vision_without_images) -> torch.Tensor:
+        embed = self.model.language_model.embed_tokens
+        embeds_BSH = embed(input_ids)
+        if pixel_values is not None:
+            if image_grid_thw is None:
+                raise ValueError("pixel_values given without image_grid_thw (one [t, h, w] row per image)")
+            feats_MH = self.model.visual(pixel_values, image_grid_thw).to(embeds_BSH.dtype)
+            is_image_BS = input_ids == self.config.image_token_id
+            n_tokens = int(is_image_BS.sum())
+            if n_tokens != feats_MH.shape[0]:
+                raise ValueError(
+                    f"input_ids hold {n_tokens} <|image|> tokens (id {self.config.image_token_id}) but the images "
+                    f"(image_grid_thw {image_grid_thw.tolist()}) give {feats_MH.shape[0]} features"
+                )
+            embeds_BSH = embeds_BSH.masked_scatter(is_image_BS[..., None], feats_MH)
+        elif run_vision_without_images:
+            # every rank must run the vision tower (FSDP all-gathers its weights), so run a dummy image
+            m = self.config.vision.spatial_merge_size
+            dummy = torch.zeros(m * m, self.config.vision.patch_dim, device=input_ids.device, dtype=embeds_BSH.dtype)
+            grid = torch.tensor([[1, m, m]], device=input_ids.device)
+            embeds_BSH = embeds_BSH + 0.0 * self.model.visual(dummy, grid).sum().to(embeds_BSH.dtype)
+        return embeds_BSH
+
+    def _position_ids(self, input_ids, image_grid_thw, attention_mask, cache: KVCache | None, num_past: int):
+        """[3, B, S] M-RoPE positions. Prefill (no past): per sample over its unpadded tokens (pads get 0);
+        decoding: past length (or the mask's count) + the row's rope delta, like transformers."""
+        B, S = input_ids.shape
+        device = input_ids.device
+        if num_past and cache is not None and cache.rope_deltas_B1 is not None:
+            if attention_mask is not None:
+                pos_BS = (attention_mask.long().cumsum(-1) - 1)[:, -S:]
+            else:
+                pos_BS = torch.arange(num_past, num_past + S, device=device).expand(B, S)
+            return (pos_BS + cache.rope_deltas_B1.to(device))[None].expand(3, B, S)
+        c = self.config
+        position_ids = torch.zeros(3, B, S, dtype=torch.long, device=device)
+        deltas = []
+        grids = _split_grids(image_grid_thw, input_ids, attention_mask, c)
+        for b in range(B):
+            keep = attention_mask[b].bool() if attention_mask is not None else slice(None)
+            pos_3L, delta = get_rope_index(
+                input_ids[b][keep], grids[b],
+                image_token_id=c.image_token_id, video_start_token_id=c.video_start_token_id,
+                video_end_token_id=c.video_end_token_id, spatial_merge_size=c.vision.spatial_merge_size,
+            )
+            position_ids[:, b, keep] = pos_3L
+            deltas.append(delta)
+        if cache is not None:
+            cache.rope_deltas_B1 = torch.tensor(deltas, device=device)[:, None]
+        return position_ids
+
+    # ---- weights -----------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Deterministic init (also after `to_empty` from the meta device): normal(0, initializer_range)
+        for linear/conv/embedding weights and the stacked experts, ones for norms, zeros for biases and
+        the router's score-correction bias."""
+        gen = torch.Generator(device="cpu").manual_seed(seed)
+        for name, module in self.named_modules():
+            std = self.config.vision.initializer_range if name.startswith("model.visual") else self.config.text.initializer_range
+            if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding, TopKRouter)):
+                _normal_(module.weight, std, gen)
+                if getattr(module, "bias", None) is not None:
+                    module.bias.zero_()
+                if isinstance(module, nn.Embedding) and module.padding_idx is not None:
+                    module.weight[module.padding_idx].zero_()
+                if isinstance(module, TopKRouter):
+                    module.e_score_correction_bias.zero_()
+            elif isinstance(module, GroupedExperts):
+                _normal_(module.gate_up_proj, std, gen)
+                _normal_(module.down_proj, std, gen)
+            elif isinstance(module, nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+            elif isinstance(module, RMSNorm):
+                module.weight.fill_(1.0)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+    ) -> "Glm4vMoeForConditionalGeneration":
+        from mmtune.models.glm4v_moe.loading import load_pretrained
+
+        return load_pretrained(cls, path, dtype=dtype, device=device)
+
+
+def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
+    """normal(0, std) drawn on the CPU generator (same numbers on every device), copied in."""
+    t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
+
+
+def _split_grids(image_grid_thw, input_ids_BS, attention_mask_BS, c: Glm4vMoeConfig) -> list[torch.Tensor | None]:
+    """Split the batch's image grids (in token order) into each row's grids by counting its placeholders."""
+    B = input_ids_BS.shape[0]
+    if image_grid_thw is None:
+        return [None] * B
+    is_image_BS = input_ids_BS == c.image_token_id
+    if attention_mask_BS is not None:
+        is_image_BS &= attention_mask_BS.bool()
+    counts = is_image_BS.sum(1).tolist()
+    tokens_per_grid = (image_grid_thw.prod(-1) // c.vision.spatial_merge_size**2).tolist()
+    out, g = [], 0
+    for b, n in enumerate(counts):
+        start = g
+        while n > 0 and g < len(tokens_per_grid):
+            n -= tokens_per_grid[g]
+            g += 1
+        if n != 0:
+            raise ValueError(
+                f"row {b}: its <|image|> tokens do not match the image grids {image_grid_thw.tolist()} in order"
+            )
+        out.append(image_grid_thw[start:g] if g > start else None)
+    if g != len(tokens_per_grid):
+        raise ValueError(f"{len(tokens_per_grid) - g} image grid(s) left over after the placeholders of all rows")
+    return out

@@ -1,0 +1,170 @@
+"""Attention over padded, packed and cached sequences.
+
+A forward pass describes once which keys each query may see (`AttentionMask`), then every layer
+calls `attention(q, k, v, mask)`. Three cases:
+
+- packed rows: `cu_seqlens` (int32 segment bounds over the flattened B*S tokens); causal inside a
+  segment, nothing across. On CUDA this runs as one varlen flash call over the flattened tokens
+  (`torch.nn.attention.varlen.varlen_attn`); elsewhere as SDPA with a block-diagonal causal mask.
+- padded rows: an HF-style `attention_mask` [B, K] (1 = real token) over the keys; causal + padding.
+- neither: plain causal (or full, for the vision tower), with an offset when a KV cache holds the past.
+
+Legend: B batch, S queries per row, K keys per row (past + S), H query heads, G key/value heads,
+D head dim, T flattened tokens, N segments.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMask:
+    """Which keys each query sees; built once per forward, shared by all layers.
+
+    `mask_B1SK` is a boolean mask (True = attend) or None for the plain causal / full case.
+    `cu_seqlens`/`max_seqlen` are set for packed rows so a varlen kernel can skip the mask.
+    """
+
+    causal: bool
+    mask_B1SK: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    max_seqlen: int = 0
+    num_past: int = 0
+
+
+def segment_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """Segment index `[B, S]` of every token of the flattened B*S tokens, from `cu_seqlens` `[N+1]`."""
+    total = batch * seq
+    bounds = cu_seqlens.tolist()
+    if bounds[0] != 0 or bounds[-1] != total or any(a >= b for a, b in zip(bounds, bounds[1:])):
+        raise ValueError(
+            f"cu_seqlens must rise strictly from 0 to batch*seq = {total} (the flattened tokens); "
+            f"got {bounds[:8]}{'...' if len(bounds) > 8 else ''} ending at {bounds[-1]}"
+        )
+    token_T = torch.arange(total, device=cu_seqlens.device)
+    seg_T = torch.searchsorted(cu_seqlens[1:].to(token_T.dtype), token_T, right=True)
+    return seg_T.view(batch, seq)
+
+
+def build_mask(
+    batch: int,
+    seq: int,
+    *,
+    device: torch.device,
+    causal: bool = True,
+    cu_seqlens: torch.Tensor | None = None,
+    attention_mask_BK: torch.Tensor | None = None,
+    num_past: int = 0,
+) -> AttentionMask:
+    """The `AttentionMask` of one forward pass (see the module docstring for the three cases)."""
+    if cu_seqlens is not None:
+        if num_past:
+            raise ValueError("packed rows (cu_seqlens) cannot be combined with a KV cache")
+        cu_seqlens = cu_seqlens.to(device=device, dtype=torch.int32)
+        seg_BS = segment_ids(cu_seqlens, batch, seq)
+        mask_BSS = seg_BS[:, :, None] == seg_BS[:, None, :]
+        if causal:
+            mask_BSS &= torch.ones(seq, seq, dtype=torch.bool, device=device).tril()
+        max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+        return AttentionMask(causal, mask_BSS[:, None], cu_seqlens, max_seqlen)
+    if attention_mask_BK is not None and not bool(attention_mask_BK.all()):
+        keys = num_past + seq
+        if attention_mask_BK.shape != (batch, keys):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask_BK.shape)}, expected [batch, past + seq] = "
+                f"{[batch, keys]}"
+            )
+        mask_BSK = attention_mask_BK.to(device=device, dtype=torch.bool)[:, None, :].expand(batch, seq, keys)
+        q_S1 = torch.arange(num_past, keys, device=device)[:, None]
+        k_1K = torch.arange(keys, device=device)[None, :]
+        if causal:
+            mask_BSK = mask_BSK & (k_1K <= q_S1)
+        # a query with no visible key (a left pad) sees itself, so its (ignored) output stays finite
+        mask_BSK = mask_BSK | (k_1K == q_S1)
+        return AttentionMask(causal, mask_BSK[:, None], num_past=num_past)
+    return AttentionMask(causal, num_past=num_past)
+
+
+def attention(
+    q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mask: AttentionMask, scale: float | None = None
+) -> torch.Tensor:
+    """Scaled dot-product attention `[B, H, S, D]` with grouped key/value heads (H a multiple of G)."""
+    B, H, S, D = q_BHSD.shape
+    G = k_BGKD.shape[1]
+    if mask.cu_seqlens is not None and q_BHSD.is_cuda and _varlen_ok(q_BHSD):
+        return _varlen(q_BHSD, k_BGKD, v_BGKD, mask, scale)
+    gqa = H != G
+    if mask.mask_B1SK is not None:
+        return F.scaled_dot_product_attention(
+            q_BHSD, k_BGKD, v_BGKD, attn_mask=mask.mask_B1SK, scale=scale, enable_gqa=gqa
+        )
+    K = k_BGKD.shape[2]
+    if not mask.causal or S == 1:
+        return F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, scale=scale, enable_gqa=gqa)
+    if K == S:
+        return F.scaled_dot_product_attention(q_BHSD, k_BGKD, v_BGKD, is_causal=True, scale=scale, enable_gqa=gqa)
+    # several new queries after a cached past: causal with an offset
+    q_S1 = torch.arange(K - S, K, device=q_BHSD.device)[:, None]
+    offset_mask_SK = torch.arange(K, device=q_BHSD.device)[None, :] <= q_S1
+    return F.scaled_dot_product_attention(
+        q_BHSD, k_BGKD, v_BGKD, attn_mask=offset_mask_SK, scale=scale, enable_gqa=gqa
+    )
+
+
+def attention_per_segment(
+    q_HTD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Full (non-causal) attention inside each segment of the flattened tokens (the vision tower's
+    per-image attention). `[H, T, D]` in and out. CUDA: one varlen call; elsewhere one SDPA per segment
+    (a block-diagonal mask over all patches of a batch of large images would not fit in memory)."""
+    if q_HTD.is_cuda and _varlen_ok(q_HTD):
+        cu = cu_seqlens.to(device=q_HTD.device, dtype=torch.int32)
+        max_len = int((cu[1:] - cu[:-1]).max())
+        out_THD = _varlen_attn()(
+            q_HTD.transpose(0, 1), k_HTD.transpose(0, 1), v_HTD.transpose(0, 1), cu, cu, max_len, max_len,
+            scale=scale,
+        )
+        return out_THD.transpose(0, 1)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    if len(lengths) == 1:
+        return F.scaled_dot_product_attention(q_HTD, k_HTD, v_HTD, scale=scale)
+    outs = [
+        F.scaled_dot_product_attention(q, k, v, scale=scale)
+        for q, k, v in zip(*(t.split(lengths, dim=1) for t in (q_HTD, k_HTD, v_HTD)))
+    ]
+    return torch.cat(outs, dim=1)
+
+
+# ---- CUDA varlen (flash) path ------------------------------------------------------------------
+
+
+def _varlen_attn():
+    from torch.nn.attention.varlen import varlen_attn
+
+    return varlen_attn
+
+
+def _varlen_ok(q: torch.Tensor) -> bool:
+    """Flash varlen needs fp16/bf16 and an available kernel; otherwise the SDPA path runs."""
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    try:
+        _varlen_attn()
+    except ImportError:
+        return False
+    return True
+
+
+def _varlen(q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask, scale) -> torch.Tensor:
+    B, H, S, D = q_BHSD.shape
+    flat = lambda x: x.transpose(1, 2).reshape(B * S, x.shape[1], D)  # noqa: E731  [T, heads, D]
+    window = (-1, 0) if mask.causal else (-1, -1)
+    out_THD = _varlen_attn()(
+        flat(q_BHSD), flat(k_BGKD), flat(v_BGKD), mask.cu_seqlens, mask.cu_seqlens, mask.max_seqlen,
+        mask.max_seqlen, scale=scale, window_size=window, enable_gqa=H != k_BGKD.shape[1],
+    )
+    return out_THD.view(B, S, H, D).transpose(1, 2)

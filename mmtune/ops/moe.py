@@ -1,0 +1,129 @@
+"""Mixture-of-experts pieces of GLM-4.5V: the sigmoid top-k router and the stacked routed experts.
+
+Router (GLM45V_FACTS.md section 5), all in fp32: scores = sigmoid(x W^T); experts are *chosen* on
+scores + e_score_correction_bias (group-limited: keep the `topk_group` groups with the best sum of
+their top-2 biased scores, then the top-k experts inside them); the *weights* are the unbiased scores
+of the chosen experts, optionally normalised to sum 1, times `routed_scaling_factor`.
+
+Experts: one tensor per projection, `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj`
+[E, H, I], as transformers>=5 keeps them in memory. The forward sorts the (token, slot) pairs by expert
+once and runs each projection as one grouped matmul over the sorted rows (`grouped_mm`); where the
+platform has no grouped matmul for the dtype it loops over the experts that got tokens.
+
+Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size, R = T*K rows.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TopKRouter(nn.Module):
+    """`mlp.gate`: weight [E, H] and the persistent fp32 buffer `e_score_correction_bias` [E]."""
+
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        *,
+        n_group: int = 1,
+        topk_group: int = 1,
+        norm_topk_prob: bool = True,
+        routed_scaling_factor: float = 1.0,
+    ):
+        super().__init__()
+        if num_experts % n_group:
+            raise ValueError(f"n_routed_experts ({num_experts}) must be a multiple of n_group ({n_group})")
+        if not 1 <= topk_group <= n_group:
+            raise ValueError(f"topk_group ({topk_group}) must be in 1..n_group ({n_group})")
+        if top_k > topk_group * num_experts // n_group:
+            raise ValueError(f"num_experts_per_tok ({top_k}) exceeds the experts of the top {topk_group} groups")
+        self.num_experts, self.top_k = num_experts, top_k
+        self.n_group, self.topk_group = n_group, topk_group
+        self.norm_topk_prob, self.routed_scaling_factor = norm_topk_prob, routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=torch.float32))
+        self.register_buffer("e_score_correction_bias", torch.zeros(num_experts, dtype=torch.float32))
+
+    def forward(self, x_TH: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns router logits [T, E] (fp32), expert weights [T, K] (fp32) and expert ids [T, K]."""
+        logits_TE = F.linear(x_TH.float(), self.weight.float())
+        scores_TE = logits_TE.sigmoid()
+        with torch.no_grad():
+            choice_TE = scores_TE + self.e_score_correction_bias
+            if self.topk_group < self.n_group:
+                groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
+                group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
+                keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+                keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+                choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
+            experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        weights_TK = scores_TE.gather(1, experts_TK)
+        if self.norm_topk_prob:
+            weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
+        return logits_TE, weights_TK * self.routed_scaling_factor, experts_TK
+
+
+class GroupedExperts(nn.Module):
+    """`mlp.experts`: E SwiGLU experts stored as stacked tensors."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.num_experts = num_experts
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
+        T, K = experts_TK.shape
+        # sort the T*K (token, slot) rows by expert once; both projections run over the sorted rows
+        order_R = experts_TK.view(-1).argsort(stable=True)
+        counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
+        x_RH = x_TH[order_R // K]
+        h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
+        gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
+        y_RH = grouped_linear(F.silu(gate_RI) * up_RI, self.down_proj, counts_E)
+        # back to (token, slot) order, weighted sum over the K slots (deterministic: no scatter-add)
+        y_TKH = torch.empty_like(y_RH).index_copy_(0, order_R, y_RH).view(T, K, -1)
+        return (y_TKH * weights_TK[..., None]).sum(1).to(x_TH.dtype)
+
+
+def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """`x @ w[e].T` for consecutive row blocks of `x` (block e has counts_E[e] rows). One grouped matmul
+    where `torch` has one for this device/dtype/layout; otherwise a loop over experts with rows."""
+    x_RIn = x_RIn.to(w_EOutIn.dtype)
+    if _grouped_mm_ok(x_RIn, w_EOutIn):
+        offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
+        return _GROUPED_MM(x_RIn, w_EOutIn.transpose(1, 2), offs=offs_E)
+    outs, start = [], 0
+    for e, n in enumerate(counts_E.tolist()):
+        if n:
+            outs.append(x_RIn[start : start + n] @ w_EOutIn[e].T)
+            start += n
+    if not outs:
+        return x_RIn.new_zeros(0, w_EOutIn.shape[1])
+    return torch.cat(outs)
+
+
+_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
+
+
+def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """torch's grouped matmul: CUDA needs bf16 on SM80+; every device needs 16-byte-aligned rows and
+    base pointers (torch<=2.10 on CPU checks the pointers, and memory-mapped weights may not be)."""
+    if _GROUPED_MM is None or x.shape[0] == 0:
+        return False
+    if x.is_cuda:
+        if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
+            return False
+    elif x.device.type != "cpu":
+        return False
+    esize = x.element_size()
+    return (
+        (x.shape[1] * esize) % 16 == 0
+        and (w.shape[1] * esize) % 16 == 0
+        and (w.shape[2] * esize) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and w.data_ptr() % 16 == 0
+    )
