@@ -1,0 +1,92 @@
+"""`mmtune plan`: parameter memory from the meta-device model, activation estimate against measured peaks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from mmtune import plan as P
+from mmtune.models.glm4v_moe.config import glm45v_config, tiny_config
+
+
+def _hf_meta_count(config) -> int:
+    """Independent count: transformers' own Glm4vMoeForConditionalGeneration on the meta device."""
+    from transformers import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+
+    with torch.device("meta"):
+        hf = Glm4vMoeForConditionalGeneration(Glm4vMoeConfig.from_dict(config.to_dict()))
+    return sum(p.numel() for p in hf.parameters())
+
+
+def test_real_model_parameter_memory_matches_meta_device_count(capsys):
+    config = glm45v_config()
+    meta = P.build_meta_model(config)
+    n_meta = sum(p.numel() for p in meta.parameters())
+    assert n_meta == _hf_meta_count(config) == 107_710_927_360
+    text = sum(p.numel() for n, p in meta.named_parameters() if n.startswith(("model.language_model.", "lm_head.")))
+
+    gpus = 64
+    plan = P.estimate(config, gpus=gpus, seq_length=8192, config_name="glm4.5v")
+    assert plan.params.total == n_meta
+    assert plan.rows["parameters (fp32 shards)"] == pytest.approx(4 * n_meta / gpus)
+    # recipe default: vision encoder + projector frozen -> gradients and AdamW only for the text decoder
+    assert plan.rows["gradients (fp32 shards)"] == pytest.approx(4 * text / gpus)
+    assert plan.rows["AdamW m+v (fp32 shards)"] == pytest.approx(8 * text / gpus)
+
+    assert P.main(["--model", "glm4.5v", "--gpus", "64", "--seq-length", "8192"]) == 0
+    out = capsys.readouterr().out
+    assert "107,710,927,360" in out and "fits" in out
+
+
+def test_plan_says_what_to_change_when_it_does_not_fit():
+    config = glm45v_config()
+    params = P.count_params(P.build_meta_model(config))
+    small = P.estimate(config, gpus=8, params=params)
+    assert not small.fits
+    text = "\n".join(small.notes)
+    assert "does NOT fit" in text and "GPUs" in text
+    big = P.estimate(config, gpus=128, params=params)
+    assert big.fits and big.total_bytes < small.total_bytes
+    # recompute none costs activations of every layer; everything trainable costs grads + AdamW for all
+    none = P.estimate(config, gpus=128, recompute="none", params=params)
+    assert none.total_bytes > big.total_bytes + 20 * P.GiB
+    assert any("recompute" in n for n in none.notes)
+    full_train = P.estimate(config, gpus=128, frozen=(), params=params)
+    assert full_train.rows["AdamW m+v (fp32 shards)"] == pytest.approx(8 * params.total / 128)
+
+
+def test_plan_reads_freeze_flags_and_rejects_bad_input(tmp_path):
+    mj = tmp_path / "model.json"
+    mj.write_text('{"image_encoder": {"vision_encoder": {"freeze": false}, "vision_projector": {"freeze": false}},'
+                  ' "text_decoder": {"freeze": true}}')
+    assert P.frozen_from_model_json(mj) == ("text_decoder",)
+    with pytest.raises(FileNotFoundError, match="nope"):
+        P.load_config(str(tmp_path / "nope"))
+    with pytest.raises(ValueError, match="--recompute"):
+        P.estimate(tiny_config(), recompute="selective")
+    with pytest.raises(ValueError, match="--freeze"):
+        P.estimate(tiny_config(), frozen=("vision",))
+
+
+def test_live_tensor_tracker_counts_saved_and_freed_bytes():
+    tracker = P._LiveTensorBytes()
+    x = torch.randn(1000, 1000, requires_grad=True)  # 4 MB, made before: not counted
+    with tracker.mode:
+        y = (x * 2).sin()  # x*2 (saved by sin) and sin's output (held by y): 8 MB alive
+        y.sum().backward()  # + cos(x*2) and the product grad * cos: 16 MB at the peak
+    del y
+    assert tracker.peak == pytest.approx(16e6, rel=0.01)
+    assert tracker.current == pytest.approx(4e6, rel=0.01)  # x.grad
+
+
+@pytest.mark.parametrize("recompute", ["none", "full"])
+def test_tiny_estimate_within_25_percent_of_measured_peak(recompute):
+    """Measured: one fp32 CPU training step of the tiny model (forward, CE over the logits, backward,
+    AdamW with its state created), peak bytes of live tensor storages (P._LiveTensorBytes) + params."""
+    config = tiny_config()
+    B, S = 2, 1024
+    measured = P.measure_training_step(config, micro_batch_size=B, seq_length=S, recompute=recompute)
+    est = P.estimate(config, gpus=1, seq_length=S, micro_batch_size=B, recompute=recompute, compute_dtype="fp32",
+                     frozen=(), image_patches=16 * B, loss_chunk_size=0)
+    assert measured["peak"] > 20e6  # activations dominate: the check is about them, not the parameters
+    assert abs(est.total_bytes / measured["peak"] - 1) < 0.25, (est.rows, measured)
