@@ -122,8 +122,8 @@ class StateDictAdapter:
         """
         t = self.config.text
         E, I, H = t.n_routed_experts, t.moe_intermediate_size, t.hidden_size
-        # (layer, "gate_up_proj" | "down_proj") -> {(expert, proj): tensor}
-        pending: dict[tuple[int, str], dict[tuple[int, str], torch.Tensor]] = {}
+        # (layer, "gate_up_proj" | "down_proj") -> (stacked tensor being filled, {(expert, proj)} filled)
+        pending: dict[tuple[int, str], tuple[torch.Tensor, set[tuple[int, str]]]] = {}
         seen: set[str] = set()
         for name, tensor in items:
             if name in seen:
@@ -149,15 +149,25 @@ class StateDictAdapter:
                     f"(expected {want} from hidden_size={H}, moe_intermediate_size={I})"
                 )
             kind = "down_proj" if proj == "down_proj" else "gate_up_proj"
-            group = pending.setdefault((layer, kind), {})
-            group[(expert, proj)] = tensor
-            if len(group) == (E if kind == "down_proj" else 2 * E):
+            if (layer, kind) not in pending:  # the stacked tensor is filled in place: no second copy
+                shape = (E, H, I) if kind == "down_proj" else (E, 2 * I, H)
+                pending[(layer, kind)] = (torch.empty(shape, dtype=tensor.dtype), set())
+            stacked, filled = pending[(layer, kind)]
+            if tensor.dtype != stacked.dtype:
+                raise ValueError(
+                    f"tensor {name}: dtype {tensor.dtype} differs from the layer's other experts ({stacked.dtype}); "
+                    "all experts of a layer must share one dtype"
+                )
+            rows = {"down_proj": slice(None), "gate_proj": slice(0, I), "up_proj": slice(I, 2 * I)}[proj]
+            stacked[expert, rows] = tensor
+            filled.add((expert, proj))
+            if len(filled) == (E if kind == "down_proj" else 2 * E):
                 del pending[(layer, kind)]
-                yield f"{_LAYER_PREFIX}{layer}.mlp.experts.{kind}", _stack(layer, kind, group, E)
+                yield f"{_LAYER_PREFIX}{layer}.mlp.experts.{kind}", stacked
         if pending:
-            (layer, kind), group = sorted(pending.items())[0]
+            (layer, kind), (_, filled) = sorted(pending.items(), key=lambda kv: kv[0])[0]
             projs = ("down_proj",) if kind == "down_proj" else ("gate_proj", "up_proj")
-            missing = [(e, p) for e in range(E) for p in projs if (e, p) not in group]
+            missing = [(e, p) for e in range(E) for p in projs if (e, p) not in filled]
             e, p = missing[0]
             raise ValueError(
                 f"tensor {_LAYER_PREFIX}{layer}.mlp.experts.{e}.{p}.weight is missing from the checkpoint "
@@ -191,20 +201,3 @@ class StateDictAdapter:
         """What `to_hub` would return for a tensor of this name and shape, without the data (planning)."""
         return [(n, tuple(x.shape)) for n, x in self.to_hub(name, torch.empty(shape, device="meta"))]
 
-
-def _stack(layer: int, kind: str, group: dict[tuple[int, str], torch.Tensor], E: int) -> torch.Tensor:
-    dtypes = {x.dtype for x in group.values()}
-    if len(dtypes) != 1:
-        raise ValueError(
-            f"layer {layer} {kind}: expert tensors have different dtypes {sorted(map(str, dtypes))}; "
-            "the checkpoint must store all experts of a layer in one dtype"
-        )
-    if kind == "down_proj":
-        return torch.stack([group[(e, "down_proj")] for e in range(E)])
-    first = group[(0, "gate_proj")]
-    I, H = first.shape
-    out = torch.empty((E, 2 * I, H), dtype=first.dtype)
-    for e in range(E):
-        out[e, :I] = group[(e, "gate_proj")]
-        out[e, I:] = group[(e, "up_proj")]
-    return out

@@ -1,0 +1,176 @@
+"""DCP checkpoint (converted or training) -> HF dir in hub layout, streaming tensor by tensor.
+
+The output is planned from the DCP metadata alone (names, shapes, dtypes -> hub tensors -> shards of at
+most `max_shard_size`), so each safetensors header is written first and the tensors follow as they are
+read: a batch of at most `piece_bytes` native tensors is in memory at a time (or one larger tensor).
+Tensors of the original HF dir that the checkpoint lacks and the model does not know (the MTP layer,
+extras, e.g. after training, which never sees them) are copied from the original dir, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata, resolve_dcp_dir
+from mmtune.convert.hf_files import INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir
+from mmtune.convert.safetensors_io import TensorEntry, iter_tensors, write_file
+from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter, is_expert_hub_name
+from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
+
+DEFAULT_PIECE_BYTES = 256 * 2**20
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}  # fmt: skip
+
+
+def parse_size(text: str | int) -> int:
+    """'4GB' -> 4e9, '500MiB' -> 500 * 2**20, 1000 -> 1000 (as transformers' max_shard_size)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
+    if not m or m[2].upper() not in _UNITS:
+        raise ValueError(f"--max-shard-size {text!r}: expected a size like 4GB, 500MB or 2GiB")
+    return int(float(m[1]) * _UNITS[m[2].upper()])
+
+
+@dataclass
+class _Source:
+    """One native tensor of the DCP, or one tensor copied from the original HF dir."""
+
+    native: str | None = None
+    key: str | None = None
+    meta: object = None
+    hf_path: Path | None = None
+    hf_entry: TensorEntry | None = None
+    nbytes: int = 0
+
+
+def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, max_shard_size: str | int = "4GB",
+              force: bool = False, dtype: str = "keep", piece_bytes: int = DEFAULT_PIECE_BYTES,
+              progress: bool = True) -> Path:
+    """Export the model weights of `dcp_dir` to an HF dir at `save_dir` (hub layout, sharded with an index
+    json, every non-weight file of `hf_dir` copied). `dtype`: "keep" the checkpoint's dtypes, or "hf" to
+    cast each tensor to the dtype it has in `hf_dir`'s weights (e.g. fp32 training weights back to bf16)."""
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    if dtype not in ("keep", "hf"):
+        raise ValueError(f"--dtype {dtype!r}: expected 'keep' or 'hf'")
+    max_bytes = parse_size(max_shard_size)
+    config = Glm4vMoeConfig.from_pretrained(hf_dir)
+    adapter = StateDictAdapter(config)
+    ckpt = resolve_dcp_dir(dcp_dir)
+    tensors = model_tensors(read_metadata(ckpt))
+    if not tensors:
+        raise ValueError(f"{ckpt}: the checkpoint holds no model tensors")
+    for name, want in adapter.shapes.items():
+        if name not in tensors:
+            raise ValueError(f"{ckpt}: model tensor {name} is missing from the checkpoint (config {hf_dir}/config.json)")
+        got = tuple(tensors[name][1].size)
+        if got != want:
+            raise ValueError(f"{ckpt}: tensor {name} has shape {got} but {hf_dir}/config.json expects {want}")
+
+    hf_shards = list_shards(hf_dir) if (hf_dir / INDEX_FILE).exists() or (hf_dir / SINGLE_FILE).exists() else []
+    hf_dtypes = {e.name: e.dtype for s in hf_shards for e in s.entries}
+    sources = [_Source(native=n, key=k, meta=md, nbytes=md.properties.dtype.itemsize * _numel(md.size))
+               for n, (k, md) in tensors.items()]
+    for shard in hf_shards:  # what the checkpoint lacks and the model does not know: MTP, extras
+        for e in shard.entries:
+            if e.name not in tensors and e.name not in adapter.shapes and not _model_expert(e.name, config):
+                sources.append(_Source(hf_path=shard.path, hf_entry=e, nbytes=e.nbytes))
+
+    # plan hub tensors -> shards
+    def out_dtype(hub_name: str, d: torch.dtype) -> torch.dtype:
+        return hf_dtypes.get(hub_name, d) if dtype == "hf" else d
+
+    plan: list[tuple[str, torch.dtype, tuple[int, ...]]] = []
+    for s in sources:
+        if s.native is not None:
+            d = s.meta.properties.dtype
+            plan += [(n, out_dtype(n, d), shp) for n, shp in adapter.hub_names_and_shapes(s.native, tuple(s.meta.size))]
+        else:
+            plan.append((s.hf_entry.name, out_dtype(s.hf_entry.name, s.hf_entry.dtype), s.hf_entry.shape))
+    shards: list[list[tuple[str, torch.dtype, tuple[int, ...]]]] = [[]]
+    size = 0
+    for item in plan:
+        n = item[1].itemsize * _numel(item[2])
+        if shards[-1] and size + n > max_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(item)
+        size += n
+
+    total = sum(t[1].itemsize * _numel(t[2]) for t in plan)
+    tmp = staging_dir(save_dir, force, protect=[hf_dir, ckpt])
+    try:
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="dcp-to-hf", disable=not progress)
+        stream = _hub_stream(ckpt, sources, adapter, dict((n, d) for n, d, _ in plan), piece_bytes, bar, len(plan))
+        names = (
+            [SINGLE_FILE] if len(shards) == 1
+            else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
+        )
+        weight_map = {}
+        for file, shard in zip(names, shards):
+            write_file(tmp / file, shard, stream)
+            weight_map.update((n, file) for n, _, _ in shard)
+        if len(shards) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        bar.close()
+        copy_non_weight_files(hf_dir, tmp)
+        return publish(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _hub_stream(ckpt: Path, sources: list[_Source], adapter: StateDictAdapter, dtypes: dict[str, torch.dtype],
+                piece_bytes: int, bar, n_total: int) -> Iterator[tuple[str, torch.Tensor]]:
+    """Hub (name, tensor) in plan order: DCP tensors loaded in batches of <= piece_bytes, split by to_hub."""
+    done = 0
+
+    def emit(name, tensor):
+        nonlocal done
+        tensor = tensor.to(dtypes[name])
+        done += 1
+        bar.update(tensor.nbytes)
+        bar.set_postfix_str(f"{done}/{n_total} tensors")
+        return name, tensor
+
+    i = 0
+    while i < len(sources):
+        s = sources[i]
+        if s.native is None:
+            for name, tensor in iter_tensors(s.hf_path, [s.hf_entry]):
+                yield emit(name, tensor)
+            i += 1
+            continue
+        batch, size = [], 0
+        while i < len(sources) and sources[i].native is not None and (not batch or size + sources[i].nbytes <= piece_bytes):
+            batch.append(sources[i])
+            size += sources[i].nbytes
+            i += 1
+        loaded = load_tensors(ckpt, {b.key: b.meta for b in batch})
+        for b in batch:
+            tensor = loaded.pop(b.key)
+            for name, part in adapter.to_hub(b.native, tensor):
+                yield emit(name, part)
+            del tensor
+
+
+def _model_expert(name: str, config: Glm4vMoeConfig) -> bool:
+    if not is_expert_hub_name(name):
+        return False
+    return int(name.split(".layers.")[1].split(".")[0]) < config.text.num_hidden_layers
+
+
+def _numel(size) -> int:
+    n = 1
+    for s in size:
+        n *= int(s)
+    return n

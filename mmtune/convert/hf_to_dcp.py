@@ -1,0 +1,66 @@
+"""HF dir (hub layout) -> DCP checkpoint with native names, streaming shard by shard.
+
+Tensors are read one at a time; each MoE layer's experts are merged into their stacked tensor as they
+arrive (StateDictAdapter.from_hub); native tensors are written in pieces of at most `piece_bytes`
+(dcp_io.PieceWriter). Peak memory: one piece + the stacked expert tensors of the layers in flight.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from tqdm import tqdm
+
+from mmtune.convert.dcp_io import PieceWriter
+from mmtune.convert.hf_files import INDEX_FILE, list_shards, publish, staging_dir
+from mmtune.convert.safetensors_io import iter_tensors
+from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
+from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
+
+DEFAULT_PIECE_BYTES = 256 * 2**20
+
+
+def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
+              piece_bytes: int = DEFAULT_PIECE_BYTES, progress: bool = True) -> Path:
+    """Convert `hf_dir` to a DCP checkpoint at `save_dir` (native names, experts merged, dtypes kept,
+    MTP/unknown tensors kept). Returns `save_dir`."""
+    hf_dir, save_dir = Path(hf_dir), Path(save_dir)
+    config = Glm4vMoeConfig.from_pretrained(hf_dir)
+    shards = list_shards(hf_dir)  # every header checked before anything is written
+    total = sum(s.nbytes for s in shards)
+    n_tensors = sum(len(s.entries) for s in shards)
+    tmp = staging_dir(save_dir, force, protect=[hf_dir])
+    try:
+        writer = PieceWriter(tmp)
+        where = [hf_dir / INDEX_FILE]
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-dcp", disable=not progress)
+        done = [0]
+
+        def hub_items():
+            for shard in shards:
+                where[0] = shard.path
+                for name, tensor in iter_tensors(shard.path, shard.entries):
+                    yield name, tensor
+                    done[0] += 1
+                    bar.update(tensor.nbytes)
+                    bar.set_postfix_str(f"{done[0]}/{n_tensors} tensors")
+            where[0] = hf_dir / INDEX_FILE if (hf_dir / INDEX_FILE).exists() else shards[-1].path
+
+        piece, size = {}, 0
+        try:
+            for name, tensor in StateDictAdapter(config).from_hub(hub_items()):
+                piece[name] = tensor
+                size += tensor.nbytes
+                if size >= piece_bytes:
+                    writer.write(piece)
+                    piece, size = {}, 0
+        except ValueError as e:
+            raise ValueError(f"{where[0]}: {e}") from None
+        writer.write(piece)
+        writer.finish()
+        bar.close()
+        return publish(tmp, save_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
