@@ -1,0 +1,109 @@
+"""`mmtune generate`: chat-template prompt, image expansion, KV-cache decoding equal to transformers' generate,
+loading from an HF dir, a converted DCP and a training checkpoint."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mmtune import generate as G
+from mmtune.data.images import ImageProcessor
+from mmtune.data.shapes import eval_questions
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf_dir):
+    model, hf = G.load_model(tiny_hf_dir)
+    return model, G.load_tokenizer(hf), ImageProcessor.from_pretrained(hf, image_max_pixels=262144, image_min_pixels=1024)
+
+
+def _hf_generate(hf_dir, gen: G.Generation, pixel_values, grid, max_new_tokens):
+    """transformers' own model and generate() on the same prompt ids and pixels (greedy)."""
+    from transformers import Glm4vMoeForConditionalGeneration
+
+    hf = Glm4vMoeForConditionalGeneration.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([gen.prompt_ids])
+    mm_types = (ids == hf.config.image_token_id).long()
+    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types,
+                      pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=max_new_tokens,
+                      do_sample=False, eos_token_id=sorted(G.eos_ids(G.Glm4vMoeConfig.from_pretrained(hf_dir))),
+                      pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def test_prompt_uses_chat_template_and_expands_images(tiny):
+    model, tok, improc = tiny
+    img, q, _ = eval_questions(1, seed=3)[0]
+    msgs = G.build_messages(q, 1)
+    assert msgs == [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "\n" + q}]}]
+    ids = G.encode_prompt(tok, msgs, [4], model.config.image_token_id, enable_thinking=False)
+    text = tok.decode(ids)
+    # the training format of the shapes data (llava "<image>\nQ", enable_thinking false) + generation prompt
+    assert text == ("[gMASK]<sop><|user|>\n<|begin_of_image|>" + "<|image|>" * 4 + "<|end_of_image|>\n"
+                    + q + "/nothink<|assistant|>\n<think></think>\n")
+    with pytest.raises(ValueError, match="2 image"):
+        G.build_messages("<image> a", 2)
+
+
+def test_greedy_generation_equals_transformers_generate(tiny, tiny_hf_dir):
+    model, tok, improc = tiny
+    img, q, _ = eval_questions(1, seed=5)[0]
+    gen = G.generate(model, tok, q, [img], image_processor=improc, max_new_tokens=6)
+    assert len(gen.token_ids) == 6 or gen.stopped_on_eos
+    pv, grid = improc.process([img])
+    theirs = _hf_generate(tiny_hf_dir, gen, torch.from_numpy(pv), torch.from_numpy(grid), 6)
+    assert gen.token_ids == theirs
+
+
+def test_kv_cache_decoding_equals_full_recompute(tiny):
+    model, tok, improc = tiny
+    img, q, _ = eval_questions(1, seed=9)[0]
+    pv, grid = (torch.from_numpy(a) for a in improc.process([img]))
+    gen = G.generate(model, tok, q, [img], image_processor=improc, max_new_tokens=5)
+    ids = list(gen.prompt_ids)
+    with torch.no_grad():
+        for expected in gen.token_ids:
+            logits = model(torch.tensor([ids]), pixel_values=pv, image_grid_thw=grid).logits[0, -1]
+            assert int(logits.argmax()) == expected
+            ids.append(expected)
+
+
+def test_sampling_is_seeded(tiny):
+    model, tok, improc = tiny
+    a = G.generate(model, tok, "Name the color in: a red circle.", max_new_tokens=5, temperature=1.0, seed=1)
+    b = G.generate(model, tok, "Name the color in: a red circle.", max_new_tokens=5, temperature=1.0, seed=1)
+    assert a.token_ids == b.token_ids
+    with pytest.raises(ValueError, match="image_processor"):
+        G.generate(model, tok, "x", [eval_questions(1)[0][0]])
+
+
+def test_generate_from_converted_dcp_and_training_checkpoint(tiny, tiny_hf_dir, tmp_path, capsys):
+    import torch.distributed.checkpoint as dcp
+
+    from mmtune.convert.hf_to_dcp import hf_to_dcp
+
+    model, tok, improc = tiny
+    prompt = "Name the shape in: a blue square."
+    ref = G.generate(model, tok, prompt, max_new_tokens=4).token_ids
+
+    weights = tmp_path / "dcp"
+    hf_to_dcp(tiny_hf_dir, weights)
+    m2, _ = G.load_model(weights, hf_dir=tiny_hf_dir)
+    assert G.generate(m2, tok, prompt, max_new_tokens=4).token_ids == ref
+
+    # a training run: <save>/iter_XXXXXXX with "model."-prefixed weights, the pointer file, model.json
+    save = tmp_path / "run"
+    dcp.save({"model": model.state_dict()}, checkpoint_id=str(save / "iter_0000007"), no_dist=True)
+    (save / "latest_checkpointed_iteration.txt").write_text("7")
+    (save / "model.json").write_text(json.dumps({"init_from_hf_path": str(tiny_hf_dir)}))
+    m3, hf = G.load_model(save)
+    assert hf == tiny_hf_dir
+    assert G.generate(m3, tok, prompt, max_new_tokens=4).token_ids == ref
+
+    assert G.main(["--model", str(save / "iter_0000007"), "--hf-dir", str(tiny_hf_dir), "--prompt", prompt,
+                   "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert capsys.readouterr().out.strip() == tok.decode(ref, skip_special_tokens=True).strip()
+    with pytest.raises(FileNotFoundError, match="--hf-dir"):
+        G.load_model(weights)
