@@ -1,0 +1,81 @@
+"""Process group and device for one process or a torchrun job.
+
+torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT). A plain `mmtune train`
+has none of them: it runs as rank 0 of 1 without a process group, and every collective in the trainer
+is skipped. With WORLD_SIZE set (even to 1) a process group is created — gloo on CPU, nccl on CUDA — so
+that the same code path that runs on many GPUs can be tested on one CPU.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+
+@dataclass
+class DistEnv:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+    mesh: DeviceMesh | None  # 1-D data-parallel mesh ("dp"); None without a process group
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.mesh is not None
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    if value is None or value == "":
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise ValueError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
+
+
+def init_distributed(device: str | None = None, backend: str | None = None, timeout_s: float = 1800) -> DistEnv:
+    """Set the device and, under torchrun (WORLD_SIZE set), the process group and the DP mesh.
+
+    device: "cuda" | "cpu" | None (cuda when available). backend: None picks nccl on CUDA, gloo on CPU.
+    """
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank = _env_int("RANK", 0)
+    local_rank = _env_int("LOCAL_RANK", 0)
+    device_type = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device_type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("device cuda requested but torch.cuda.is_available() is False; use --device cpu")
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    elif device_type == "cpu":
+        dev = torch.device("cpu")
+    else:
+        raise ValueError(f"unknown device {device_type!r}: use cuda or cpu")
+    mesh = None
+    if "WORLD_SIZE" in os.environ:
+        if not dist.is_initialized():
+            backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+            kwargs = {"device_id": dev} if dev.type == "cuda" else {}
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+        mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+
+
+def shutdown_distributed() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()

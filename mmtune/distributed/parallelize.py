@@ -1,0 +1,174 @@
+"""Apply FSDP2 and activation checkpointing to a GLM-4.5V model from outside.
+
+Order (as torchtitan does): activation checkpointing per block, then `fully_shard` per block — each
+vision block, each decoder layer, the token embedding, the lm head — and finally the root, which
+takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
+
+Module paths (docs/INTERNALS.md "Model"): `model.model.visual.blocks`, `model.model.language_model.layers`,
+`model.model.language_model.embed_tokens`, `model.lm_head` — the same paths as transformers' model, so
+both can be parallelized.
+
+Mixed precision: on CUDA the fsdp2 yaml's param_dtype (bf16) / reduce_dtype (fp32) apply; on the CPU
+everything stays fp32 (gloo reduces in the parameter dtype, and CPU bf16 matmuls are slow).
+
+The lm head is used by the chunked loss outside any module forward: `unshard_lm_head(model)` gathers its
+full weight before the loss; FSDP's end-of-backward callback reduce-scatters its gradient and reshards it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
+           "fp32": torch.float32, "float32": torch.float32}
+
+
+def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+    if name is None or isinstance(name, torch.dtype):
+        return name
+    try:
+        return _DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"unknown dtype {name!r} in the fsdp2 config: use one of {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class FSDPOptions:
+    """The fsdp2 yaml settings that shape sharding (recipe names in comments)."""
+
+    reshard_after_forward: bool = True  # reshard_after_forward
+    param_dtype: torch.dtype | None = None  # param_dtype: compute dtype of unsharded params (CUDA only)
+    reduce_dtype: torch.dtype | None = None  # reduce_dtype: gradient reduce-scatter dtype (CUDA only)
+    cast_forward_inputs: bool = True  # cast_forward_inputs
+    forward_prefetch: int = 0  # num_to_forward_prefetch: blocks all-gathered ahead in forward
+    backward_prefetch: int = 0  # num_to_backward_prefetch: blocks all-gathered ahead in backward
+    cpu_offload: bool = False  # offload_to_cpu: sharded params, grads and optimizer state live on the CPU
+    activation_checkpointing: bool = False  # --recompute-granularity full: recompute blocks in backward
+    recompute_num_layers: int | None = None  # --recompute-method block: only the first N blocks (None: all)
+    checkpoint_vision: bool = True  # also recompute vision blocks (only matters when they train)
+
+    @classmethod
+    def from_config(cls, cfg, *, activation_checkpointing: bool = False,
+                    recompute_num_layers: int | None = None) -> "FSDPOptions":
+        """From the fsdp2 yaml model (attribute names as in the recipe's fsdp2_config.yaml)."""
+        get = lambda k, d: getattr(cfg, k, d) if cfg is not None else d  # noqa: E731
+        return cls(
+            reshard_after_forward=bool(get("reshard_after_forward", True)),
+            param_dtype=parse_dtype(get("param_dtype", None)),
+            reduce_dtype=parse_dtype(get("reduce_dtype", None)),
+            cast_forward_inputs=bool(get("cast_forward_inputs", True)),
+            forward_prefetch=int(get("num_to_forward_prefetch", 0) or 0),
+            backward_prefetch=int(get("num_to_backward_prefetch", 0) or 0),
+            cpu_offload=bool(get("offload_to_cpu", False)),
+            activation_checkpointing=activation_checkpointing,
+            recompute_num_layers=recompute_num_layers,
+        )
+
+
+def blocks_of(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """(vision blocks, decoder layers) of a GLM-4.5V model; ValueError naming the missing path."""
+    try:
+        inner = model.model
+        vision, text = list(inner.visual.blocks), list(inner.language_model.layers)
+    except AttributeError as e:
+        raise ValueError(f"{type(model).__name__} has no model.visual.blocks / model.language_model.layers "
+                         f"(docs/INTERNALS.md 'Model'): {e}") from None
+    return vision, text
+
+
+def apply_activation_checkpointing(model: nn.Module, *, vision: bool = True, num_layers: int | None = None) -> int:
+    """Recompute decoder layers (and vision blocks) in backward — all of them, or the first `num_layers` of
+    each tower. Composable API: parameter names do not change, so checkpoints are unaffected. Returns the
+    number of blocks wrapped."""
+    from torch.distributed._composable import checkpoint
+
+    vision_blocks, text_blocks = blocks_of(model)
+    n = num_layers
+    blocks = text_blocks[:n] + (vision_blocks[:n] if vision else [])
+    for block in blocks:
+        checkpoint(block)
+    return len(blocks)
+
+
+def _mp_policy(opts: FSDPOptions, device: torch.device) -> MixedPrecisionPolicy:
+    if device.type != "cuda":
+        return MixedPrecisionPolicy(cast_forward_inputs=opts.cast_forward_inputs)
+    return MixedPrecisionPolicy(param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype,
+                                cast_forward_inputs=opts.cast_forward_inputs)
+
+
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device) -> nn.Module:
+    """Activation checkpointing + FSDP2 per block, in place; returns the model.
+
+    Works on a meta-device model (then `materialize(model, device)` and load weights) or a real one.
+    mesh None (no process group): only activation checkpointing is applied.
+    """
+    if opts.activation_checkpointing:
+        apply_activation_checkpointing(model, vision=opts.checkpoint_vision, num_layers=opts.recompute_num_layers)
+    if mesh is None:
+        return model
+    head = getattr(model, "lm_head", None)
+    if head is not None and head.weight is model.model.language_model.embed_tokens.weight:
+        raise ValueError("tie_word_embeddings is true: FSDP2 per-module sharding needs separate embedding and "
+                         "lm-head weights (GLM-4.5V does not tie them); set tie_word_embeddings false")
+    mp = _mp_policy(opts, device)
+    common = dict(mesh=mesh, mp_policy=mp)
+    if opts.cpu_offload:
+        common["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
+    vision_blocks, text_blocks = blocks_of(model)
+    for block in vision_blocks:
+        fully_shard(block, reshard_after_forward=opts.reshard_after_forward, **common)
+    embed = model.model.language_model.embed_tokens
+    fully_shard(embed, reshard_after_forward=opts.reshard_after_forward, **common)
+    for block in text_blocks:
+        fully_shard(block, reshard_after_forward=opts.reshard_after_forward, **common)
+    # The head is gathered right after the last layer for the loss: keeping it gathered until backward
+    # saves one all-gather, at the cost of one lm-head-sized buffer.
+    fully_shard(model.lm_head, reshard_after_forward=False, **common)
+    # The root keeps its parameters (patch embed, merger, final norm) gathered from forward to backward:
+    # they are small, backward needs them at once, and it does not depend on FSDP finding tensors in
+    # the model's output object to hook the root's pre-backward.
+    fully_shard(model, reshard_after_forward=False, **common)
+    _set_prefetch(vision_blocks, opts)
+    _set_prefetch([embed, *text_blocks], opts)
+    return model
+
+
+def _set_prefetch(order: list[nn.Module], opts: FSDPOptions) -> None:
+    """Explicit prefetch: each module all-gathers the next `forward_prefetch` modules in forward and the
+    previous `backward_prefetch` in backward (0 keeps FSDP2's default of one implicit prefetch)."""
+    for i, module in enumerate(order):
+        if opts.forward_prefetch > 0:
+            nxt = order[i + 1 : i + 1 + opts.forward_prefetch]
+            if nxt:
+                module.set_modules_to_forward_prefetch(nxt)
+        if opts.backward_prefetch > 0:
+            prev = order[max(0, i - opts.backward_prefetch) : i][::-1]
+            if prev:
+                module.set_modules_to_backward_prefetch(prev)
+
+
+def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+    """Allocate a meta-device (possibly sharded) model on `device`; values are garbage until loaded or
+    initialised (`model.init_weights`)."""
+    model.to_empty(device=device)
+    return model
+
+
+def unshard_lm_head(model: nn.Module) -> torch.Tensor:
+    """The full lm-head weight [V, H] for a loss computed outside the head's forward."""
+    head = model.lm_head
+    if isinstance(head, FSDPModule):
+        head.unshard()
+    return head.weight
+
+
+def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
+    """Off for all but the last micro-batch of a grad-accum window (no reduce-scatter until then)."""
+    if isinstance(model, FSDPModule):
+        model.set_requires_gradient_sync(enabled)

@@ -1,0 +1,159 @@
+"""Shared helpers for the trainer tests (synthetic batches in the INTERNALS "A training batch" format, a
+small model/optimizer factory) and the torchrun worker that the distributed tests launch:
+
+    torchrun --nproc_per_node 2 tests/test_train_helpers.py OUT.json
+
+No tests here; pytest collects nothing from this file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import torch
+
+from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+
+
+
+
+def make_sample(seed: int, seq: int = 24, with_image: bool = True) -> dict:
+    """One synthetic sample: token ids in the ordinary vocab, labels already shifted (the answer half),
+    and optionally one image of grid [1, 4, 4] (16 patches -> 4 image tokens)."""
+    cfg = tiny_config()
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 400, (seq,), generator=g)
+    pixel_values = grid = None
+    if with_image:
+        ids[2:6] = cfg.image_token_id
+        pixel_values = torch.randn(16, cfg.vision.patch_dim, generator=g)
+        grid = torch.tensor([[1, 4, 4]])
+    labels = torch.full((seq,), -100)
+    labels[seq // 2 : -1] = ids[seq // 2 + 1 :]
+    return {"input_ids": ids, "labels": labels, "pixel_values": pixel_values, "image_grid_thw": grid}
+
+
+def collate(samples: list[dict]) -> dict:
+    """Equal-length rows (no padding needed): positions computed by the model, no cu_seqlens."""
+    pv = [s["pixel_values"] for s in samples if s["pixel_values"] is not None]
+    grids = [s["image_grid_thw"] for s in samples if s["image_grid_thw"] is not None]
+    batch = {"input_ids": torch.stack([s["input_ids"] for s in samples]),
+             "labels": torch.stack([s["labels"] for s in samples]), "num_samples": len(samples)}
+    if pv:
+        batch["pixel_values"] = torch.cat(pv)
+        batch["image_grid_thw"] = torch.cat(grids)
+    return batch
+
+
+class ListLoader:
+    """A re-iterable list of batches with the StatefulDataLoader state protocol."""
+
+    def __init__(self, batches: list[dict]):
+        self.batches = batches
+        self.pos = 0
+
+    def __iter__(self):
+        while self.pos < len(self.batches):
+            self.pos += 1
+            yield self.batches[self.pos - 1]
+        self.pos = 0
+
+    def state_dict(self):
+        return {"pos": self.pos}
+
+    def load_state_dict(self, sd):
+        self.pos = sd["pos"]
+
+
+def full_model(seed: int = 0) -> Glm4vMoeForConditionalGeneration:
+    model = Glm4vMoeForConditionalGeneration(tiny_config())
+    model.init_weights(seed=seed)
+    return model
+
+
+def adamw(model, lr: float = 1e-2, sgd: bool = False):
+    """AdamW (or plain SGD, whose update is linear in the gradient: parity tests compare parameters
+    after steps, which Adam's g/sqrt(v) makes ill-conditioned for near-zero gradients)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if sgd:
+        opt = torch.optim.SGD(params, lr=lr, foreach=True)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, foreach=True)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0)
+    return opt, sched
+
+
+def windows_for(samples: list[dict], mbs: int, rank: int = 0, dp: int = 1) -> list[dict]:
+    """Micro-batches of one rank for a global batch = `samples` in order: rank r takes samples
+    [r*n/dp, (r+1)*n/dp), split into micro-batches of mbs."""
+    n = len(samples) // dp
+    mine = samples[rank * n : (rank + 1) * n]
+    return [collate(mine[i : i + mbs]) for i in range(0, len(mine), mbs)]
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def _worker(out_path: str) -> None:
+    """2-rank checks in one launch (results written by rank 0 as JSON):
+    per_token split 2 ranks x 2 (1 step; grads), 2-rank FSDP2 3 steps (losses, params), a text-only rank."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mmtune.distributed import FSDPOptions, init_distributed
+    from mmtune.distributed.model_init import FreezeSpec, build_model
+    from mmtune.train.trainer import LoopSettings, Trainer
+
+    env = init_distributed("cpu")
+    result = {}
+    freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
+
+    def sharded():
+        torch.manual_seed(0)
+        return build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env, FSDPOptions(), freeze, seed=0)
+
+    def full_sd(model):
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v.tolist() for k, v in sd.items() if "visual.blocks.0.attn" in k or "layers.2.mlp.experts" in k
+                or "lm_head" in k or "merger" in k}
+
+    import time
+    t0 = time.perf_counter()
+    # (1) per_token_loss, one global batch of 4 as 2 ranks x 2: loss and the gradients
+    samples = [make_sample(i) for i in range(4)]
+    model = sharded()
+    t1 = time.perf_counter()
+    opt, sched = adamw(model, sgd=True)
+    grads = {}
+    opt.step = lambda: grads.update({n: p.grad.full_tensor().tolist() for n, p in model.named_parameters()
+                                     if p.grad is not None})
+    s = LoopSettings(train_iters=1, grad_accum_steps=1, loss_type="per_token_loss")
+    trainer = Trainer(s, env, model, opt, sched, ListLoader(windows_for(samples, 2, env.rank, 2)))
+    window = [trainer._next_batch()]
+    r = trainer.train_step(window)
+    result["per_token_2x2"] = {"loss": r.loss, "grad_norm": r.grad_norm, "grads": grads}
+    t2 = time.perf_counter()
+
+    # (2) 3 steps, 2 ranks, default loss, rank 1's batches text-only: losses and params
+    steps = [[make_sample(100 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
+    model = sharded()
+    opt, sched = adamw(model, sgd=True)
+    batches = [b for k in range(3) for b in windows_for(steps[k], 2, env.rank, 2)]
+    s = LoopSettings(train_iters=3, grad_accum_steps=1, loss_type="per_token_loss")
+    trainer = Trainer(s, env, model, opt, sched, ListLoader(batches))
+    for _ in range(3):
+        batch = trainer._next_batch()
+        if env.rank == 1:
+            assert "pixel_values" not in batch, "rank 1 must be text-only in this check"
+        trainer.losses.append(trainer.train_step([batch]).loss)
+    result["three_steps"] = {"losses": trainer.losses, "params": full_sd(model)}
+    result["times"] = [t1 - t0, t2 - t1, time.perf_counter() - t2]
+    if env.rank == 0:
+        with open(out_path, "w") as f:
+            json.dump(result, f)
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _worker(sys.argv[1])
