@@ -1,0 +1,308 @@
+"""Data files -> tokenised samples: reading, per-sample preprocessing, and the HF `datasets` cache.
+
+A sample is preprocessed once into columns: `input_ids`, `labels` (unshifted), `images` (absolute
+paths), `grids` ([t, h, w] per image), `length`, `src` ("file:index") and `error` ("" when good). Image
+*pixels* are not stored: preprocessing reads only image headers (the token count follows from the size)
+and the loader workers decode pixels.
+
+The cached path (`streaming: false`) runs this through `datasets.Dataset.map` (num_proc =
+`preprocessing_num_workers`) and saves the result under `cache_dir/mmtune-<fingerprint>`; the
+fingerprint covers the data files' bytes, every config key that changes preprocessing, the tokenizer
+and preprocessor files, and a format version, so a second run reuses it and any change rebuilds it
+(`overwrite_cache: true` forces a rebuild). Without `cache_dir` the result stays in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from mmtune.data.config import DataConfig
+from mmtune.data.images import ImageProcessor, open_image
+from mmtune.data.template import BadSample, GlmTemplate
+
+log = logging.getLogger(__name__)
+CACHE_VERSION = 1
+_BAD_SHOWN = 10
+
+
+# ---------------------------------------------------------------- reading files lazily
+
+
+def iter_records(path: str | os.PathLike, start: int = 0) -> Iterator[tuple[int, object]]:
+    """(index, record) of a json list or jsonl file, parsed incrementally (never the whole file as
+    objects at once); records before `start` are parsed and skipped."""
+    p = Path(path)
+    with open(p, encoding="utf-8") as f:
+        head = f.read(1)
+        while head and head.isspace():
+            head = f.read(1)
+        if head != "[":  # jsonl
+            f.seek(0)
+            k = 0
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if k >= start:
+                    try:
+                        yield k, json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise ValueError(f"{p}:{line_no}: not valid json ({e})") from e
+                k += 1
+            return
+        yield from _iter_json_array(f, p, start)
+
+
+def _iter_json_array(f, p: Path, start: int) -> Iterator[tuple[int, object]]:
+    dec = json.JSONDecoder()
+    buf, pos, k, eof = "", 0, 0, False
+    while True:
+        while True:  # skip separators
+            while pos < len(buf) and buf[pos] in " \t\r\n,":
+                pos += 1
+            if pos < len(buf) or eof:
+                break
+            buf, pos = f.read(1 << 20), 0
+            eof = not buf
+        if pos >= len(buf) or buf[pos] == "]":
+            return
+        while True:
+            try:
+                obj, end = dec.raw_decode(buf, pos)
+                break
+            except json.JSONDecodeError as e:
+                more = f.read(1 << 20)
+                if not more:
+                    raise ValueError(f"{p}: not valid json near record {k} ({e})") from e
+                buf, pos = buf[pos:] + more, 0
+        if k >= start:
+            yield k, obj
+        k, pos = k + 1, end
+        if pos > (1 << 20):
+            buf, pos = buf[pos:], 0
+
+
+# ---------------------------------------------------------------- one sample
+
+
+def resolve_image(name: object, dataset_dir: Path, allow_outside: bool) -> Path:
+    if not isinstance(name, str) or not name:
+        raise BadSample(f"bad image entry {name!r}")
+    rel = Path(name)
+    full = (dataset_dir / rel).resolve()
+    if not allow_outside:
+        if rel.is_absolute():
+            raise BadSample(f"absolute image path {name!r} (set allow_absolute_image_paths to accept)")
+        try:
+            full.relative_to(dataset_dir)
+        except ValueError:
+            raise BadSample(f"image path {name!r} is outside dataset_dir {dataset_dir}") from None
+    if not full.is_file():
+        raise BadSample(f"missing image file {full}")
+    return full
+
+
+def normalise_record(raw: object, cfg: DataConfig) -> tuple[list[dict], list]:
+    """(messages with role user/assistant/system and content, image entries) per the data.json attr."""
+    a = cfg.attr
+    if not isinstance(raw, dict):
+        raise BadSample("sample is not a json object")
+    msgs = raw.get(a.messages)
+    if not isinstance(msgs, list) or not msgs:
+        raise BadSample(f"no {a.messages!r} list (the attr.messages column)")
+    roles = {a.user_tag: "user", a.assistant_tag: "assistant"}
+    if a.system_tag:
+        roles[a.system_tag] = "system"
+    roles.setdefault("system", "system")
+    out = []
+    if a.system and raw.get(a.system):
+        out.append({"role": "system", "content": raw[a.system]})
+    for k, m in enumerate(msgs):
+        if not isinstance(m, dict) or a.role_tag not in m or a.content_tag not in m:
+            raise BadSample(f"message {k} lacks {a.role_tag!r} or {a.content_tag!r}")
+        role = roles.get(m[a.role_tag])
+        if role is None:
+            raise BadSample(f"message {k}: unknown role {m[a.role_tag]!r}")
+        out.append({"role": role, "content": m[a.content_tag]})
+    if a.videos and raw.get(a.videos):
+        raise BadSample("videos are not supported yet")
+    images = raw.get(a.images) if a.images else None
+    if images is None or images == "":
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    return out, list(images)
+
+
+def tokenizer_fingerprint_files(tokenizer_dir: Path) -> list[Path]:
+    names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
+             "preprocessor_config.json")
+    return [tokenizer_dir / n for n in names if (tokenizer_dir / n).is_file()]
+
+
+class SamplePreprocessor:
+    """raw record -> columns. Picklable (datasets' num_proc workers); loads the tokenizer lazily."""
+
+    def __init__(self, cfg: DataConfig, tokenizer_dir: str | os.PathLike):
+        self.cfg = cfg
+        self.tokenizer_dir = str(tokenizer_dir)
+        self._template: GlmTemplate | None = None
+        self._images: ImageProcessor | None = None
+
+    def __getstate__(self):
+        return {"cfg": self.cfg, "tokenizer_dir": self.tokenizer_dir, "_template": None, "_images": None}
+
+    def setup(self):
+        if self._template is None:
+            from transformers import AutoTokenizer
+
+            b = self.cfg.basic
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            self._template = GlmTemplate(tok, enable_thinking=b.enable_thinking,
+                                         train_on_prompt=b.train_on_prompt, mask_history=b.mask_history)
+            p = self.cfg.preprocess
+            self._images = ImageProcessor.from_pretrained(self.tokenizer_dir, image_min_pixels=p.image_min_pixels,
+                                                          image_max_pixels=p.image_max_pixels)
+        return self._template, self._images
+
+    @property
+    def template(self) -> GlmTemplate:
+        return self.setup()[0]
+
+    @property
+    def image_processor(self) -> ImageProcessor:
+        return self.setup()[1]
+
+    def __call__(self, raw: object, src: str) -> dict:
+        template, improc = self.setup()
+        try:
+            messages, entries = normalise_record(raw, self.cfg)
+            ddir = self.cfg.dataset_dir()
+            paths = [resolve_image(e, ddir, self.cfg.basic.allow_absolute_image_paths) for e in entries]
+            grids = []
+            for path in paths:
+                with open_image(path, decode=False) as img:
+                    grids.append(list(improc.grid_thw(img.width, img.height)))
+            merge = improc.merge_size**2
+            enc = template.encode(messages, [t * h * w // merge for t, h, w in grids])
+            if not any(lab != -100 for lab in enc.labels):
+                raise BadSample("no trained token")
+            return {"input_ids": enc.input_ids, "labels": enc.labels, "images": [str(p) for p in paths],
+                    "grids": grids, "length": len(enc.input_ids), "src": src, "error": ""}
+        except (BadSample, ValueError, FileNotFoundError) as e:
+            return {"input_ids": [], "labels": [], "images": [], "grids": [], "length": 0, "src": src,
+                    "error": str(e) or type(e).__name__}
+
+
+# ---------------------------------------------------------------- the cached data set
+
+
+@dataclass
+class PreparedData:
+    """Preprocessed samples: `ds` (a datasets.Dataset with the columns above, bad rows included),
+    `good` (row numbers of the good samples, in file order) and `bad` ((src, reason) pairs)."""
+
+    ds: object
+    good: list[int]
+    bad: list[tuple[str, str]]
+    cache_path: Path | None = None
+    from_cache: bool = False
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def fingerprint(cfg: DataConfig, tokenizer_dir: Path, files: list[Path]) -> str:
+    b, p = cfg.basic, cfg.preprocess
+    key = {
+        "version": CACHE_VERSION,
+        "files": [[str(f), _sha256_file(f)] for f in files],
+        "tokenizer": [[f.name, _sha256_file(f)] for f in tokenizer_fingerprint_files(tokenizer_dir)],
+        "basic": {k: getattr(b, k) for k in ("template", "enable_thinking", "train_on_prompt", "mask_history",
+                                             "max_samples", "allow_absolute_image_paths")},
+        "dataset_dir": str(cfg.dataset_dir()),
+        "preprocess": p.model_dump(),
+        "attr": cfg.attr.model_dump(),
+    }
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _map_batch(batch: dict, fn: SamplePreprocessor) -> dict:
+    rows = [fn(json.loads(raw), src) for raw, src in zip(batch["raw"], batch["src"])]
+    return {k: [r[k] for r in rows] for k in rows[0]} if rows else {}
+
+
+def raw_samples(cfg: DataConfig) -> Iterator[tuple[object, str]]:
+    """(record, "file:index") for every sample of every data file, honouring max_samples per file."""
+    for path in cfg.dataset_files():
+        for k, rec in iter_records(path):
+            if cfg.basic.max_samples is not None and k >= cfg.basic.max_samples:
+                break
+            yield rec, f"{path}:{k}"
+
+
+def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc: int | None = None,
+                  progress: bool = True) -> PreparedData:
+    """Preprocess (or load from the cache) every sample of the data.json's files.
+
+    Bad samples are kept as rows with `error` set; with on_bad_sample=error this raises ValueError
+    naming the first ones (file:index: reason), with skip they are counted and logged."""
+    import datasets
+
+    tokenizer_dir = Path(tokenizer_dir)
+    files = cfg.dataset_files()
+    b = cfg.basic
+    cache_path = None
+    if b.cache_dir:
+        cache_path = Path(b.cache_dir).resolve() / f"mmtune-{fingerprint(cfg, tokenizer_dir, files)}"
+    ds, from_cache = None, False
+    if cache_path is not None and cache_path.is_dir() and not b.overwrite_cache:
+        ds, from_cache = datasets.load_from_disk(str(cache_path)), True
+    if ds is None:
+        raws, srcs = [], []
+        for rec, src in raw_samples(cfg):
+            raws.append(json.dumps(rec, ensure_ascii=False))
+            srcs.append(src)
+        raw_ds = datasets.Dataset.from_dict({"raw": raws, "src": srcs})
+        del raws
+        nproc = num_proc if num_proc is not None else b.preprocessing_num_workers
+        nproc = nproc if nproc and nproc > 1 and len(raw_ds) >= 2 * nproc else None
+        was = datasets.is_progress_bar_enabled()
+        if not progress:
+            datasets.disable_progress_bars()
+        try:
+            ds = raw_ds.map(_map_batch, batched=True, batch_size=256, fn_kwargs={"fn": SamplePreprocessor(cfg, tokenizer_dir)},
+                            remove_columns=["raw"], num_proc=nproc, desc="preprocess samples", load_from_cache_file=False)
+        finally:
+            if was and not progress:
+                datasets.enable_progress_bars()
+        if cache_path is not None:
+            tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
+            shutil.rmtree(tmp, ignore_errors=True)
+            ds.save_to_disk(str(tmp))
+            shutil.rmtree(cache_path, ignore_errors=True)
+            os.replace(tmp, cache_path)
+            ds = datasets.load_from_disk(str(cache_path))
+    errors = ds["error"] if len(ds) else []
+    good = [i for i, e in enumerate(errors) if not e]
+    bad = [(ds[i]["src"], e) for i, e in enumerate(errors) if e]
+    if bad:
+        listing = "\n".join(f"  {s}: {r}" for s, r in bad[:_BAD_SHOWN])
+        more = f"\n  ... and {len(bad) - _BAD_SHOWN} more (mmtune data check lists all)" if len(bad) > _BAD_SHOWN else ""
+        if b.on_bad_sample == "error":
+            raise ValueError(f"{len(bad)} bad samples (on_bad_sample: error):\n{listing}{more}")
+        log.warning("skipping %d bad samples (on_bad_sample: skip):\n%s%s", len(bad), listing, more)
+    if not good:
+        raise ValueError(f"no good samples in {', '.join(map(str, files))}")
+    return PreparedData(ds, good, bad, cache_path, from_cache)

@@ -1,0 +1,267 @@
+"""The training data loader: `build_train_loader(...)` -> torchdata StatefulDataLoader.
+
+Cached path (`streaming: false`): `build_dataset` (cache) -> too-long handling -> `plan_rows` (packing or
+one sample a row) -> a map-style `RowDataset` whose items are rows -> `DistributedRowSampler` (seeded
+shuffle per epoch, every rank its own share, remainder dropped, endless) -> workers decode images and
+collate micro-batches.
+
+Streaming path (`streaming: true`): `StreamingRows`, an IterableDataset that reads the files lazily,
+preprocesses each sample when it arrives, packs with `NextFitPacker` and yields rows. Item k of the
+stream (of one epoch) belongs to rank k % dp_size; within a rank, consecutive micro-batches go to the
+loader workers in turn, which is the order the loader returns them. Without shuffle and packing it
+yields the same sample sequence as the cached path. Its position (epoch, next item) is saved per
+worker by `state_dict()` and restored by `load_state_dict()`.
+
+The loader is endless (epochs follow each other); the trainer stops after its iterations.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+
+from mmtune.data.collate import Sample, TokenIds, collate, materialise
+from mmtune.data.config import DataConfig, load_data_config
+from mmtune.data.dataset import PreparedData, SamplePreprocessor, build_dataset, raw_samples
+from mmtune.data.packing import NextFitPacker, PackStats, plan_rows, truncation_point
+
+log = logging.getLogger(__name__)
+
+
+def _skip_or_raise(cfg: DataConfig, err: Exception) -> None:
+    if cfg.basic.on_bad_sample == "error":
+        raise ValueError(f"bad sample (on_bad_sample: error): {err}") from err
+    log.warning("skipping bad sample (on_bad_sample: skip): %s", err)
+
+
+class _Materialiser:
+    """Shared by both paths: preprocessed columns -> Sample (pixels, positions), in a worker."""
+
+    def __init__(self, cfg: DataConfig, tokenizer_dir: str, seq_length: int):
+        self.cfg, self.seq_length = cfg, seq_length
+        self.pre = SamplePreprocessor(cfg, tokenizer_dir)
+        self._ids: TokenIds | None = None
+
+    @property
+    def ids(self) -> TokenIds:
+        if self._ids is None:
+            self._ids = TokenIds.from_tokenizer(self.pre.template.tokenizer)
+        return self._ids
+
+    def keep_len(self, columns: dict, stats: PackStats) -> int | None:
+        """The tokens to keep of a sample (None: drop it) under seq_length and too_long."""
+        n = columns["length"]
+        if n <= self.seq_length:
+            return n
+        cut = None
+        if self.cfg.basic.too_long == "truncate":
+            cut = truncation_point(columns["input_ids"], columns["labels"], self.seq_length,
+                                   image_token_id=self.ids.image, image_start_token_id=self.ids.image_start)
+        if cut is None:
+            stats.dropped_too_long += 1
+        else:
+            stats.truncated += 1
+        return cut
+
+    def sample(self, columns: dict, keep: int) -> Sample | None:
+        try:
+            return materialise(columns, keep, self.pre.image_processor, self.ids)
+        except ValueError as e:
+            _skip_or_raise(self.cfg, e)
+            return None
+
+
+class RowDataset(Dataset):
+    """Map-style: item i = row i of the plan, a list of Samples (pixels decoded in the worker)."""
+
+    def __init__(self, prepared: PreparedData, rows: list[list[tuple[int, int]]], mat: _Materialiser):
+        self.ds, self.rows, self.mat = prepared.ds, rows, mat
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> list[Sample]:
+        out = []
+        for ds_row, keep in self.rows[i]:
+            s = self.mat.sample(self.ds[ds_row], keep)
+            if s is not None:
+                out.append(s)
+        return out
+
+
+class DistributedRowSampler(Sampler):
+    """Endless, deterministic: epoch e is a permutation of the rows (seed + e; identity without shuffle),
+    rank r takes positions r, r + W, ... of its first (n // W) * W; `start` skips this many of the rank's
+    items first. Resume is exact: the loader fast-forwards it by the batches already yielded."""
+
+    def __init__(self, n: int, *, rank: int, world: int, shuffle: bool, seed: int, start: int = 0):
+        if n < world:
+            raise ValueError(f"{n} rows cannot feed {world} data-parallel ranks; add data or lower max_samples")
+        self.n, self.rank, self.world, self.shuffle, self.seed, self.start = n, rank, world, shuffle, seed, start
+
+    def __iter__(self):
+        per_rank = self.n // self.world
+        epoch, offset = divmod(self.start, per_rank)
+        while True:
+            if self.shuffle:
+                g = torch.Generator().manual_seed(self.seed + epoch)
+                perm = torch.randperm(self.n, generator=g)
+            else:
+                perm = torch.arange(self.n)
+            mine = perm[self.rank: per_rank * self.world: self.world].tolist()
+            yield from mine[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+class StreamingRows(IterableDataset):
+    """Lazily read, preprocessed and packed rows for one rank (see the module docstring)."""
+
+    def __init__(self, cfg: DataConfig, mat: _Materialiser, *, rank: int, world: int, micro_batch_size: int,
+                 start: int = 0):
+        self.cfg, self.mat = cfg, mat
+        self.rank, self.world, self.mbs = rank, world, micro_batch_size
+        self.state = {"epoch": 0, "next": start}  # `next`: index (within this rank's items) to read next
+        self.stats = PackStats(seq_length=mat.seq_length)
+
+    def state_dict(self) -> dict:
+        return dict(self.state)
+
+    def load_state_dict(self, state: dict) -> None:
+        self.state = dict(state)
+
+    def _mine(self, j: int, worker: int, workers: int) -> bool:
+        return (j // self.mbs) % workers == worker
+
+    def _rank_items(self, start: int):
+        """(j, columns) for this rank's items j >= start, in order (bad ones skipped or raised)."""
+        for k, (rec, src) in enumerate(raw_samples(self.cfg)):
+            if k % self.world != self.rank:
+                continue
+            j = k // self.world
+            if j < start:
+                continue
+            yield j, rec, src
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        pack = self.cfg.basic.packing
+        while True:
+            start = self.state["next"]
+            emitted_any = False
+            if pack:
+                # packed rows: item = packed row; rows are formed per worker from its own items
+                packer, first_j = NextFitPacker(self.mat.seq_length), None
+            for j, rec, src in self._rank_items(start):
+                if not self._mine(j, worker, workers):
+                    continue
+                cols = self.mat.pre(rec, src)
+                if cols["error"]:
+                    _skip_or_raise(self.cfg, ValueError(f"{src}: {cols['error']}"))
+                    continue
+                keep = self.mat.keep_len(cols, self.stats)
+                if keep is None:
+                    continue
+                s = self.mat.sample(cols, keep)
+                if s is None:
+                    continue
+                if not pack:
+                    self.state["next"] = j + 1
+                    emitted_any = True
+                    yield [s]
+                    continue
+                if first_j is None:
+                    first_j = j
+                row = packer.add((j, s), keep)
+                if row is not None:
+                    first_j = packer.row[0][0]
+                    self.state["next"] = first_j  # resume re-reads the unfinished row
+                    emitted_any = True
+                    yield [x for _, x in row]
+            if pack:
+                last = packer.flush()
+                if last:
+                    self.state["next"] = last[-1][0] + 1
+                    emitted_any = True
+                    yield [x for _, x in last]
+            self.state = {"epoch": self.state["epoch"] + 1, "next": 0}
+            if not emitted_any and start == 0:
+                raise ValueError(f"streaming: loader worker {worker} of rank {self.rank} got no usable sample in a "
+                                 f"whole pass; each rank needs >= micro_batch_size * num_workers good samples "
+                                 f"(lower num_workers or micro_batch_size)")
+
+
+class _Collate:
+    def __init__(self, pad_id: int, pad_to: int | None):
+        self.pad_id, self.pad_to = pad_id, pad_to
+
+    def __call__(self, rows: list[list[Sample]]) -> dict:
+        return collate(rows, pad_id=self.pad_id, pad_to=self.pad_to)
+
+
+def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
+                       dp_size: int = 1, seed: int = 1234, num_workers: int | None = None,
+                       consumed_samples: int = 0, progress: bool = True):
+    """The training loader of one data-parallel rank.
+
+    Args:
+        data_cfg: a DataConfig, or the path of a data.json.
+        tokenizer_dir: tokenizer + preprocessor_config.json dir (default: preprocess_parameters.model_name_or_path).
+        seq_length: tokens per row; longer samples are dropped or truncated (basic_parameters.too_long).
+        micro_batch_size: rows per batch (each row a packed set of samples, or one sample when packing is off).
+        dp_rank, dp_size: this rank and the data-parallel world size; every rank gets a disjoint share.
+        seed: shuffle seed (dataloader_param.shuffle switches shuffling; epoch e uses seed + e).
+        num_workers: loader worker processes (default: dataloader_param.num_workers).
+        consumed_samples: rows already consumed by all ranks together (global_batch_size * steps); the
+            loader starts after them. For exact resume prefer `loader.load_state_dict(saved)`.
+
+    Returns a `torchdata.stateful_dataloader.StatefulDataLoader`, endless, yielding the batch dicts of
+    docs/INTERNALS.md ("A training batch"); `loader.state_dict()` goes into checkpoints. Its
+    `.pack_stats` (cached path) holds packing efficiency and too-long counts, `.prepared` the samples.
+    """
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    cfg = data_cfg if isinstance(data_cfg, DataConfig) else load_data_config(data_cfg)
+    tokenizer_dir = tokenizer_dir or cfg.preprocess.model_name_or_path
+    if not tokenizer_dir:
+        raise ValueError("no tokenizer: pass tokenizer_dir or set preprocess_parameters.model_name_or_path")
+    if not Path(tokenizer_dir).is_dir():
+        raise FileNotFoundError(f"tokenizer dir {tokenizer_dir} does not exist (preprocess_parameters.model_name_or_path)")
+    if seq_length < 8 or micro_batch_size < 1 or not 0 <= dp_rank < dp_size:
+        raise ValueError(f"bad loader sizes: seq_length={seq_length}, micro_batch_size={micro_batch_size}, "
+                         f"dp_rank={dp_rank}, dp_size={dp_size}")
+    if consumed_samples % dp_size:
+        raise ValueError(f"consumed_samples {consumed_samples} is not a multiple of dp_size {dp_size}")
+    workers = cfg.dataloader_param.num_workers if num_workers is None else num_workers
+    mat = _Materialiser(cfg, str(tokenizer_dir), seq_length)
+    pad_to = seq_length if cfg.basic.packing else None
+    common = dict(batch_size=micro_batch_size, num_workers=workers,
+                  collate_fn=_Collate(mat.ids.pad, pad_to))
+    start = consumed_samples // dp_size
+    if cfg.basic.streaming:
+        ds = StreamingRows(cfg, mat, rank=dp_rank, world=dp_size, micro_batch_size=micro_batch_size, start=start)
+        loader = StatefulDataLoader(ds, **common)
+        loader.pack_stats, loader.prepared = ds.stats, None
+        return loader
+    prepared = build_dataset(cfg, tokenizer_dir, progress=progress)
+    stats = PackStats(seq_length=seq_length)
+    items, lengths = [], []
+    all_lengths = prepared.ds["length"]
+    for i in prepared.good:
+        keep = mat.keep_len(prepared.ds[i] if all_lengths[i] > seq_length else {"length": all_lengths[i]}, stats)
+        if keep is not None:
+            items.append(i)
+            lengths.append(keep)
+    if not items:
+        raise ValueError(f"every sample is longer than seq_length {seq_length} (too_long: {cfg.basic.too_long})")
+    rows = [[(items[k], lengths[k]) for k in row] for row in plan_rows(lengths, seq_length, pack=cfg.basic.packing)]
+    stats.samples, stats.rows, stats.tokens = len(items), len(rows), sum(lengths)
+    log.info("data: %s", stats.summary())
+    sampler = DistributedRowSampler(len(rows), rank=dp_rank, world=dp_size, shuffle=cfg.dataloader_param.shuffle,
+                                    seed=seed, start=start)
+    loader = StatefulDataLoader(RowDataset(prepared, rows, mat), sampler=sampler, drop_last=True, **common)
+    loader.pack_stats, loader.prepared = stats, prepared
+    return loader

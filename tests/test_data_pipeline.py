@@ -1,0 +1,303 @@
+"""data.json -> cache / streaming -> packed batches -> StatefulDataLoader; and `mmtune data check`."""
+
+from __future__ import annotations
+
+import copy
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+
+from mmtune.data.cli import main as data_main
+from mmtune.data.config import load_data_config, parse_data_config
+from mmtune.data.dataset import build_dataset
+from mmtune.data.images import ImageProcessor
+from mmtune.data.llava import llava_to_mllm
+from mmtune.data.loader import DistributedRowSampler, build_train_loader
+from mmtune.data.packing import plan_rows, truncation_point
+from mmtune.data.shapes import make_shapes
+from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
+from mmtune.models.glm4v_moe.rope import get_rope_index
+from mmtune.tokens import TINY_SPECIAL_BASE, special_token_ids
+
+SEED_DATA_JSON = Path("/work/shared/seed/data_106B.json")
+IDS = special_token_ids(TINY_SPECIAL_BASE)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("data")
+    tok = root / "tok"
+    save_tiny_tokenizer(tok)
+    (tok / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 1568, "longest_edge": 100352}}))
+    make_shapes(root / "shapes", num=48, seed=0)
+    llava_to_mllm(root / "shapes" / "llava_format.json", root / "shapes" / "mllm.json")
+    return root
+
+
+def _raw_cfg(env, **basic):
+    raw = json.loads(SEED_DATA_JSON.read_text())  # the recipe's file, paths changed
+    raw["dataset_param"]["preprocess_parameters"]["model_name_or_path"] = str(env / "tok")
+    b = raw["dataset_param"]["basic_parameters"]
+    b.update(dataset_dir=str(env / "shapes"), dataset="mllm.json", cache_dir=None, preprocessing_num_workers=None)
+    b.update(basic)
+    return raw
+
+
+def _cfg(env, shuffle=True, num_workers=0, **basic):
+    raw = _raw_cfg(env, **basic)
+    raw["dataloader_param"]["shuffle"] = shuffle
+    raw["dataloader_param"]["num_workers"] = num_workers
+    return parse_data_config(raw)
+
+
+def test_seed_config_accepted_and_unknown_keys_named(env, tmp_path):
+    raw = _raw_cfg(env)
+    path = tmp_path / "data.json"
+    path.write_text(json.dumps(raw))
+    cfg = load_data_config(path)
+    assert cfg.basic.template == "glm4v_moe" and cfg.basic.enable_thinking is False
+    assert cfg.preprocess.image_max_pixels == 262144 and cfg.attr.messages == "messages"
+    assert cfg.dataset_files() == [(env / "shapes" / "mllm.json").resolve()]
+    bad = copy.deepcopy(raw)
+    bad["dataset_param"]["basic_parameters"]["packng"] = True
+    bad["dataloader_param"]["colate"] = 1
+    with pytest.raises(ValueError, match=r"basic_parameters\.packng.*colate|colate.*basic_parameters\.packng"):
+        parse_data_config(bad, "x.json")
+    bad = copy.deepcopy(raw)
+    bad["dataset_param"]["basic_parameters"]["template"] = "qwen2_vl"
+    with pytest.raises(ValueError, match="template"):
+        parse_data_config(bad)
+
+
+def _segments(batch):
+    cu = batch["cu_seqlens"].tolist()
+    return list(zip(cu[:-1], cu[1:]))
+
+
+@pytest.mark.parametrize("packing", [True, False])
+def test_batch_format(env, packing):
+    cfg = _cfg(env, packing=packing)
+    loader = build_train_loader(cfg, seq_length=96, micro_batch_size=3, seed=0, num_workers=0, progress=False)
+    if packing:
+        assert loader.pack_stats.efficiency > 0.8
+    batch = next(iter(loader))
+    B, S = batch["input_ids"].shape
+    assert B == 3 and (S == 96 if packing else S <= 96)
+    ids, labels, pos = batch["input_ids"].flatten(), batch["labels"].flatten(), batch["position_ids"].reshape(3, -1)
+    assert batch["cu_seqlens"].dtype == torch.int32 and batch["cu_seqlens"][-1] == B * S
+    grids = batch.get("image_grid_thw", torch.zeros(0, 3, dtype=torch.long))
+    n_samples, g_used = 0, 0
+    for a, b in _segments(batch):
+        assert a // S == (b - 1) // S  # no segment crosses a row
+        seg = ids[a:b]
+        if (labels[a:b] == -100).all() and (seg == IDS["<|endoftext|>"]).all():  # a pad run
+            assert torch.equal(pos[:, a:b], torch.arange(b - a).expand(3, -1))
+            continue
+        n_samples += 1
+        assert seg[0] == IDS["[gMASK]"] and seg[-1] == IDS["<|user|>"]
+        lab = labels[a:b]
+        assert lab[-1] == -100
+        trained = lab != -100
+        assert trained.any() and torch.equal(lab[:-1][trained[:-1]], seg[1:][trained[:-1]])  # shifted targets
+        n_img = int((seg == IDS["<|image|>"]).sum()) // 4  # 56x56 images -> 4 tokens each
+        ref, _ = get_rope_index(seg, grids[g_used:g_used + n_img] if n_img else None, image_token_id=IDS["<|image|>"],
+                                video_start_token_id=IDS["<|begin_of_video|>"], video_end_token_id=IDS["<|end_of_video|>"])
+        g_used += n_img
+        assert torch.equal(pos[:, a:b], ref)
+    assert n_samples == batch["num_samples"] and g_used == len(grids)
+    if len(grids):
+        assert batch["pixel_values"].shape == (int(grids.prod(-1).sum()), 1176)
+
+
+def test_pixels_in_token_order(env):
+    cfg = _cfg(env, packing=True, shuffle=False)
+    loader = build_train_loader(cfg, seq_length=96, micro_batch_size=1, seed=0, num_workers=0, progress=False)
+    ds, rows = loader.dataset.ds, loader.dataset.rows
+    batch = next(iter(loader))
+    paths = [p for r, _ in rows[0] for p in ds[r]["images"]]
+    from PIL import Image
+
+    pv, _ = ImageProcessor(min_pixels=1568, max_pixels=100352, pre_min_pixels=1024, pre_max_pixels=262144).process(
+        [Image.open(p) for p in paths])
+    assert torch.equal(batch["pixel_values"], torch.from_numpy(pv))
+
+
+def test_cache_reuse_and_invalidation(env, tmp_path):
+    shapes = tmp_path / "shapes"
+    make_shapes(shapes, num=12, seed=1)
+    llava_to_mllm(shapes / "llava_format.json", shapes / "mllm.json")
+    base = dict(dataset_dir=str(shapes), cache_dir=str(tmp_path / "cache"))
+    tok = env / "tok"
+    first = build_dataset(_cfg(env, **base), tok, progress=False)
+    again = build_dataset(_cfg(env, **base), tok, progress=False)
+    assert not first.from_cache and again.from_cache and again.cache_path == first.cache_path
+    assert again.ds["input_ids"] == first.ds["input_ids"]
+    changed = build_dataset(_cfg(env, enable_thinking=True, **base), tok, progress=False)
+    assert not changed.from_cache and changed.cache_path != first.cache_path
+    assert changed.ds["input_ids"] != first.ds["input_ids"]  # no /nothink
+    data = json.loads((shapes / "mllm.json").read_text())
+    data[0]["messages"][1]["content"] = "blue"
+    (shapes / "mllm.json").write_text(json.dumps(data))
+    edited = build_dataset(_cfg(env, **base), tok, progress=False)
+    assert not edited.from_cache and edited.cache_path != first.cache_path
+    tok2 = tmp_path / "tok2"
+    save_tiny_tokenizer(tok2)
+    (tok2 / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 1568, "longest_edge": 3136}}))
+    other_proc = build_dataset(_cfg(env, **base), tok2, progress=False)
+    assert not other_proc.from_cache and other_proc.cache_path != edited.cache_path
+    assert build_dataset(_cfg(env, **base), tok, progress=False).from_cache
+    assert not build_dataset(_cfg(env, overwrite_cache=True, **base), tok, progress=False).from_cache
+
+
+def _take(loader, n):
+    it, out = iter(loader), []
+    for _ in range(n):
+        out.append(next(it))
+    return out
+
+
+def test_streaming_equals_cached_sequence(env):
+    for rank in range(2):
+        kw = dict(seq_length=96, micro_batch_size=2, seed=0, dp_rank=rank, dp_size=2, num_workers=2, progress=False)
+        cached = _take(build_train_loader(_cfg(env, packing=False, shuffle=False), **kw), 5)
+        stream = _take(build_train_loader(_cfg(env, packing=False, shuffle=False, streaming=True), **kw), 5)
+        for c, s in zip(cached, stream):
+            assert c.keys() == s.keys()
+            for k in c:
+                assert torch.equal(c[k], s[k]) if torch.is_tensor(c[k]) else c[k] == s[k], k
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_resume_exact(env, streaming):
+    kw = dict(seq_length=96, micro_batch_size=2, seed=3, num_workers=2, progress=False)
+    cfg = _cfg(env, packing=True, shuffle=True, streaming=streaming)
+    loader = build_train_loader(cfg, **kw)
+    it = iter(loader)
+    for _ in range(3):
+        next(it)
+    state = loader.state_dict()
+    expected = [next(it) for _ in range(4)]  # crosses the end of the streaming epoch
+    resumed = build_train_loader(cfg, **kw)
+    resumed.load_state_dict(state)
+    got = _take(resumed, 4)
+    for e, g in zip(expected, got):
+        assert torch.equal(e["input_ids"], g["input_ids"]) and torch.equal(e["labels"], g["labels"])
+
+
+def test_sampler_ranks_disjoint_and_consumed_offset():
+    a = DistributedRowSampler(10, rank=0, world=2, shuffle=True, seed=5)
+    b = DistributedRowSampler(10, rank=1, world=2, shuffle=True, seed=5)
+    ia, ib = iter(a), iter(b)
+    ea, eb = [next(ia) for _ in range(5)], [next(ib) for _ in range(5)]
+    assert sorted(ea + eb) == list(range(10))
+    assert [next(ia) for _ in range(5)] != ea  # new epoch, new order
+    skip = iter(DistributedRowSampler(10, rank=0, world=2, shuffle=True, seed=5, start=3))
+    assert [next(skip) for _ in range(2)] == ea[3:5]
+
+
+def test_packing_efficiency_and_bounds():
+    rng = random.Random(0)
+    lengths = [min(4096, int(rng.lognormvariate(6.3, 0.6))) + 1 for _ in range(3000)]  # LLaVA-like mix
+    rows = plan_rows(lengths, 4096)
+    assert sorted(i for r in rows for i in r) == list(range(3000))
+    assert all(sum(lengths[i] for i in r) <= 4096 for r in rows)
+    assert sum(lengths) / (len(rows) * 4096) >= 0.95
+    assert plan_rows(lengths[:3], 4096, pack=False) == [[0], [1], [2]]
+
+
+def test_truncate_never_splits_an_image(env):
+    img, start = IDS["<|image|>"], IDS["<|begin_of_image|>"]
+    ids = [1, 2, start] + [img] * 4 + [IDS["<|end_of_image|>"], 5, 6, 7, 8]
+    labels = [-100, 2, -100, -100, -100, -100, -100, -100, 5, 6, 7, 8]
+    kw = dict(image_token_id=img, image_start_token_id=start)
+    assert truncation_point(ids, labels, 5, **kw) == 2  # cut moved before <|begin_of_image|>
+    assert truncation_point(ids, labels, 10, **kw) == 10
+    assert truncation_point(ids, [-100] * 8 + [5, 6, 7, 8], 5, **kw) is None  # nothing trained left
+    drop = build_train_loader(_cfg(env, too_long="drop"), seq_length=24, micro_batch_size=1, num_workers=0, progress=False)
+    cut = build_train_loader(_cfg(env, too_long="truncate"), seq_length=24, micro_batch_size=1, num_workers=0, progress=False)
+    assert drop.pack_stats.dropped_too_long > 0 and drop.pack_stats.truncated == 0
+    assert cut.pack_stats.truncated > 0 and cut.pack_stats.samples > drop.pack_stats.samples
+    for batch in _take(cut, 4):
+        assert batch["input_ids"].shape[1] == 24
+
+
+def _bad_dataset(env, root):
+    """One good sample and one bad sample of each kind; returns (data.json, {index: reason fragment})."""
+    from PIL import Image
+
+    (root / "img").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(root / "img" / "ok.png")
+    (root / "img" / "garbage.png").write_bytes(b"this is not an image")
+    (root / "img" / "truncated.png").write_bytes((root / "img" / "ok.png").read_bytes()[:60])
+    (root.parent / "outside.png").write_bytes((root / "img" / "ok.png").read_bytes())
+
+    def s(user, answer="red", images=("img/ok.png",), first="user"):
+        second = "assistant" if first == "user" else "user"
+        return {"messages": [{"role": first, "content": user}, {"role": second, "content": answer}], "images": list(images)}
+
+    samples = [
+        s("<image>\nWhat color?"),  # 0 good
+        s("<image>\nWhat color?", images=["img/garbage.png"]),
+        s("<image>\nWhat color?", images=["img/truncated.png"]),
+        s("<image><image>\nWhat color?"),
+        s("<image>\nWhat color?", first="assistant"),
+        s("<image>\nWhat color?", answer="   "),
+        s("<image>\nWhat color? " + "very long question " * 30),
+        s("<image>\nWhat color?", images=["img/missing.png"]),
+        s("<image>\nWhat color?", images=["../outside.png"]),
+        s("<image>\nWhat color?", images=[str((root / "img" / "ok.png").resolve())]),
+    ]
+    reasons = {1: "unreadable or corrupt image", 2: "unreadable or corrupt image", 3: "2 <image> tags for 1 images",
+               4: "not from the user", 5: "empty assistant turn", 6: "too long for the sequence",
+               7: "missing image file", 8: "outside dataset_dir", 9: "absolute image path"}
+    (root / "mllm.json").write_text(json.dumps(samples))
+    raw = _raw_cfg(env, dataset_dir=str(root), dataset="mllm.json")
+    (root / "data.json").write_text(json.dumps(raw))
+    return root / "data.json", reasons
+
+
+def test_check_names_each_bad_sample(env, tmp_path, capsys):
+    data_json, reasons = _bad_dataset(env, tmp_path / "ds")
+    assert data_main(["check", "--mm-data", str(data_json), "--seq-length", "64"]) == 1
+    out = capsys.readouterr().out
+    src = (tmp_path / "ds" / "mllm.json").resolve()
+    for i, why in reasons.items():
+        assert f"{src}:{i}: " in out and why in [l for l in out.splitlines() if l.startswith(f"{src}:{i}: ")][0], (i, out)
+    assert f"{src}:0:" not in out and "1 good, 9 bad" in out
+    # training: skip (default) counts and goes on; error stops naming the samples
+    cfg = load_data_config(data_json)
+    prepared = build_dataset(cfg, env / "tok", progress=False)
+    assert len(prepared.bad) == 7  # all but the truncated png (pixels) and the length (depends on seq_length)
+    cfg.basic.on_bad_sample = "error"
+    with pytest.raises(ValueError, match=rf"{src}:3: 2 <image> tags"):
+        build_dataset(cfg, env / "tok", progress=False)
+    cfg.basic.allow_absolute_image_paths = True
+    ok = parse_data_config(_raw_cfg(env, dataset_dir=str(tmp_path / "ds"), dataset="mllm.json", allow_absolute_image_paths=True))
+    assert len(build_dataset(ok, env / "tok", progress=False).bad) == 5  # absolute and ../ now accepted
+
+
+def test_data_cli_help(capsys):
+    for tool in ("make-shapes", "llava-to-mllm", "check"):
+        with pytest.raises(SystemExit) as e:
+            data_main([tool, "--help"])
+        assert e.value.code == 0
+    assert "--seq-length" in capsys.readouterr().out
+
+
+def test_loader_skips_or_stops_on_undecodable_image(env, tmp_path):
+    data_json, _ = _bad_dataset(env, tmp_path / "ds")
+    cfg = load_data_config(data_json)
+    loader = build_train_loader(cfg, seq_length=512, micro_batch_size=1, num_workers=0, progress=False, seed=0)
+    assert loader.pack_stats.samples == 3  # 0, 2 (pixels broken) and 6 (long) pass preprocessing
+    batch = next(iter(loader))
+    assert batch["num_samples"] == 2  # the truncated png was skipped
+    samples = json.loads((tmp_path / "ds" / "mllm.json").read_text())
+    (tmp_path / "ds" / "two.json").write_text(json.dumps([samples[0], samples[2]]))
+    cfg = parse_data_config(_raw_cfg(env, dataset_dir=str(tmp_path / "ds"), dataset="two.json", on_bad_sample="error"))
+    loader = build_train_loader(cfg, seq_length=512, micro_batch_size=1, num_workers=0, progress=False, seed=0)
+    src = (tmp_path / "ds" / "two.json").resolve()
+    with pytest.raises(ValueError, match=rf"{src}:1: unreadable or corrupt image"):
+        next(iter(loader))
