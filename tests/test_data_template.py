@@ -105,3 +105,15 @@ def test_labels_default_train_on_prompt_mask_history(tok):
 def test_bad_conversations(tok, messages, images, reason):
     with pytest.raises(BadSample, match=reason):
         GlmTemplate(tok).encode(messages, images)
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_generation_prompt_equals_apply_chat_template(tok, thinking):
+    messages, images = CASES["multi_turn_system_images"]
+    prompt = messages[:-1]
+    hf = [{"role": m["role"], "content": _parts(m["content"]) if m["role"] == "user" else m["content"]} for m in prompt]
+    ref = tok.apply_chat_template(hf, tokenize=True, add_generation_prompt=True, enable_thinking=thinking)["input_ids"]
+    image_id, counts, expanded = tok.convert_tokens_to_ids("<|image|>"), iter(images), []
+    for t in ref:
+        expanded += [t] * next(counts) if t == image_id else [t]
+    assert GlmTemplate(tok, enable_thinking=thinking).encode_prompt(prompt, images) == expanded

@@ -115,6 +115,20 @@ class GlmTemplate:
             raise BadSample(f"{VIDEO_TAG}: videos are not supported yet")
         return content.replace(IMAGE_TAG, IMAGE_SPAN) if role != "assistant" else content
 
+    def encode_prompt(self, messages: list[dict], image_tokens: list[int]) -> list[int]:
+        """Ids of a generation prompt: the conversation so far (ending with a user turn) and the
+        assistant opening `<|assistant|>\\n` (+ `<think></think>\\n` with enable_thinking false), as
+        apply_chat_template(add_generation_prompt=True) gives, with `<|image|>` expanded."""
+        if not messages or messages[-1].get("role") != "user":
+            raise BadSample("a generation prompt ends with a user turn")
+        filler = [*messages, {"role": "assistant", "content": "x"}]
+        enc = self.encode(filler, image_tokens)
+        pieces = self._pieces(filler)
+        tail = self.tokenizer([p[0] for p in pieces[-2:]], add_special_tokens=False)["input_ids"]
+        ids = enc.input_ids[: len(enc.input_ids) - len(tail[0]) - len(tail[1])]
+        opening = "\n<think></think>\n" if self.no_think else "\n"
+        return ids + self.tokenizer(opening, add_special_tokens=False)["input_ids"]
+
     def encode(self, messages: list[dict], image_tokens: list[int]) -> Encoded:
         """Token ids and unshifted labels of one conversation; `image_tokens[i]` is the placeholder count
         (t*h*w/4) of its i-th image, in the order of the `<image>` tags."""
