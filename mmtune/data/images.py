@@ -152,12 +152,16 @@ class ImageProcessor:
                               max_pixels=self.max_pixels, temporal=self.temporal_patch_size)
         if (tw, th) != image.size:
             image = image.resize((tw, th), resample=Image.Resampling.BICUBIC)
-        x_HWC = self._lut[np.asarray(image, dtype=np.uint8), np.arange(3)]
         p, m, T = self.patch_size, self.merge_size, self.temporal_patch_size
         gh, gw = th // p, tw // p
-        x = x_HWC.reshape(gh // m, m, p, gw // m, m, p, 3).transpose(0, 3, 1, 4, 6, 2, 5)  # bh bw mh mw C ph pw
-        x = np.broadcast_to(x[:, :, :, :, :, None], (*x.shape[:5], T, p, p))
-        return np.ascontiguousarray(x).reshape(gh * gw, 3 * T * p * p), (1, gh, gw)
+        x = np.asarray(image, dtype=np.uint8).reshape(gh // m, m, p, gw // m, m, p, 3)
+        x = x.transpose(0, 3, 1, 4, 6, 2, 5)  # bh bw mh mw C ph pw (a view; uint8)
+        out = np.empty((gh // m, gw // m, m, m, 3, T, p, p), np.float32)
+        for c in range(3):  # normalise by table lookup straight into the patch layout
+            values = self._lut[:, c][x[:, :, :, :, c]]
+            for t in range(T):  # an image repeats along the temporal patch
+                out[:, :, :, :, c, t] = values
+        return out.reshape(gh * gw, 3 * T * p * p), (1, gh, gw)
 
     def process(self, images: list[Image.Image]) -> tuple[np.ndarray, np.ndarray]:
         rows, grids = [], []
