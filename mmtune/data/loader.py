@@ -154,7 +154,7 @@ class StreamingRows(IterableDataset):
             emitted_any = False
             if pack:
                 # packed rows: item = packed row; rows are formed per worker from its own items
-                packer, first_j = NextFitPacker(self.mat.seq_length), None
+                packer = NextFitPacker(self.mat.seq_length)
             for j, rec, src in self._rank_items(start):
                 if not self._mine(j, worker, workers):
                     continue
@@ -173,12 +173,9 @@ class StreamingRows(IterableDataset):
                     emitted_any = True
                     yield [s]
                     continue
-                if first_j is None:
-                    first_j = j
                 row = packer.add((j, s), keep)
                 if row is not None:
-                    first_j = packer.row[0][0]
-                    self.state["next"] = first_j  # resume re-reads the unfinished row
+                    self.state["next"] = packer.row[0][0]  # resume re-reads the unfinished row
                     emitted_any = True
                     yield [x for _, x in row]
             if pack:
