@@ -291,3 +291,8 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def peek_train_state(path: str | Path) -> dict[str, Any]:
+    """The small train_state blob of a training checkpoint (step, consumed samples, world size, ...)."""
+    return _from_bytes(_load_bytes(Path(path), "train_state"))

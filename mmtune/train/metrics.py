@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,6 +112,17 @@ class MetricsLogger:
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.samples: list[int] = []
+
+    def truncate_after(self, step: int) -> None:
+        """On resume: drop metrics rows of steps after the checkpoint (written by a run that died before
+        its next checkpoint), so the file holds each step once."""
+        if not (self.metrics_file and self.metrics_file.is_file()):
+            return
+        keep = [line for line in self.metrics_file.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= step]
+        tmp = self.metrics_file.with_name(self.metrics_file.name + ".tmp")
+        tmp.write_text("".join(line + "\n" for line in keep))
+        os.replace(tmp, self.metrics_file)
 
     def record(self, s: StepStats, *, log: bool) -> dict[str, Any] | None:
         """Account a finished step; write it out when `log` (the --log-interval step)."""
