@@ -301,3 +301,27 @@ def test_loader_skips_or_stops_on_undecodable_image(env, tmp_path):
     src = (tmp_path / "ds" / "two.json").resolve()
     with pytest.raises(ValueError, match=rf"{src}:1: unreadable or corrupt image"):
         next(iter(loader))
+
+
+def test_attr_mapping_datasets_list_max_samples_and_workers(env, tmp_path):
+    """sharegpt-style columns through `attr`, two comma-separated files, max_samples per file, and
+    preprocessing_num_workers giving the same rows as one process."""
+    mllm = json.loads((env / "shapes" / "mllm.json").read_text())
+    role = {"user": "human", "assistant": "gpt"}
+    share = [{"conversations": [{"from": role[m["role"]], "value": m["content"]} for m in s["messages"]],
+              "pics": s["images"], "sys": "Be brief."} for s in mllm]
+    (tmp_path / "share.json").write_text("\n".join(json.dumps(s) for s in share))  # jsonl
+    for s in mllm:
+        s["messages"].insert(0, {"role": "system", "content": "Be brief."})
+    (tmp_path / "mllm_sys.json").write_text(json.dumps(mllm))
+    raw = _raw_cfg(env, dataset_dir=str(env / "shapes"), dataset=f"{tmp_path / 'share.json'},{tmp_path / 'share.json'}", max_samples=5)
+    raw["dataset_param"]["attr"].update(messages="conversations", role_tag="from", content_tag="value", user_tag="human",
+                                        assistant_tag="gpt", images="pics", system="sys")
+    shared = build_dataset(parse_data_config(raw), env / "tok", progress=False)
+    assert len(shared.ds) == 10 and not shared.bad
+    ref = build_dataset(parse_data_config(_raw_cfg(env, dataset=str(tmp_path / "mllm_sys.json"), max_samples=5)), env / "tok",
+                        progress=False)
+    assert shared.ds["input_ids"][:5] == shared.ds["input_ids"][5:] == ref.ds["input_ids"]
+    one = build_dataset(_cfg(env), env / "tok", progress=False)
+    two = build_dataset(_cfg(env, preprocessing_num_workers=2), env / "tok", progress=False)
+    assert two.ds["input_ids"] == one.ds["input_ids"] and two.ds["labels"] == one.ds["labels"]
