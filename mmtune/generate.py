@@ -127,7 +127,18 @@ def generate(model: Glm4vMoeForConditionalGeneration, tokenizer, prompt: str, im
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, enable_thinking: bool = False,
              system: str | None = None, seed: int = 0) -> Generation:
     """Answer `prompt` about `images` (PIL images): chat template, image preprocessing, cached decoding."""
-    images = list(images)
+    prompt_ids, pixel_values, grid = _prepare(model, tokenizer, prompt, list(images), image_processor,
+                                              enable_thinking, system)
+    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    new, stopped = generate_ids(model, prompt_ids, pixel_values=pixel_values, image_grid_thw=grid,
+                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)
+    text = tokenizer.decode(new, skip_special_tokens=True).strip()
+    return Generation(text, new, prompt_ids, stopped)
+
+
+def _prepare(model, tokenizer, prompt: str, images: list, image_processor, enable_thinking: bool,
+             system: str | None) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
+    """(prompt ids with images expanded, pixel_values, image_grid_thw) of one request."""
     pixel_values = grid = None
     image_tokens: list[int] = []
     if images:
@@ -138,12 +149,51 @@ def generate(model: Glm4vMoeForConditionalGeneration, tokenizer, prompt: str, im
         merge = model.config.vision.spatial_merge_size ** 2
         image_tokens = [int(t * h * w) // merge for t, h, w in g.tolist()]
     messages = build_messages(prompt, len(images), system)
-    prompt_ids = encode_prompt(tokenizer, messages, image_tokens, model.config.image_token_id, enable_thinking)
-    gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    new, stopped = generate_ids(model, prompt_ids, pixel_values=pixel_values, image_grid_thw=grid,
-                                max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)
-    text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return Generation(text, new, prompt_ids, stopped)
+    ids = encode_prompt(tokenizer, messages, image_tokens, model.config.image_token_id, enable_thinking)
+    return ids, pixel_values, grid
+
+
+@torch.no_grad()
+def generate_batch(model: Glm4vMoeForConditionalGeneration, tokenizer, requests: list[tuple[str, list]], *,
+                   image_processor=None, max_new_tokens: int = 64, enable_thinking: bool = False,
+                   system: str | None = None) -> list[Generation]:
+    """Greedy answers to many (prompt, images) requests at once: prompts left-padded into one batch
+    (attention mask), one prefill, then one forward per new token for all rows until every row has
+    produced an eos id. Same answers as `generate` one by one."""
+    if not requests:
+        return []
+    device = next(model.parameters()).device
+    stop_ids = eos_ids(model.config)
+    prepared = [_prepare(model, tokenizer, p, list(imgs), image_processor, enable_thinking, system)
+                for p, imgs in requests]
+    B, L = len(prepared), max(len(ids) for ids, _, _ in prepared)
+    pad = model.config.text.pad_token_id or 0
+    ids_BL = torch.full((B, L), pad, dtype=torch.long)
+    mask_BL = torch.zeros(B, L, dtype=torch.long)
+    for b, (ids, _, _) in enumerate(prepared):
+        ids_BL[b, L - len(ids):] = torch.tensor(ids)
+        mask_BL[b, L - len(ids):] = 1
+    pvs = [pv for _, pv, _ in prepared if pv is not None]
+    grids = [g for _, _, g in prepared if g is not None]
+    pixel_values = torch.cat(pvs).to(device=device, dtype=next(model.model.visual.parameters()).dtype) if pvs else None
+    grid = torch.cat(grids).to(device) if grids else None
+    out = model(ids_BL.to(device), pixel_values=pixel_values, image_grid_thw=grid,
+                attention_mask=mask_BL.to(device), use_cache=True)
+    new: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    for _ in range(max_new_tokens):
+        nxt_B = out.logits[:, -1].float().argmax(-1).tolist()
+        for b, t in enumerate(nxt_B):
+            if not done[b]:
+                new[b].append(t)
+                done[b] = t in stop_ids
+        if all(done):
+            break
+        step_ids = torch.tensor([[t if not d else pad] for t, d in zip(nxt_B, done)], device=device)
+        out = model(step_ids, attention_mask=torch.ones(B, 1, dtype=torch.long, device=device),
+                    past_key_values=out.past_key_values, use_cache=True)
+    return [Generation(tokenizer.decode(n, skip_special_tokens=True).strip(), n, ids, d)
+            for n, (ids, _, _), d in zip(new, prepared, done)]
 
 
 # ---- loading ------------------------------------------------------------------------------------
