@@ -107,3 +107,27 @@ def test_generate_from_converted_dcp_and_training_checkpoint(tiny, tiny_hf_dir, 
     assert capsys.readouterr().out.strip() == tok.decode(ref, skip_special_tokens=True).strip()
     with pytest.raises(FileNotFoundError, match="--hf-dir"):
         G.load_model(weights)
+
+
+def test_batch_generation_equals_one_by_one(tiny):
+    """Left-padded batch (prompts of different lengths, with and without images) = single generation."""
+    model, tok, improc = tiny
+    reqs = [(q, [img]) for img, q, _ in eval_questions(3, seed=11)] + [("Name the color in: a red circle.", [])]
+    batch = G.generate_batch(model, tok, reqs, image_processor=improc, max_new_tokens=5)
+    single = [G.generate(model, tok, p, ims, image_processor=improc, max_new_tokens=5) for p, ims in reqs]
+    assert len({len(g.prompt_ids) for g in single}) > 1
+    assert [g.token_ids for g in batch] == [g.token_ids for g in single]
+    assert [g.text for g in batch] == [g.text for g in single]
+
+
+def test_prompt_ids_equal_the_data_pipeline_template(tiny):
+    """generate renders with apply_chat_template; training tokenises with mmtune.data.template: same ids."""
+    from mmtune.data.template import GlmTemplate
+
+    model, tok, _ = tiny
+    template = GlmTemplate(tok, enable_thinking=False)
+    for prompt, n_images in [("<image>\nWhat shape is this?", 1), ("Name the shape in: a red cross.", 0)]:
+        ours = G.encode_prompt(tok, G.build_messages(prompt, n_images), [4] * n_images,
+                               model.config.image_token_id, enable_thinking=False)
+        theirs = template.encode_prompt([{"role": "user", "content": prompt}], [4] * n_images)
+        assert ours == theirs
