@@ -1,0 +1,262 @@
+"""mmtune's training step on one GPU next to transformers' Glm4vMoe on the same batch and weights.
+
+A reduced-depth, real-width GLM-4.5V (text: 1 dense + N MoE layers of 4096 wide, 128 experts top-8,
+vocab 151552; vision: 1 block), bf16 compute. mmtune runs its real CUDA training path: a 1-rank NCCL
+process group, FSDP2 with MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 master weights, varlen
+flash attention, grouped-GEMM experts, chunked lm-head cross-entropy, fused AdamW. transformers runs its
+model in bf16 (grouped_mm experts, sdpa). Both do text-only batches of BS x SEQ tokens.
+
+Printed, side by side in one run (the ratio is what to compare; absolute numbers depend on the card):
+  * fwd+bwd seconds, tokens/s and MFU for both (MFU = 6*N_active*tokens + causal attention FLOPs, over
+    the card's measured bf16 matmul ceiling and over the nominal 989 TFLOP/s of an H100/H200 SXM);
+  * mmtune's full optimizer step (fwd+bwd + clip + fused AdamW) seconds;
+  * peak memory of each, and both losses on the first batch (same weights: they must agree to bf16 noise).
+
+    python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
+    python bench/gpu_train.py --moe-layers 2 --seq 8192
+    python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
+
+Environment knobs are flags; results also go to $OUT/gpu_train.json when OUT is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import socket
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="bench/gpu_train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--moe-layers", type=int, default=1, help="MoE decoder layers after the dense one (default 1; "
+                   "each adds 2.2B params — with fp32 AdamW state 3 layers do not fit 80 GB)")
+    p.add_argument("--seq", type=int, default=4096, help="tokens per row (default 4096)")
+    p.add_argument("--bs", type=int, default=1, help="rows per micro-batch (default 1)")
+    p.add_argument("--steps", type=int, default=4, help="timed steps per measurement (default 4)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
+    p.add_argument("--chunk-size", type=int, default=4096, help="chunked-loss tokens per chunk (default 4096)")
+    p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
+    p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
+    return p.parse_args(argv)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn, device, warmup: int, iters: int) -> float:
+    for _ in range(warmup):
+        fn()
+    _sync(device)
+    times = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def matmul_peak(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
+    t = timed(lambda: a @ b, device, 3, 10)
+    return 2 * 8192**3 / t
+
+
+def build_config(args):
+    from mmtune.models.glm4v_moe import glm45v_config, tiny_config
+
+    cfg = tiny_config() if args.dry_run else glm45v_config()
+    cfg.text.num_hidden_layers = cfg.text.first_k_dense_replace + args.moe_layers
+    cfg.vision.depth = 1
+    return cfg
+
+
+def make_batch(cfg, args, device):
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, min(cfg.text.vocab_size, 150000) - 1, (args.bs, args.seq), generator=g)
+    labels = torch.full_like(ids, -100)
+    labels[:, :-1] = ids[:, 1:]
+    pos = torch.arange(args.seq).expand(3, args.bs, args.seq).contiguous()
+    cu = torch.arange(0, args.bs * args.seq + 1, args.seq, dtype=torch.int32)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu, "num_samples": args.bs}
+    return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
+
+
+@torch.no_grad()
+def fast_init(model, std: float, seed: int = 0) -> None:
+    """Random weights drawn on the device (init_weights draws on the CPU: minutes for billions)."""
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.dim() == 1:
+            p.fill_(1.0 if "norm" in name or "layernorm" in name else 0.0)
+        else:
+            p.normal_(0.0, std)
+    for name, b in model.named_buffers():
+        if "e_score_correction_bias" in name:
+            b.zero_()
+
+
+def run_mmtune(cfg, args, device, batch, res):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mmtune.distributed import FSDPOptions, init_distributed
+    from mmtune.distributed.parallelize import materialize, parallelize, unshard_lm_head
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
+    from mmtune.train.loss import LossContext, lm_loss
+    from mmtune.train.metrics import text_flops_per_token
+    from mmtune.train.optim import build_optimizer, build_scheduler
+    from mmtune.train.trainer import LoopSettings, Trainer
+
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    env = init_distributed(device.type)
+    res["backend"] = torch.distributed.get_backend()
+    with torch.device("meta"):
+        model = Glm4vMoeForConditionalGeneration(cfg)
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
+    bf16 = device.type == "cuda"
+    opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    parallelize(model, env.mesh, opts, device)
+    materialize(model, device)
+    fast_init(model, cfg.text.initializer_range)
+    res["params"] = sum(p.numel() for p in model.parameters())
+    ctx_window = [(batch["labels"], batch["cu_seqlens"])]
+
+    def fwd_bwd():
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
+                    return_logits=False, run_vision_without_images=True)
+        ctx = LossContext.for_window("per_token_loss", ctx_window)
+        lo = lm_loss(out.hidden_states, unshard_lm_head(model), batch["labels"], ctx, cu_seqlens=batch["cu_seqlens"],
+                     compute_mode="chunk", chunk_size=args.chunk_size)
+        lo.loss_for_backward.backward()
+        model.zero_grad(set_to_none=True)
+        return lo.loss_value
+
+    res["mmtune_first_loss"] = float(fwd_bwd())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t = timed(fwd_bwd, device, args.warmup, args.steps)
+    res["mmtune_fwd_bwd_s"] = t
+    if device.type == "cuda":
+        res["mmtune_fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if device.type == "cpu":  # cpu_offload does not copy CPU tensors: keep these weights from the optimizer
+        full_sd = {k: v.clone() for k, v in full_sd.items()}
+    if not args.skip_optimizer:
+        opt = build_optimizer(model, lr=1e-6, weight_decay=0.0)
+        res["fused_adamw"] = bool(opt.defaults.get("fused"))
+        sched = build_scheduler(opt, lr=1e-6, min_lr=0.0, warmup_iters=0, decay_iters=10**6, decay_style="constant")
+        s = LoopSettings(train_iters=10**6, grad_accum_steps=1, loss_type="per_token_loss", compute_mode="chunk",
+                         chunk_size=args.chunk_size, clip_grad=1.0)
+        trainer = Trainer(s, env, model, opt, sched, [batch])
+        res["mmtune_step_s"] = timed(lambda: trainer.train_step([batch]), device, args.warmup, args.steps)
+        if device.type == "cuda":
+            res["mmtune_step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        del opt, sched, trainer
+    res["flops_per_token"] = text_flops_per_token(cfg.text, args.seq)
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    torch.distributed.destroy_process_group()
+    return full_sd
+
+
+def run_hf(cfg, args, device, batch, full_sd, res):
+    import transformers
+
+    hf_cfg = transformers.Glm4vMoeConfig.from_dict(cfg.to_dict())
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    with torch.device(device):
+        model = transformers.Glm4vMoeForConditionalGeneration._from_config(hf_cfg, dtype=dtype,
+                                                                            attn_implementation="sdpa")
+    try:
+        model.set_experts_implementation("grouped_mm" if device.type == "cuda" else "eager")
+    except Exception as e:  # older transformers: the default implementation
+        res["hf_experts_impl_error"] = repr(e)[:200]
+    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in full_sd.items()}, strict=False)
+    res["hf_missing_keys"] = len(missing)
+    for p in model.model.visual.parameters():
+        p.requires_grad_(False)
+    model.train()
+    ids = batch["input_ids"]
+
+    def fwd_bwd():  # transformers shifts the labels itself: labels=ids is mmtune's shifted batch["labels"]
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        model.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    res["hf_first_loss"] = float(fwd_bwd())
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    res["hf_fwd_bwd_s"] = timed(fwd_bwd, device, args.warmup, args.steps)
+    if device.type == "cuda":
+        res["hf_fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    res["transformers"] = transformers.__version__
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.dry_run:
+        args.seq, args.steps, args.warmup = min(args.seq, 64), 1, 1
+        device = torch.device("cpu")
+    else:
+        if not torch.cuda.is_available():
+            print("bench/gpu_train.py needs a CUDA GPU (use --dry-run on a CPU)", file=sys.stderr)
+            return 2
+        device = torch.device("cuda", 0)
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
+           "moe_layers": args.moe_layers, "seq": args.seq, "bs": args.bs}
+    cfg = build_config(args)
+    peak = matmul_peak(device)
+    res["matmul_tflops"] = peak / 1e12 if peak else None
+    batch = make_batch(cfg, args, device)
+    full_sd = run_mmtune(cfg, args, device, batch, res)
+    if not args.skip_hf:
+        run_hf(cfg, args, device, batch, full_sd, res)
+    tokens = args.bs * args.seq
+    flops = res["flops_per_token"] * tokens
+    for who in ("mmtune", "hf"):
+        t = res.get(f"{who}_fwd_bwd_s")
+        if t:
+            res[f"{who}_tokens_per_s"] = tokens / t
+            if peak:
+                res[f"{who}_mfu_vs_measured"] = flops / t / peak
+                res[f"{who}_mfu_vs_989"] = flops / t / 989e12
+    if res.get("hf_fwd_bwd_s") and res.get("mmtune_fwd_bwd_s"):
+        res["speedup_fwd_bwd_mmtune_over_hf"] = res["hf_fwd_bwd_s"] / res["mmtune_fwd_bwd_s"]
+    for k, v in res.items():
+        print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}", flush=True)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
+        (Path(os.environ["OUT"]) / "gpu_train.json").write_text(json.dumps(res, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,24 @@
+"""bench/gpu_train.py cannot run here (no GPU); its --dry-run (CPU, tiny config, the same code path with
+gloo and fp32) must run, and both models must give the same first loss on the same weights."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+
+def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
+    path = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
+    spec = importlib.util.spec_from_file_location("gpu_train_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("WORLD_SIZE", "1")  # restored after the test; the bench sets the rest
+    monkeypatch.setenv("OUT", str(tmp_path))
+    assert bench.main(["--dry-run"]) == 0
+    import json
+
+    res = json.loads((tmp_path / "gpu_train.json").read_text())
+    assert res["backend"] == "gloo" and res["mmtune_step_s"] > 0 and res["hf_missing_keys"] == 0
+    assert abs(res["mmtune_first_loss"] - res["hf_first_loss"]) < 1e-4 * res["hf_first_loss"]
