@@ -114,9 +114,10 @@ class StateDictAdapter:
     def from_hub(self, items: Iterable[tuple[str, torch.Tensor]]) -> Iterator[tuple[str, torch.Tensor]]:
         """Yield native (name, tensor) for hub items, streaming.
 
-        A model layer's per-expert tensors are buffered until all E of one stacked tensor have arrived
-        (gate and up for `gate_up_proj`, down for `down_proj`), then the stacked tensor is yielded and
-        the buffer freed; other tensors are yielded as they come (already-merged ones too). Shapes of
+        A model layer's per-expert tensors are copied into their stacked tensor as they arrive (no
+        second copy is held); once all E of one stacked tensor are in (gate and up for `gate_up_proj`,
+        down for `down_proj`) it is yielded; other tensors are yielded as they come (already-merged
+        ones too). Peak memory: the stacked tensors of the layers in flight. Shapes of
         known names are checked against config. Raises ValueError naming the tensor on a shape or dtype
         mismatch, a duplicate, an expert index out of range, or (at the end) a missing expert.
         """
