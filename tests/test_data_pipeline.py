@@ -15,7 +15,7 @@ from mmtune.data.config import load_data_config, parse_data_config
 from mmtune.data.dataset import build_dataset
 from mmtune.data.images import ImageProcessor
 from mmtune.data.llava import llava_to_mllm
-from mmtune.data.loader import DistributedRowSampler, build_train_loader
+from mmtune.data.loader import DistributedRowSampler, StreamingRows, build_train_loader
 from mmtune.data.packing import plan_rows, truncation_point
 from mmtune.data.shapes import make_shapes
 from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
@@ -325,3 +325,24 @@ def test_attr_mapping_datasets_list_max_samples_and_workers(env, tmp_path):
     one = build_dataset(_cfg(env), env / "tok", progress=False)
     two = build_dataset(_cfg(env, preprocessing_num_workers=2), env / "tok", progress=False)
     assert two.ds["input_ids"] == one.ds["input_ids"] and two.ds["labels"] == one.ds["labels"]
+
+
+def test_streaming_resume_rebuilds_open_rows(env):
+    cfg = _cfg(env, packing=True, streaming=True)
+    kw = dict(seq_length=96, micro_batch_size=1, seed=0, num_workers=0, progress=False)
+    stream = build_train_loader(cfg, **kw).dataset
+    it = iter(stream)
+    checked = 0
+    for _ in range(40):  # more than one pass over the 48 samples
+        state = stream.state_dict()
+        expected = next(it)
+        if state["open"]:  # resume from a state with half-filled rows: they are rebuilt from the files
+            fresh = StreamingRows(cfg, stream.mat, rank=0, world=1, micro_batch_size=1)
+            fresh.load_state_dict(state)
+            got = next(iter(fresh))
+            assert [s.src for s in got] == [s.src for s in expected]
+            checked += 1
+            if checked == 4:
+                break
+        assert sum(len(s.input_ids) for s in expected) <= 96
+    assert checked == 4

@@ -6,11 +6,11 @@ shuffle per epoch, every rank its own share, remainder dropped, endless) -> work
 collate micro-batches.
 
 Streaming path (`streaming: true`): `StreamingRows`, an IterableDataset that reads the files lazily,
-preprocesses each sample when it arrives, packs with `NextFitPacker` and yields rows. Item k of the
+preprocesses each sample when it arrives, packs with `OpenRowsPacker` and yields rows. Item k of the
 stream (of one epoch) belongs to rank k % dp_size; within a rank, consecutive micro-batches go to the
 loader workers in turn, which is the order the loader returns them. Without shuffle and packing it
-yields the same sample sequence as the cached path. Its position (epoch, next item) is saved per
-worker by `state_dict()` and restored by `load_state_dict()`.
+yields the same sample sequence as the cached path. Its position (epoch, next item, the items of
+still-open packed rows) is saved per worker by `state_dict()` and restored by `load_state_dict()`.
 
 The loader is endless (epochs follow each other); the trainer stops after its iterations.
 """
@@ -26,7 +26,7 @@ from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
 from mmtune.data.collate import Sample, TokenIds, collate, materialise
 from mmtune.data.config import DataConfig, load_data_config
 from mmtune.data.dataset import PreparedData, SamplePreprocessor, build_dataset, raw_samples
-from mmtune.data.packing import NextFitPacker, PackStats, plan_rows, truncation_point
+from mmtune.data.packing import OpenRowsPacker, PackStats, plan_rows, truncation_point
 
 log = logging.getLogger(__name__)
 
@@ -123,7 +123,8 @@ class StreamingRows(IterableDataset):
                  start: int = 0):
         self.cfg, self.mat = cfg, mat
         self.rank, self.world, self.mbs = rank, world, micro_batch_size
-        self.state = {"epoch": 0, "next": start}  # `next`: index (within this rank's items) to read next
+        # `next`: the first of this rank's items not read yet; `open`: items read into still-open packed rows
+        self.state = {"epoch": 0, "next": start, "open": []}
         self.stats = PackStats(seq_length=mat.seq_length)
 
     def state_dict(self) -> dict:
@@ -148,47 +149,66 @@ class StreamingRows(IterableDataset):
     def __iter__(self):
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
-        pack = self.cfg.basic.packing
         while True:
-            start = self.state["next"]
+            from_start = self.state["next"] == 0 and not self.state.get("open")
+            rows = self._pass_packed(worker, workers) if self.cfg.basic.packing else self._pass_plain(worker, workers)
             emitted_any = False
-            if pack:
-                # packed rows: item = packed row; rows are formed per worker from its own items
-                packer = NextFitPacker(self.mat.seq_length)
-            for j, rec, src in self._rank_items(start):
-                if not self._mine(j, worker, workers):
-                    continue
-                cols = self.mat.pre(rec, src)
-                if cols["error"]:
-                    _skip_or_raise(self.cfg, ValueError(f"{src}: {cols['error']}"))
-                    continue
-                keep = self.mat.keep_len(cols, self.stats)
-                if keep is None:
-                    continue
-                s = self.mat.sample(cols, keep)
-                if s is None:
-                    continue
-                if not pack:
-                    self.state["next"] = j + 1
-                    emitted_any = True
-                    yield [s]
-                    continue
-                row = packer.add((j, s), keep)
-                if row is not None:
-                    self.state["next"] = packer.row[0][0]  # resume re-reads the unfinished row
-                    emitted_any = True
-                    yield [x for _, x in row]
-            if pack:
-                last = packer.flush()
-                if last:
-                    self.state["next"] = last[-1][0] + 1
-                    emitted_any = True
-                    yield [x for _, x in last]
-            self.state = {"epoch": self.state["epoch"] + 1, "next": 0}
-            if not emitted_any and start == 0:
+            for row in rows:
+                emitted_any = True
+                yield row
+            self.state = {"epoch": self.state["epoch"] + 1, "next": 0, "open": []}
+            if not emitted_any and from_start:
                 raise ValueError(f"streaming: loader worker {worker} of rank {self.rank} got no usable sample in a "
                                  f"whole pass; each rank needs >= micro_batch_size * num_workers good samples "
                                  f"(lower num_workers or micro_batch_size)")
+
+    def _samples(self, start: int, worker: int, workers: int, wanted=None):
+        """(j, Sample, kept length) of this worker's good items j >= start (and j in `wanted` if given, for
+        j below state['next'])."""
+        nxt = self.state["next"]
+        for j, rec, src in self._rank_items(start):
+            if not self._mine(j, worker, workers) or (j < nxt and (wanted is None or j not in wanted)):
+                continue
+            cols = self.mat.pre(rec, src)
+            if cols["error"]:
+                if j >= nxt:
+                    _skip_or_raise(self.cfg, ValueError(f"{src}: {cols['error']}"))
+                continue
+            keep = self.mat.keep_len(cols, self.stats)
+            s = self.mat.sample(cols, keep) if keep is not None else None
+            if s is not None:
+                yield j, s, keep
+
+    def _pass_plain(self, worker: int, workers: int):
+        for j, s, _ in self._samples(self.state["next"], worker, workers):
+            self.state["next"] = j + 1
+            yield [s]
+
+    def _pass_packed(self, worker: int, workers: int):
+        """Rows from an OpenRowsPacker; the state names the open rows, which a resume re-reads."""
+        pending = self.state.get("open", [])
+        wanted = {j for row in pending for j in row}
+        packer = OpenRowsPacker(self.mat.seq_length)
+        restored: dict = {}
+        start = min(wanted | {self.state["next"]})
+        last = start - 1
+        for j, s, keep in self._samples(start, worker, workers, wanted):
+            if j < self.state["next"]:
+                restored[j] = (s, keep)
+                continue
+            if wanted:
+                packer.restore(pending, restored)
+                wanted, restored = set(), {}
+            last = j
+            for row in packer.add(j, s, keep):
+                self.state.update(next=j + 1, open=packer.open_keys())
+                yield [x for _, x, _ in row]
+        if wanted:
+            packer.restore(pending, restored)
+        out = packer.flush()
+        for k, row in enumerate(out):
+            self.state.update(next=max(last + 1, self.state["next"]), open=[[key for key, _, _ in r] for r in out[k + 1:]])
+            yield [x for _, x, _ in row]
 
 
 class _Collate:

@@ -3,8 +3,9 @@
 `plan_rows` is offline best-fit-decreasing over the whole (cached) data set: samples sorted by length
 (longest first, ties by index) go each into the fullest row that still has room; rows keep their
 samples in that order. It is independent of the shuffle seed: the sampler shuffles whole rows.
-`NextFitPacker` is the streaming variant: samples go into the current row in arrival order; when one
-does not fit the row is emitted. Both report efficiency = real tokens / (rows * seq_length).
+`OpenRowsPacker` is the streaming variant: up to `open_rows` rows stay open; each arriving sample goes
+into the open row it fits best, else a new row opens and, when too many are open, the fullest is emitted.
+Its open rows are named by item keys, so a stream can save them and rebuild them on resume. Both report efficiency = real tokens / (rows * seq_length).
 
 A sample longer than seq_length is dropped or truncated (`too_long`). Truncation never cuts inside an
 image: the cut moves back to before the image's `<|begin_of_image|>`, and the images after the cut are
@@ -76,23 +77,49 @@ def plan_rows(lengths: list[int], seq_length: int, *, pack: bool = True) -> list
 
 
 @dataclass
-class NextFitPacker:
-    """Online packing for streaming: `add(item, length)` returns a finished row (list of items) or None;
-    `flush()` returns the last partial row."""
+class OpenRowsPacker:
+    """Online best-fit over a few open rows. Items are (key, payload, length); `add` returns the rows
+    (lists of items) it closes: a row that became full, or the fullest one when a new row pushes the
+    count over `open_rows`. `flush()` closes all, fullest first. `open_keys()` names the open rows."""
 
     seq_length: int
-    row: list = field(default_factory=list)
-    used: int = 0
+    open_rows: int = 8
+    rows: list = field(default_factory=list)  # [used, [items]]
 
-    def add(self, item, length: int):
+    def add(self, key, payload, length: int) -> list[list]:
         assert 0 < length <= self.seq_length
-        out = None
-        if self.used + length > self.seq_length:
-            out, self.row, self.used = self.row, [], 0
-        self.row.append(item)
-        self.used += length
+        fits = [r for r in self.rows if r[0] + length <= self.seq_length]
+        if fits:
+            row = max(fits, key=lambda r: r[0])
+        else:
+            row = [0, []]
+            self.rows.append(row)
+        row[0] += length
+        row[1].append((key, payload, length))
+        done = [r for r in self.rows if r[0] == self.seq_length]
+        if not done and len(self.rows) > self.open_rows:
+            done = [max(self.rows, key=lambda r: r[0])]
+        for r in done:
+            self.rows.remove(r)
+        return [r[1] for r in done]
+
+    def flush(self) -> list[list]:
+        out = [r[1] for r in sorted(self.rows, key=lambda r: -r[0])]
+        self.rows = []
         return out
 
-    def flush(self):
-        out, self.row, self.used = self.row, [], 0
-        return out or None
+    def open_keys(self) -> list[list]:
+        return [[key for key, _, _ in r[1]] for r in self.rows]
+
+    def restore(self, keys: list[list], items: dict) -> None:
+        """Rebuild open rows named by `open_keys()`; `items[key]` = (payload, length); missing keys are skipped."""
+        self.rows = []
+        for row_keys in keys:
+            row = [0, []]
+            for k in row_keys:
+                if k in items:
+                    payload, length = items[k]
+                    row[0] += length
+                    row[1].append((k, payload, length))
+            if row[1]:
+                self.rows.append(row)
