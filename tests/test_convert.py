@@ -189,6 +189,11 @@ def test_errors_name_file_and_tensor(tiny_hf_dir, tmp_path):
     d = hf_to_dcp(tiny_hf_dir, tmp_path / "d", progress=False)
     with pytest.raises(ValueError, match=r"layers\.1\.mlp\.experts\.gate_up_proj has shape .* expects"):
         dcp_to_hf(tmp_path / "cfg", d, tmp_path / "y", progress=False)
+    save = tmp_path / "save"
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("20")
+    with pytest.raises(FileNotFoundError, match=r"latest_checkpointed_iteration\.txt names iteration 20 but .*iter_0000020"):
+        dcp_to_hf(tiny_hf_dir, save, tmp_path / "y", progress=False)
     # the output may not be the input
     with pytest.raises(ValueError, match="must not be"):
         hf_to_dcp(tiny_hf_dir, tiny_hf_dir / "sub", force=True, progress=False)

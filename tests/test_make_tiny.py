@@ -66,3 +66,11 @@ def test_deterministic_for_a_seed(tmp_path, tiny_hf_dir):
     shard = "model-00001-of-00003.safetensors"
     assert (tiny_hf_dir / shard).read_bytes() != (other / shard).read_bytes()
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_cli(tmp_path, capsys):
+    from mmtune.cli import main
+
+    assert main(["make-tiny", "--out", str(tmp_path / "t"), "--seed", "3"]) == 0
+    assert (tmp_path / "t" / "model.safetensors.index.json").is_file()
+    assert "wrote" in capsys.readouterr().out
