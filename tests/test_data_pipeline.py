@@ -346,3 +346,19 @@ def test_streaming_resume_rebuilds_open_rows(env):
                 break
         assert sum(len(s.input_ids) for s in expected) <= 96
     assert checked == 4
+
+
+def test_distributed_local_rank0_builds_cache_others_read(env, tmp_path, monkeypatch):
+    import torch.distributed as dist
+
+    from mmtune.data.loader import _build_dataset_once_per_node
+
+    cfg = _cfg(env, cache_dir=str(tmp_path / "cache"))
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        monkeypatch.setenv("LOCAL_RANK", "0")
+        assert not _build_dataset_once_per_node(cfg, env / "tok", False).from_cache  # writes the cache
+        monkeypatch.setenv("LOCAL_RANK", "1")
+        assert _build_dataset_once_per_node(cfg, env / "tok", False).from_cache  # waits, then reads it
+    finally:
+        dist.destroy_process_group()

@@ -18,6 +18,7 @@ The loader is endless (epochs follow each other); the trainer stops after its it
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -211,6 +212,19 @@ class StreamingRows(IterableDataset):
             yield [x for _, x, _ in row]
 
 
+def _build_dataset_once_per_node(cfg: DataConfig, tokenizer_dir, progress: bool) -> PreparedData:
+    """Under torch.distributed with a cache_dir, local rank 0 preprocesses and writes the cache while
+    the other ranks wait at a barrier, then read it; otherwise every process builds its own."""
+    import torch.distributed as dist
+
+    if not (cfg.basic.cache_dir and dist.is_available() and dist.is_initialized()):
+        return build_dataset(cfg, tokenizer_dir, progress=progress)
+    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
+    prepared = build_dataset(cfg, tokenizer_dir, progress=progress) if local_rank == 0 else None
+    dist.barrier()
+    return prepared or build_dataset(cfg, tokenizer_dir, progress=False)
+
+
 class _Collate:
     def __init__(self, pad_id: int, pad_to: int | None):
         self.pad_id, self.pad_to = pad_id, pad_to
@@ -263,7 +277,7 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
         loader = StatefulDataLoader(ds, **common)
         loader.pack_stats, loader.prepared = ds.stats, None
         return loader
-    prepared = build_dataset(cfg, tokenizer_dir, progress=progress)
+    prepared = _build_dataset_once_per_node(cfg, tokenizer_dir, progress)
     stats = PackStats(seq_length=seq_length)
     items, lengths = [], []
     all_lengths = prepared.ds["length"]
