@@ -258,3 +258,7 @@ def test_bad_inputs_raise_clear_errors():
     text_ids, _, _ = image_sample(cfg, [], text_len=6)
     with pytest.raises(ValueError, match="cu_seqlens"):
         model(text_ids, cu_seqlens=torch.tensor([0, 3], dtype=torch.int32))
+    two_rows = torch.cat([text_ids, text_ids])
+    n = text_ids.shape[1]
+    with pytest.raises(ValueError, match=f"row boundary.*{n} is missing"):
+        model(two_rows, cu_seqlens=torch.tensor([0, 3, 2 * n], dtype=torch.int32))

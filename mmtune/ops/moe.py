@@ -80,13 +80,16 @@ class GroupedExperts(nn.Module):
         # sort the T*K (token, slot) rows by expert once; both projections run over the sorted rows
         order_R = experts_TK.view(-1).argsort(stable=True)
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
-        x_RH = x_TH[order_R // K]
+        x_RH = x_TH.index_select(0, order_R // K)
         h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
         gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
-        y_RH = grouped_linear(F.silu(gate_RI) * up_RI, self.down_proj, counts_E)
-        # back to (token, slot) order, weighted sum over the K slots (deterministic: no scatter-add)
-        y_TKH = torch.empty_like(y_RH).index_copy_(0, order_R, y_RH).view(T, K, -1)
-        return (y_TKH * weights_TK[..., None]).sum(1).to(x_TH.dtype)
+        # the routing weight scales the (narrower) down-projection input: the same as scaling its output
+        w_R1 = weights_TK.view(-1)[order_R, None]
+        y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
+        # back to (token, slot) order and sum the K slots (a gather, not a scatter-add: deterministic)
+        inverse_R = torch.empty_like(order_R)
+        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
+        return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:

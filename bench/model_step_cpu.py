@@ -1,0 +1,163 @@
+"""CPU train step (forward + cross-entropy + backward) of mmtune's GLM-4.5V model against transformers'
+Glm4vMoeForConditionalGeneration on the same config, weights and batch; prints tokens/s and the ratio.
+
+transformers runs with its best experts implementation on this machine: both `grouped_mm` and `eager`
+are timed and the faster one is the baseline. Runs are interleaved (ours, hf-grouped_mm, hf-eager,
+ours, ...) so that machine noise hits all alike; the median step time of each is reported.
+
+    python bench/model_step_cpu.py [--steps 6] [--batch 4] [--seq 512] [--packed] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config  # noqa: E402
+from mmtune.models.glm4v_moe.rope import get_rope_index, mm_token_types  # noqa: E402
+
+
+def bench_config():
+    """DESIGN.md "Measured facts": text 256 wide, 4 layers, 16 experts top-4; vision 2 blocks (~9M params)."""
+    c = tiny_config()
+    text = dataclasses.replace(
+        c.text, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=64, mrope_section=[4, 6, 6],
+        n_routed_experts=16, num_experts_per_tok=4, first_k_dense_replace=1,
+    )
+    vision = dataclasses.replace(c.vision, depth=2, hidden_size=128, num_heads=2, intermediate_size=256, out_hidden_size=256)
+    return dataclasses.replace(c, text=text, vision=vision)
+
+
+def make_batch(cfg, batch: int, seq: int, grid=(1, 8, 8), seed: int = 0):
+    """Each row: one image (grid -> t*h*w/4 placeholders) inside text, `seq` tokens in all."""
+    g = torch.Generator().manual_seed(seed)
+    n_img = grid[0] * grid[1] * grid[2] // cfg.vision.spatial_merge_size**2
+    rows = []
+    for _ in range(batch):
+        text = torch.randint(0, 400, (seq - n_img - 2,), generator=g).tolist()
+        rows.append(text[:8] + [cfg.image_start_token_id] + [cfg.image_token_id] * n_img + [cfg.image_end_token_id] + text[8:])
+    ids = torch.tensor(rows)
+    patches = grid[0] * grid[1] * grid[2]
+    pixels = torch.randn(batch * patches, cfg.vision.patch_dim, generator=g)
+    grids = torch.tensor([grid] * batch)
+    labels = torch.randint(0, 400, ids.shape, generator=g)
+    return ids, pixels, grids, labels
+
+
+def packed_inputs(cfg, ids, grids, samples_per_row: int):
+    """Split each row into `samples_per_row` segments (image in the first) with per-segment positions."""
+    B, S = ids.shape
+    kw = dict(image_token_id=cfg.image_token_id, video_start_token_id=cfg.video_start_token_id,
+              video_end_token_id=cfg.video_end_token_id)
+    seg = S // samples_per_row
+    bounds, pos_rows = [0], []
+    for b in range(B):
+        pieces = []
+        for s in range(samples_per_row):
+            lo, hi = s * seg, (S if s == samples_per_row - 1 else (s + 1) * seg)
+            pieces.append(get_rope_index(ids[b, lo:hi], grids[b : b + 1] if s == 0 else None, **kw)[0])
+            bounds.append(b * S + hi)
+        pos_rows.append(torch.cat(pieces, dim=1))
+    return torch.stack(pos_rows, dim=1), torch.tensor(bounds, dtype=torch.int32)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="bench/model_step_cpu.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=6, help="timed steps per model (after 2 warm-up steps)")
+    p.add_argument("--batch", type=int, default=4, help="rows per batch")
+    p.add_argument("--seq", type=int, default=512, help="tokens per row")
+    p.add_argument("--packed", type=int, default=0, metavar="N",
+                   help="also time ours on packed rows: N samples per row (cu_seqlens); transformers has no CPU equivalent")
+    p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    from transformers import Glm4vMoeConfig as HFConfig
+    from transformers import Glm4vMoeForConditionalGeneration as HF
+
+    cfg = bench_config()
+    torch.manual_seed(0)
+    ours = Glm4vMoeForConditionalGeneration(cfg)
+    ours.init_weights(0)
+    hf = {}
+    for impl in ("grouped_mm", "eager"):
+        m = HF._from_config(HFConfig(**cfg.to_dict()), attn_implementation="sdpa", experts_implementation=impl)
+        m.load_state_dict(ours.state_dict())
+        hf[impl] = m.train()
+    ours.train()
+    n_params = sum(x.numel() for x in ours.parameters())
+
+    ids, pixels, grids, labels = make_batch(cfg, args.batch, args.seq)
+    types = torch.stack([mm_token_types(r, image_token_id=cfg.image_token_id, video_start_token_id=cfg.video_start_token_id,
+                                        video_end_token_id=cfg.video_end_token_id) for r in ids])
+    tokens = ids.numel()
+
+    def loss_of(logits):
+        return F.cross_entropy(logits.float().view(-1, logits.shape[-1]), labels.view(-1))
+
+    def step_ours():
+        loss_of(ours(ids, pixel_values=pixels, image_grid_thw=grids).logits).backward()
+
+    def make_step_hf(m):
+        def step():
+            out = m(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=types)
+            loss_of(out.logits).backward()
+        return step
+
+    runs = {"ours": step_ours, **{f"hf-{k}": make_step_hf(m) for k, m in hf.items()}}
+    if args.packed:
+        pos, cu = packed_inputs(cfg, ids, grids, args.packed)
+
+        def step_packed():
+            out = ours(ids, pixel_values=pixels, image_grid_thw=grids, position_ids=pos, cu_seqlens=cu)
+            loss_of(out.logits).backward()
+
+        runs[f"ours-packed{args.packed}"] = step_packed
+
+    times: dict[str, list[float]] = {k: [] for k in runs}
+    for i in range(args.steps + 2):
+        for name, fn in runs.items():
+            ours.zero_grad(set_to_none=True)
+            for m in hf.values():
+                m.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            fn()
+            dt = time.perf_counter() - t0
+            if i >= 2:
+                times[name].append(dt)
+
+    print(f"config: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} tokens, one {tuple(grids[0].tolist())} "
+          f"image per row, torch {torch.__version__}, {torch.get_num_threads()} threads")
+    med = {k: statistics.median(v) for k, v in times.items()}
+    for name, t in med.items():
+        print(f"{name:>16}: {t:.3f} s/step  {tokens / t:8.0f} tokens/s")
+    best = min(("hf-grouped_mm", "hf-eager"), key=lambda k: med[k])
+    print(f"ratio ours / transformers ({best}): {med[best] / med['ours']:.2f}x tokens/s")
+
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+
+        for name in ("ours", best):
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                runs[name]()
+            print(f"--- profile: {name}")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
