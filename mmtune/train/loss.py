@@ -168,19 +168,24 @@ class _ChunkedLinearCE(torch.autograd.Function):
         for start in range(0, hidden_NH.shape[0], chunk_size):
             end = min(start + chunk_size, hidden_NH.shape[0])
             h_CH, y_C, w_C = hidden_NH[start:end], labels_N[start:end], w_N[start:end]
-            logits_CV = (h_CH @ weight_VH.t()).to(acc)
-            lse_C = torch.logsumexp(logits_CV, dim=-1)
-            total += (w_C * (lse_C - logits_CV.gather(1, y_C[:, None]).squeeze(1))).sum()
+            # one [C, V] buffer per chunk: logits -> exp(logits - max) -> d loss / d logits, all in place
+            buf_CV = (h_CH @ weight_VH.t()).to(acc)
+            target_C = buf_CV.gather(1, y_C[:, None]).squeeze(1)
+            max_C = buf_CV.amax(dim=-1)
+            sum_C = buf_CV.sub_(max_C[:, None]).exp_().sum(dim=-1)
+            total += (w_C * (sum_C.log() + max_C - target_C)).sum()
             if need_h or need_w:
-                # d(sum w*ce)/d logits = w * (softmax - onehot), built in place of the logits
-                g_CV = logits_CV.sub_(lse_C[:, None]).exp_()
-                g_CV[torch.arange(end - start, device=g_CV.device), y_C] -= 1.0
-                g_CV = g_CV.mul_(w_C[:, None]).to(hidden_NH.dtype)
+                # d(sum w*ce)/d logits = w * (softmax - onehot)
+                g_CV = buf_CV.mul_((w_C / sum_C)[:, None])
+                g_CV[torch.arange(end - start, device=g_CV.device), y_C] -= w_C
+                g_CV = g_CV.to(hidden_NH.dtype)
                 if need_h:
                     torch.matmul(g_CV, weight_VH, out=grad_h[start:end])
-                if need_w:
+                if need_w and grad_w.dtype == h_CH.dtype:
+                    grad_w.addmm_(g_CV.t(), h_CH)  # in place: no [V, H] temporary per chunk
+                elif need_w:
                     grad_w.add_(g_CV.t() @ h_CH)
-            del logits_CV
+            del buf_CV
         ctx.save_for_backward(grad_h, grad_w)
         ctx.weight_dtype = weight_VH.dtype
         return total
