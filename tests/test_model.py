@@ -262,3 +262,38 @@ def test_bad_inputs_raise_clear_errors():
     n = text_ids.shape[1]
     with pytest.raises(ValueError, match=f"row boundary.*{n} is missing"):
         model(two_rows, cu_seqlens=torch.tensor([0, 3, 2 * n], dtype=torch.int32))
+
+
+def test_left_padded_batch_decodes_like_separate_runs():
+    """Batched greedy decoding with a KV cache, left padding and mask-per-step (as `mmtune generate`)."""
+    cfg = config_a()
+    model, _ = make_pair(cfg)
+    a_ids, a_px, a_grid = image_sample(cfg, [(1, 4, 4)], text_len=8, seed=5)
+    b_ids, _, _ = image_sample(cfg, [], text_len=5, seed=6)
+    L = a_ids.shape[1]
+    pad = torch.full((L - b_ids.shape[1],), cfg.text.pad_token_id)
+    ids = torch.stack([a_ids[0], torch.cat([pad, b_ids[0]])])
+    mask = (torch.arange(L) >= L - b_ids.shape[1]).long().expand(2, L).clone()
+    mask[0] = 1
+    with torch.no_grad():
+        out = model(ids, pixel_values=a_px, image_grid_thw=a_grid, attention_mask=mask, use_cache=True)
+        seqs = [a_ids, b_ids]
+        for _ in range(4):
+            nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            seqs = [torch.cat([s, n[None]], 1) for s, n in zip(seqs, nxt)]
+            out = model(nxt, attention_mask=torch.ones(2, 1, dtype=torch.long), past_key_values=out.past_key_values,
+                        use_cache=True)
+            ref_a = model(seqs[0], pixel_values=a_px, image_grid_thw=a_grid).logits[0, -1]
+            ref_b = model(seqs[1]).logits[0, -1]
+            torch.testing.assert_close(out.logits[0, -1], ref_a, atol=1e-5, rtol=0)
+            torch.testing.assert_close(out.logits[1, -1], ref_b, atol=1e-5, rtol=0)
+
+
+def test_row_bounds_only_cu_seqlens_equals_plain_rows():
+    cfg = config_a()
+    model, _ = make_pair(cfg)
+    ids = torch.randint(0, 400, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = model(ids).logits
+    cu = torch.tensor([0, 16, 32], dtype=torch.int32)
+    pos = torch.arange(16).expand(3, 2, 16)
+    torch.testing.assert_close(model(ids, position_ids=pos, cu_seqlens=cu).logits, plain, atol=1e-6, rtol=0)

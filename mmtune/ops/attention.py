@@ -163,8 +163,8 @@ def _varlen_attn():
 
 
 def _varlen_ok(q: torch.Tensor) -> bool:
-    """Flash varlen needs fp16/bf16 and an available kernel; otherwise the SDPA path runs."""
-    if q.dtype not in (torch.float16, torch.bfloat16):
+    """Flash varlen needs fp16/bf16 on an SM80+ GPU and torch's varlen module; otherwise SDPA runs."""
+    if q.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(q.device) < (8, 0):
         return False
     try:
         _varlen_attn()
