@@ -73,15 +73,23 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
 
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         num_past = cache.get_seq_length() if cache is not None else 0
-        if cache is not None and attention_mask is not None and attention_mask.shape[1] == S and num_past:
-            # HF style also passes the whole mask; accept only-new-tokens masks by extending the stored one
-            attention_mask = torch.cat([cache.attention_mask_BK, attention_mask], dim=1)
-        if cache is not None and attention_mask is not None:
+        if cache is not None:
+            if attention_mask is None and cache.attention_mask_BK is not None:
+                attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
+            if attention_mask is not None and attention_mask.shape[1] == S and num_past:
+                # HF style passes the whole mask; a mask of the new tokens only extends the stored one
+                past_mask = cache.attention_mask_BK
+                if past_mask is None:
+                    past_mask = attention_mask.new_ones(B, num_past)
+                attention_mask = torch.cat([past_mask, attention_mask], dim=1)
             cache.attention_mask_BK = attention_mask
         if position_ids is None:
             position_ids = self._position_ids(input_ids, image_grid_thw, attention_mask, cache, num_past)
-        elif position_ids.dim() == 2:
-            position_ids = position_ids[None].expand(3, -1, -1)
+        else:
+            if position_ids.dim() == 2:
+                position_ids = position_ids[None].expand(3, -1, -1)
+            if cache is not None and not num_past:  # decoding continues after the largest given position
+                cache.rope_deltas_B1 = position_ids.amax(dim=(0, 2))[:, None] + 1 - S
         mask = build_mask(
             B, S, device=input_ids.device, causal=True, cu_seqlens=cu_seqlens,
             attention_mask_BK=attention_mask, num_past=num_past,
