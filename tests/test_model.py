@@ -244,6 +244,17 @@ def test_kv_cache_greedy_decoding_equals_full_recompute():
             seq = torch.cat([seq, nxt], 1)
         assert cache.get_seq_length() == seq.shape[1]
 
+        # prefill with explicit 3D positions (as a packed-batch caller would): decoding continues after them
+        from mmtune.models.glm4v_moe.rope import get_rope_index
+
+        pos, _ = get_rope_index(ids[0], grid, image_token_id=cfg.image_token_id,
+                                video_start_token_id=cfg.video_start_token_id, video_end_token_id=cfg.video_end_token_id)
+        out = model(ids, pixel_values=px, image_grid_thw=grid, position_ids=pos[:, None], use_cache=True)
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+        step = model(nxt, past_key_values=out.past_key_values, use_cache=True).logits[:, -1]
+        full = model(torch.cat([ids, nxt], 1), pixel_values=px, image_grid_thw=grid).logits[:, -1]
+        torch.testing.assert_close(step, full, atol=1e-5, rtol=0)
+
 
 def test_bad_inputs_raise_clear_errors():
     cfg = config_a()
