@@ -142,7 +142,10 @@ def test_cli_spellings(tiny_hf_dir, tmp_path, capsys):
             "--save-dir", str(tmp_path / "o"), "--max-shard-size", "1MB", "--no-progress"]
     assert main(args) == 1
     assert "not empty" in capsys.readouterr().err
+    stale = tmp_path / ".o.tmp-4194303"  # a killed run's leftovers (no such pid): cleaned up
+    stale.mkdir()
     assert main([*args, "--force"]) == 0
+    assert not stale.exists()
     _assert_same_tensors(tiny_hf_dir, tmp_path / "o")
     assert not list(tmp_path.glob(".*tmp*"))
 
