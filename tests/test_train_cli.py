@@ -1,11 +1,12 @@
-"""`mmtune train` end to end on the tiny model and the shapes data (make-tiny -> make-shapes ->
-llava-to-mllm -> train): exact resume, checkpoint files, metrics, 2 ranks -> resume on 1 rank, SIGKILL
-during a checkpoint write, frozen modules untouched."""
+"""`mmtune train` end to end in one process on the tiny model and the shapes data (make-tiny -> make-shapes
+-> llava-to-mllm -> train): exact resume, checkpoint files, metrics, SIGKILL during a checkpoint write,
+frozen modules untouched. The 2-rank run is in test_train_dist.py."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -14,40 +15,20 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from dist_utils import torchrun
 from mmtune.train.checkpoint import POINTER_FILE, checkpoint_keys
 from mmtune.train.cli import main
+from test_train_helpers import make_workdir, train_argv
 
 HERE = Path(__file__).parent
 
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_hf_dir, shapes_dir):
-    from mmtune.data.llava import llava_to_mllm
-
-    root = tmp_path_factory.mktemp("train_cli")
-    llava_to_mllm(shapes_dir / "llava_format.json", shapes_dir / "mllm_train.json")
-    repo = HERE.parent
-    data = json.loads((repo / "examples/tiny/data.json").read_text())
-    data["dataset_param"]["preprocess_parameters"]["model_name_or_path"] = str(tiny_hf_dir)
-    data["dataset_param"]["basic_parameters"].update(dataset_dir=str(shapes_dir), dataset="mllm_train.json",
-                                                     cache_dir=None, preprocessing_num_workers=None,
-                                                     max_samples=24)
-    data["dataloader_param"]["num_workers"] = 0
-    (root / "data.json").write_text(json.dumps(data))
-    model = json.loads((repo / "examples/tiny/model.json").read_text())
-    model["init_from_hf_path"] = str(tiny_hf_dir)
-    model["image_encoder"]["vision_encoder"]["freeze"] = True  # the recipe's default
-    model["loss_cfg"]["loss_type"] = "per_token_loss"
-    (root / "model.json").write_text(json.dumps(model))
-    return root
+    return make_workdir(tmp_path_factory.mktemp("train_cli"), tiny_hf_dir, shapes_dir)
 
 
 def _argv(work, save, iters, *extra):
-    return ["--mm-data", str(work / "data.json"), "--mm-model", str(work / "model.json"),
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "96",
-            "--train-iters", str(iters), "--lr", "2e-3", "--lr-warmup-iters", "1", "--clip-grad", "1.0",
-            "--log-interval", "1", "--num-workers", "0", "--seed", "7", "--save", str(save), *extra]
+    return train_argv(work, save, iters, *extra)
 
 
 def _metrics(save):
@@ -88,28 +69,13 @@ def test_resume_is_exact_and_checkpoints_are_complete(work, tiny_hf_dir):
     assert not torch.equal(sd["model." + names[2]], hf[names[2]]) and not torch.equal(sd["model." + names[3]], hf[names[3]])
 
 
-def test_two_ranks_then_resume_on_one(work):
-    save = work / "two"
-    env = {"PYTHONPATH": str(HERE.parent)}
-    proc = torchrun(["-m", "mmtune", "train", *_argv(work, save, 2, "--save-interval", "2")], nproc=2, env=env)
-    assert "mmtune train: done" in proc.stdout + proc.stderr
-    keys = checkpoint_keys(save / "iter_0000002")
-    assert {"rank_state.0", "rank_state.1"} <= keys
-    rows = _metrics(save)
-    assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 4 for r in rows)
-    # a 2-rank checkpoint resumed on 1 rank: DCP reshards model and optimizer
-    assert main(_argv(work, save, 3, "--load", str(save))) == 0
-    rows = _metrics(save)
-    assert [r["step"] for r in rows] == [1, 2, 3] and rows[-1]["loss"] == rows[-1]["loss"]
-
-
 KILLER = r"""
 import os, signal, sys
 import torch.distributed.checkpoint as dcp
 from mmtune.train.cli import main
 real_finish = dcp.FileSystemWriter.finish
 def finish(self, metadata, results):
-    if "iter_0000002" in str(self.path):  # the second checkpoint: die before its metadata exists
+    if "iter_0000002" in str(self.path):  # the second checkpoint: its tensors are written, its .metadata not
         os.kill(os.getpid(), signal.SIGKILL)
     return real_finish(self, metadata, results)
 dcp.FileSystemWriter.finish = finish
@@ -122,9 +88,9 @@ def test_sigkill_during_checkpoint_keeps_the_previous_one(work):
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-c", KILLER, *_argv(work, save, 3, "--save-interval", "1")],
                           env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == -9, proc.stderr[-3000:]
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (save / POINTER_FILE).read_text().strip() == "1"
-    assert not (save / "iter_0000002").exists() and (save / ".iter_0000002.tmp").exists()
+    assert not (save / "iter_0000002").exists() and list((save / ".iter_0000002.tmp").glob("*.distcp"))
     assert main(_argv(work, save, 2, "--load", str(save))) == 0  # resumes from iter 1, rewrites iter 2
     assert (save / POINTER_FILE).read_text().strip() == "2" and not (save / ".iter_0000002.tmp").exists()
     assert [r["step"] for r in _metrics(save)] == [1, 2]  # the lost run's step-2 row was dropped

@@ -1,7 +1,7 @@
 """Shared helpers for the trainer tests (synthetic batches in the INTERNALS "A training batch" format, a
 small model/optimizer factory) and the torchrun worker that the distributed tests launch:
 
-    torchrun --nproc_per_node 2 tests/test_train_helpers.py OUT.json
+    torchrun --nproc_per_node 2 tests/test_train_helpers.py JOB.json
 
 No tests here; pytest collects nothing from this file.
 """
@@ -93,12 +93,49 @@ def windows_for(samples: list[dict], mbs: int, rank: int = 0, dp: int = 1) -> li
     return [collate(mine[i : i + mbs]) for i in range(0, len(mine), mbs)]
 
 
+def make_workdir(root, tiny_hf_dir, shapes_dir, max_samples: int = 24):
+    """data.json / model.json for `mmtune train` on the tiny model and the shapes data (llava-to-mllm'd);
+    vision encoder frozen (the recipe's default), per_token_loss."""
+    from pathlib import Path
+
+    from mmtune.data.llava import llava_to_mllm
+
+    root, shapes_dir = Path(root), Path(shapes_dir)
+    if not (shapes_dir / "mllm_train.json").exists():
+        llava_to_mllm(shapes_dir / "llava_format.json", shapes_dir / "mllm_train.json")
+    repo = Path(__file__).resolve().parents[1]
+    data = json.loads((repo / "examples/tiny/data.json").read_text())
+    data["dataset_param"]["preprocess_parameters"]["model_name_or_path"] = str(tiny_hf_dir)
+    data["dataset_param"]["basic_parameters"].update(dataset_dir=str(shapes_dir), dataset="mllm_train.json",
+                                                     cache_dir=None, preprocessing_num_workers=None,
+                                                     max_samples=max_samples)
+    data["dataloader_param"]["num_workers"] = 0
+    (root / "data.json").write_text(json.dumps(data))
+    model = json.loads((repo / "examples/tiny/model.json").read_text())
+    model["init_from_hf_path"] = str(tiny_hf_dir)
+    model["image_encoder"]["vision_encoder"]["freeze"] = True
+    model["loss_cfg"]["loss_type"] = "per_token_loss"
+    (root / "model.json").write_text(json.dumps(model))
+    return root
+
+
+def train_argv(work, save, iters, *extra):
+    """`mmtune train` flags for the tiny run: 2 x 2 micro-batches of <= 96 tokens per step, seed 7."""
+    return ["--mm-data", str(work / "data.json"), "--mm-model", str(work / "model.json"),
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--seq-length", "96",
+            "--train-iters", str(iters), "--lr", "2e-3", "--lr-warmup-iters", "1", "--clip-grad", "1.0",
+            "--log-interval", "1", "--num-workers", "0", "--seed", "7", "--save", str(save), *extra]
+
+
 # ------------------------------------------------------------------------------------------- worker
 
 
-def _worker(out_path: str) -> None:
-    """2-rank checks in one launch (results written by rank 0 as JSON):
-    per_token split 2 ranks x 2 (1 step; grads), 2-rank FSDP2 3 steps (losses, params), a text-only rank."""
+def _worker(job_path: str) -> None:
+    """All 2-rank checks in one torchrun launch (startups are the expensive part). Rank 0 writes JSON:
+    per_token split 2 ranks x 2 (1 step; grads), 2-rank FSDP2 3 steps with a text-only rank (losses,
+    params); then `mmtune train` itself on the 2 ranks (job["cli_argv"]), which writes its save dir."""
+    job = json.loads(open(job_path).read())
+    out_path = job["out"]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from mmtune.distributed import FSDPOptions, init_distributed
@@ -152,6 +189,11 @@ def _worker(out_path: str) -> None:
     if env.rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
+    if job.get("cli_argv"):
+        from mmtune.train.cli import main
+
+        rc = main(job["cli_argv"])
+        assert rc == 0, f"mmtune train exited {rc}"
 
 
 if __name__ == "__main__":

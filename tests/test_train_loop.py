@@ -1,23 +1,19 @@
-"""The training loop on the tiny GLM-4.5V: loss-type invariance over micro-batch x grad-accum x data-parallel
-splits, 2-rank FSDP2 == 1 rank, a text-only rank, frozen modules, non-finite steps."""
+"""The training loop on the tiny GLM-4.5V, in one process: grad-accum vs one micro-batch, the default
+loss's definition, frozen modules, non-finite steps. The 2-rank comparisons are in test_train_dist.py."""
 
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
-from dist_utils import torchrun
-from mmtune.distributed import FSDPOptions, init_distributed
+from mmtune.distributed import init_distributed
 from mmtune.distributed.model_init import FreezeSpec, apply_freeze
 from mmtune.train.trainer import LoopSettings, NonFiniteLossError, Trainer
 from test_train_helpers import ListLoader, adamw, full_model, make_sample, windows_for
 
 FREEZE = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
-HERE = Path(__file__).parent
 
 
 def _trainer(batches, *, ga=1, loss_type="per_token_loss", train_iters=1, sgd=False, **kw):
@@ -45,29 +41,6 @@ def _close(a, b, rel=1e-5):
     return abs(a - b) <= rel * max(abs(a), abs(b), 1e-12)
 
 
-@pytest.fixture(scope="module")
-def dist_result(tmp_path_factory):
-    out = tmp_path_factory.mktemp("dist") / "result.json"
-    torchrun([str(HERE / "test_train_helpers.py"), str(out)], nproc=2, env={"PYTHONPATH": str(HERE)})
-    return json.loads(out.read_text())
-
-
-def test_per_token_loss_same_for_every_split(dist_result):
-    samples = [make_sample(i) for i in range(4)]
-    loss_4x1, g_4x1 = _one_step(samples, 4)
-    loss_1x4, g_1x4 = _one_step(samples, 1)
-    assert _close(loss_4x1, loss_1x4), (loss_4x1, loss_1x4)
-    assert _close(loss_4x1, dist_result["per_token_2x2"]["loss"]), (loss_4x1, dist_result["per_token_2x2"]["loss"])
-    for name, g in g_4x1.items():
-        torch.testing.assert_close(g_1x4[name], g, rtol=1e-5, atol=1e-7, msg=name)
-    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_4x1.values()))
-    assert _close(norm, dist_result["per_token_2x2"]["grad_norm"], rel=1e-5)
-    g_2x2 = dist_result["per_token_2x2"]["grads"]
-    assert set(g_2x2) == set(g_4x1)
-    for name, g in g_4x1.items():
-        torch.testing.assert_close(torch.tensor(g_2x2[name]), g, rtol=1e-5, atol=1e-7, msg=name)
-
-
 def test_default_loss_depends_on_the_split():
     """default = mean per micro-batch, then over micro-batches: with unequal token counts the split
     matters (as the recipe defines); per_token_loss above does not."""
@@ -84,20 +57,6 @@ def test_default_loss_depends_on_the_split():
     assert _close(loss_for(split, "default"), sum(per_mb) / 2)
     n = [int((s["labels"] != -100).sum()) for s in samples]
     assert _close(loss_for(split, "per_token_loss"), (per_mb[0] * n[0] + per_mb[1] * n[1]) / sum(n))
-
-
-def test_two_ranks_equal_one_rank_with_a_text_only_rank(dist_result):
-    steps = [[make_sample(100 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
-    batches = [windows_for(steps[k], 4)[0] for k in range(3)]
-    t = _trainer(batches, train_iters=3, sgd=True)
-    for _ in range(3):
-        t.losses.append(t.train_step([t._next_batch()]).loss)
-    ref = dist_result["three_steps"]
-    for a, b in zip(t.losses, ref["losses"]):
-        assert _close(a, b, rel=1e-5), (t.losses, ref["losses"])
-    sd = t.model.state_dict()
-    for name, value in ref["params"].items():
-        torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_frozen_modules_bit_identical_and_trained_ones_move():

@@ -1,0 +1,72 @@
+"""2 gloo ranks (one torchrun launch for everything, see test_train_helpers._worker): per_token_loss and its
+gradients identical for a global batch of 4 split 4x1, 1x4 and 2 ranks x 2; 2-rank FSDP2 == 1 rank over 3
+steps with rank 1's batches text-only; `torchrun -m mmtune train` on 2 ranks, then resumed on 1 rank."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from dist_utils import torchrun
+from mmtune.train.checkpoint import checkpoint_keys
+from mmtune.train.cli import main
+from test_train_helpers import make_sample, make_workdir, train_argv, windows_for
+from test_train_loop import _close, _one_step, _trainer
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def dist(tmp_path_factory, tiny_hf_dir, shapes_dir):
+    root = tmp_path_factory.mktemp("train_dist")
+    work = make_workdir(root, tiny_hf_dir, shapes_dir)
+    job = {"out": str(root / "result.json"), "cli_argv": train_argv(work, root / "two", 2, "--save-interval", "2")}
+    (root / "job.json").write_text(json.dumps(job))
+    proc = torchrun([str(HERE / "test_train_helpers.py"), str(root / "job.json")], nproc=2,
+                    env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
+    return {"result": json.loads((root / "result.json").read_text()), "work": work, "save": root / "two",
+            "log": proc.stdout + proc.stderr}
+
+
+def test_per_token_loss_same_for_every_split(dist):
+    samples = [make_sample(i) for i in range(4)]
+    loss_4x1, g_4x1 = _one_step(samples, 4)
+    loss_1x4, g_1x4 = _one_step(samples, 1)
+    ref = dist["result"]["per_token_2x2"]
+    assert _close(loss_4x1, loss_1x4) and _close(loss_4x1, ref["loss"]), (loss_4x1, loss_1x4, ref["loss"])
+    assert set(ref["grads"]) == set(g_4x1)
+    for name, g in g_4x1.items():
+        torch.testing.assert_close(g_1x4[name], g, rtol=1e-5, atol=1e-7, msg=name)
+        torch.testing.assert_close(torch.tensor(ref["grads"][name]), g, rtol=1e-5, atol=1e-7, msg=name)
+    norm = math.sqrt(sum(float(g.double().pow(2).sum()) for g in g_4x1.values()))
+    assert _close(norm, ref["grad_norm"], rel=1e-5)
+
+
+def test_two_ranks_equal_one_rank_with_a_text_only_rank(dist):
+    steps = [[make_sample(100 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
+    t = _trainer([windows_for(steps[k], 4)[0] for k in range(3)], train_iters=3, sgd=True)
+    for _ in range(3):
+        t.losses.append(t.train_step([t._next_batch()]).loss)
+    ref = dist["result"]["three_steps"]
+    for a, b in zip(t.losses, ref["losses"]):
+        assert _close(a, b, rel=1e-5), (t.losses, ref["losses"])
+    sd = t.model.state_dict()
+    for name, value in ref["params"].items():
+        torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_mmtune_train_two_ranks_then_resume_on_one(dist):
+    save, work = dist["save"], dist["work"]
+    assert "mmtune train: done" in dist["log"]
+    assert {"rank_state.0", "rank_state.1"} <= checkpoint_keys(save / "iter_0000002")
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 4 for r in rows)
+    # a 2-rank checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state
+    assert main(train_argv(work, save, 3, "--load", str(save))) == 0
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and math.isfinite(rows[-1]["loss"])
+    assert rows[-1]["loss"] < rows[0]["loss"] + 1.0
