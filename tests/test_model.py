@@ -308,3 +308,36 @@ def test_row_bounds_only_cu_seqlens_equals_plain_rows():
     cu = torch.tensor([0, 16, 32], dtype=torch.int32)
     pos = torch.arange(16).expand(3, 2, 16)
     torch.testing.assert_close(model(ids, position_ids=pos, cu_seqlens=cu).logits, plain, atol=1e-6, rtol=0)
+
+
+def test_grouped_mm_and_expert_loop_fallback_agree(monkeypatch):
+    """The grouped-matmul path and the honest per-expert loop give the same outputs and gradients,
+    also when some experts get no token."""
+    from mmtune.ops import moe
+
+    torch.manual_seed(0)
+    experts = moe.GroupedExperts(num_experts=6, hidden_size=16, intermediate_size=8)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.2)
+    torch.nn.init.normal_(experts.down_proj, std=0.2)
+    x = torch.randn(10, 16)
+    ids = torch.randint(0, 4, (10, 2))  # experts 4 and 5 get nothing
+    ids[:, 1] = (ids[:, 0] + 1) % 4
+    w = torch.rand(10, 2)
+    assert moe._grouped_mm_ok(x, experts.gate_up_proj)
+
+    def run():
+        experts.zero_grad()
+        xx = x.clone().requires_grad_()
+        out = experts(xx, w, ids)
+        (out * torch.arange(16.0)).sum().backward()
+        return out, xx.grad, experts.gate_up_proj.grad.clone(), experts.down_proj.grad.clone()
+
+    grouped = run()
+    monkeypatch.setattr(moe, "_grouped_mm_ok", lambda *a: False)
+    looped = run()
+    for a, b in zip(grouped, looped):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    ref = sum(w[:, k, None] * torch.stack([
+        experts.down_proj[e] @ (torch.nn.functional.silu(experts.gate_up_proj[e, :8] @ x[t]) * (experts.gate_up_proj[e, 8:] @ x[t]))
+        for t, e in enumerate(ids[:, k].tolist())]) for k in range(2))
+    torch.testing.assert_close(grouped[0], ref.detach(), atol=1e-5, rtol=1e-5)
