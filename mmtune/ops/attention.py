@@ -27,8 +27,8 @@ import torch.nn.functional as F
 class AttentionMask:
     """Which keys each query sees; built once per forward, shared by all layers.
 
-    `mask_B1SK` is a boolean mask (True = attend) or None for the plain causal / full case.
-    `cu_seqlens`/`max_seqlen` are set for packed rows so a varlen kernel can skip the mask.
+    `mask_B1SK` is a boolean mask (True = attend; padded rows) or None. Packed rows carry
+    `cu_seqlens`, `lengths` and `max_seqlen` instead (varlen kernel, or one SDPA per segment).
     """
 
     causal: bool

@@ -86,7 +86,7 @@ class GroupedExperts(nn.Module):
         # the routing weight scales the (narrower) down-projection input: the same as scaling its output
         w_R1 = weights_TK.view(-1)[order_R, None]
         y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
-        # back to (token, slot) order and sum the K slots (a gather, not a scatter-add: deterministic)
+        # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
