@@ -24,7 +24,11 @@ HERE = Path(__file__).parent
 def dist(tmp_path_factory, tiny_hf_dir, shapes_dir):
     root = tmp_path_factory.mktemp("train_dist")
     work = make_workdir(root, tiny_hf_dir, shapes_dir)
-    job = {"out": str(root / "result.json"), "cli_argv": train_argv(work, root / "two", 2, "--save-interval", "2")}
+    from mmtune.convert import hf_to_dcp
+
+    hf_to_dcp(tiny_hf_dir, root / "dcp")  # the 2-rank run starts from the converted weights-only DCP
+    job = {"out": str(root / "result.json"),
+           "cli_argv": train_argv(work, root / "two", 2, "--save-interval", "2", "--load", str(root / "dcp"))}
     (root / "job.json").write_text(json.dumps(job))
     proc = torchrun([str(HERE / "test_train_helpers.py"), str(root / "job.json")], nproc=2,
                     env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
@@ -61,11 +65,12 @@ def test_two_ranks_equal_one_rank_with_a_text_only_rank(dist):
 
 def test_mmtune_train_two_ranks_then_resume_on_one(dist):
     save, work = dist["save"], dist["work"]
-    assert "mmtune train: done" in dist["log"]
+    assert "mmtune train: done" in dist["log"] and "load weights " in dist["log"]
     assert {"rank_state.0", "rank_state.1"} <= checkpoint_keys(save / "iter_0000002")
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 4 for r in rows)
-    # a 2-rank checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state
+    # a 2-rank checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state (--load now
+    # names the save dir; the last --load wins)
     assert main(train_argv(work, save, 3, "--load", str(save))) == 0
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and math.isfinite(rows[-1]["loss"])
