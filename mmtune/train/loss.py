@@ -37,8 +37,8 @@ added ONCE per optimizer step, whatever G and D.
 
 Chunked mode (`compute_mode: chunk`): `chunked_linear_cross_entropy` never holds the [N x V] logits;
 it computes each chunk's loss and its gradients (w.r.t. hidden and lm-head weight) in forward, one
-chunk of `chunk_size` tokens at a time, and backward only scales them (3 matmuls per chunk, like
-the plain path). Both paths first drop tokens without a label, so prompt and image tokens cost nothing.
+chunk of `chunk_size` tokens at a time, and backward only scales them in place and hands them over
+(3 matmuls per chunk, like the plain path; so its backward runs once: no retain_graph through it). Both paths first drop tokens without a label, so prompt and image tokens cost nothing.
 """
 
 from __future__ import annotations
@@ -186,15 +186,20 @@ class _ChunkedLinearCE(torch.autograd.Function):
                 elif need_w:
                     grad_w.add_(g_CV.t() @ h_CH)
             del buf_CV
-        ctx.save_for_backward(grad_h, grad_w)
+        # kept on ctx (not save_for_backward) so backward can hand them over without a copy
+        ctx.grads = (grad_h, grad_w)
         ctx.weight_dtype = weight_VH.dtype
         return total
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        grad_h, grad_w = ctx.saved_tensors
-        gh = grad_h * grad_out.to(grad_h.dtype) if grad_h is not None else None
-        gw = (grad_w * grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        if ctx.grads is None:
+            raise RuntimeError("chunked cross-entropy computes its gradients in forward and hands them over in its "
+                               "one backward; do not backward through it twice (retain_graph)")
+        grad_h, grad_w = ctx.grads
+        ctx.grads = None  # scaled in place and returned: the weight grad is never copied ([V x H])
+        gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
+        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
         return gh, gw, None, None, None
 
 
