@@ -223,6 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch-size", type=int, default=DemoSettings.batch_size,
                     help="global batch: samples per optimizer step over all processes (default %(default)s)")
     ap.add_argument("--lr", type=float, default=DemoSettings.lr, help="peak learning rate (default %(default)s)")
+    ap.add_argument("--warmup-fraction", type=float, default=DemoSettings.warmup_fraction,
+                    help="linear warmup over this fraction of the steps, then cosine decay to 0 (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, the data and training (default 0)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (default 1: fastest for this tiny model)")
@@ -232,6 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     s = DemoSettings(Path(args.workdir), steps=args.steps, nproc=args.nproc, num_samples=args.num_samples,
                      num_eval=args.num_eval, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                     warmup_fraction=args.warmup_fraction,
                      threads=args.threads, overwrite=args.overwrite)
     r = run_demo(s)
     print(f"\nsummary: the exported model ({r['export']}) answers {r['accuracy']:.1%} of {s.num_eval} held-out "
