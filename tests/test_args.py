@@ -115,9 +115,15 @@ def test_cli_surface_is_pinned():
                  "--untie-embeddings-and-output-weights", "--no-gradient-accumulation-fusion", "--hidden-size",
                  "--use-fused-rotary-pos-emb", "--optimizer-selection", "--use-cpu-initialization"):
         assert flag in IGNORED_SWITCHES + IGNORED_OPTIONS
-    # --help explains every option
-    for act in build_parser()._actions:
-        assert act.help, act.option_strings
+    # --help explains every option (the compatibility flags in one paragraph)
+    parser = build_parser()
+    text = " ".join(parser.format_help().split())
+    for act in parser._actions:
+        flag = act.option_strings[0]
+        if flag in IGNORED_SWITCHES + IGNORED_OPTIONS:
+            assert f" {flag} " in text or f" {flag}." in text, flag
+        else:
+            assert act.help, act.option_strings
 
 
 def test_recipe_launch_flags_parse(recipe, caplog):
@@ -270,3 +276,10 @@ def test_saved_config_reproduces_the_run(recipe, tmp_path):
             "lr_decay_iters", "seed", "save", "model", "fsdp2")
     assert {k: getattr(again, k) for k in same} == {k: getattr(c, k) for k in same}
     assert Path(again.mm_model) == (tmp_path / "run" / "model.json").resolve()
+
+
+def test_warnings_come_from_rank_zero_only(recipe, caplog, monkeypatch):
+    monkeypatch.setenv("RANK", "1")
+    with caplog.at_level(logging.WARNING):
+        parse_train_args(base(recipe, "--use-mcore-models"))
+    assert not caplog.records

@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shutil
+import textwrap
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,7 +28,6 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 log = logging.getLogger(__name__)
-
 PROG = "mmtune train"
 
 # Megatron/Ascend flags with no effect in mmtune: store-true switches, then flags taking one value.
@@ -161,8 +161,8 @@ class ModelJsonConfig(_Strict):
             if where not in ATTN_IMPLEMENTATIONS:
                 raise ValueError(f"{path}: attn_implementation {where!r} is not one of {ATTN_IMPLEMENTATIONS}")
         if cfg.patch:
-            log.warning("%s: `patch` keys %s configure MindSpeed-MM internals and are ignored by mmtune",
-                        path, sorted(cfg.patch))
+            _warn("%s: `patch` keys %s configure MindSpeed-MM internals and are ignored by mmtune",
+                  path, sorted(cfg.patch))
         return cfg
 
 
@@ -216,8 +216,14 @@ class Fsdp2Config(_Strict):
         if isinstance(cfg.sharding_size, int) and cfg.sharding_size < 1:
             raise ValueError(f"{path}: sharding_size must be 'auto' or a positive int, got {cfg.sharding_size}")
         if cfg.align_fsdp_param_groups:
-            log.warning("%s: align_fsdp_param_groups has no effect in mmtune (one FSDP group per block)", path)
+            _warn("%s: align_fsdp_param_groups has no effect in mmtune (one FSDP group per block)", path)
         return cfg
+
+
+def _warn(msg: str, *args) -> None:
+    """A warning from rank 0 only (torchrun sets RANK), so N ranks do not repeat it."""
+    if os.environ.get("RANK", "0") == "0":
+        log.warning(msg, *args)
 
 
 def _read_mapping(path: str | os.PathLike, kind: str) -> dict:
@@ -264,13 +270,26 @@ def _suggest(word: str, choices: list[str]) -> str:
 # --------------------------------------------------------------------------- flags
 
 
+class _Formatter(argparse.HelpFormatter):
+    """Wraps without breaking flag names at their hyphens."""
+
+    def _fill_text(self, text, width, indent):
+        return textwrap.fill(" ".join(text.split()), width, initial_indent=indent, subsequent_indent=indent,
+                             break_on_hyphens=False)
+
+    def _split_lines(self, text, width):
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str):  # argparse would exit(2); the caller decides what to do
         raise ValueError(f"{self.prog}: {message}")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog=PROG, allow_abbrev=False,
+    p = _Parser(prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
+                usage=f"{PROG} --mm-data DATA.json --mm-model MODEL.json --train-iters N --lr LR [--config TRAIN.yaml] "
+                      "[options]",
                 description="Finetune GLM-4.5V (glm4v_moe) with FSDP2 (one process, or torchrun -m mmtune train). "
                             "Flags follow MindSpeed-MM's launch script.")
     a = p.add_argument_group("inputs").add_argument
@@ -334,11 +353,14 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("tensor-model", "pipeline-model", "context"):
         a(f"--{name}-parallel-size", type=int, default=1, help="must be 1 (not supported yet; use FSDP2)")
 
-    g = p.add_argument_group("Megatron/Ascend flags accepted for compatibility (no effect in mmtune)")
+    g = p.add_argument_group(
+        "Megatron/Ascend flags accepted for compatibility",
+        "These configure Megatron/Ascend internals and have NO effect in mmtune (one warning lists those given): "
+        + " ".join(IGNORED_SWITCHES) + " (switches); " + " ".join(f"{f} X" for f in IGNORED_OPTIONS) + ".")
     for flag in IGNORED_SWITCHES:
-        g.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help="no effect")
+        g.add_argument(flag, action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     for flag in IGNORED_OPTIONS:
-        g.add_argument(flag, default=argparse.SUPPRESS, metavar="X", help="no effect")
+        g.add_argument(flag, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     return p
 
 
@@ -526,8 +548,8 @@ def parse_train_args(argv: list[str], world_size: int | None = None) -> TrainCon
             ignored.append(flag)
     ignored = sorted(set(ignored))
     if ignored:
-        log.warning("%s: these Megatron/Ascend flags have no effect in mmtune and are ignored: %s",
-                    PROG, " ".join(ignored))
+        _warn("%s: these Megatron/Ascend flags have no effect in mmtune and are ignored: %s",
+              PROG, " ".join(ignored))
     return _resolve(args, world_size, tuple(ignored))
 
 
