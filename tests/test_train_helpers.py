@@ -132,8 +132,8 @@ def train_argv(work, save, iters, *extra):
 
 def _worker(job_path: str) -> None:
     """All 2-rank checks in one torchrun launch (startups are the expensive part). Rank 0 writes JSON:
-    per_token split 2 ranks x 2 (1 step; grads), 2-rank FSDP2 3 steps with a text-only rank (losses,
-    params); then `mmtune train` itself on the 2 ranks (job["cli_argv"]), which writes its save dir."""
+    per_token split 2 ranks x 2 (1 step; grads), 2-rank FSDP2 3 steps with a text-only rank, activation
+    checkpointing and prefetching (losses, params); then `mmtune train` itself on the 2 ranks (job["cli_argv"]), which writes its save dir."""
     job = json.loads(open(job_path).read())
     out_path = job["out"]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -146,9 +146,9 @@ def _worker(job_path: str) -> None:
     result = {}
     freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
 
-    def sharded():
+    def sharded(opts=None):
         torch.manual_seed(0)
-        return build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env, FSDPOptions(), freeze, seed=0)
+        return build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env, opts or FSDPOptions(), freeze, seed=0)
 
     def full_sd(model):
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
@@ -174,7 +174,8 @@ def _worker(job_path: str) -> None:
 
     # (2) 3 steps, 2 ranks, default loss, rank 1's batches text-only: losses and params
     steps = [[make_sample(100 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
-    model = sharded()
+    # with per-block activation checkpointing and explicit prefetching, which must not change the numbers
+    model = sharded(FSDPOptions(activation_checkpointing=True, forward_prefetch=1, backward_prefetch=1))
     opt, sched = adamw(model, sgd=True)
     batches = [b for k in range(3) for b in windows_for(steps[k], 2, env.rank, 2)]
     s = LoopSettings(train_iters=3, grad_accum_steps=1, loss_type="per_token_loss")

@@ -87,3 +87,23 @@ def test_nonfinite_steps_are_skipped_then_stop():
     assert len(t.losses) == 3 and all(math.isnan(x) for x in t.losses)
     for name, p in t.model.named_parameters():
         assert torch.equal(p, before[name]) or torch.isnan(before[name]).all(), f"{name} changed in a skipped step"
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients():
+    from mmtune.distributed.parallelize import apply_activation_checkpointing
+
+    samples = [make_sample(i) for i in range(2)]
+    _, ref = _one_step(samples, 2)
+    t = _trainer(windows_for(samples, 2))
+    assert apply_activation_checkpointing(t.model, num_layers=2) == 4  # 2 decoder layers + 2 vision blocks
+    calls = []
+    layers = t.model.model.language_model.layers
+    layers[0].register_forward_pre_hook(lambda *a: calls.append(0))
+    layers[2].register_forward_pre_hook(lambda *a: calls.append(2))
+    grads = {}
+    t.optimizer.step = lambda: grads.update({n: p.grad.clone() for n, p in t.model.named_parameters()
+                                             if p.grad is not None})
+    t.train_step([t._next_batch()])
+    assert sorted(calls) == [0, 0, 2]  # layer 0 recomputed in backward, layer 2 (not checkpointed) not
+    for name, g in ref.items():
+        torch.testing.assert_close(grads[name], g, rtol=1e-6, atol=1e-8, msg=name)
