@@ -69,6 +69,18 @@ def test_resume_is_exact_and_checkpoints_are_complete(work, tiny_hf_dir):
     assert not torch.equal(sd["model." + names[2]], hf[names[2]]) and not torch.equal(sd["model." + names[3]], hf[names[3]])
 
 
+def test_streaming_data_resumes_exactly(work, tmp_path):
+    data = json.loads((work / "data.json").read_text())
+    data["dataset_param"]["basic_parameters"]["streaming"] = True
+    (tmp_path / "data.json").write_text(json.dumps(data))
+    (tmp_path / "model.json").write_text((work / "model.json").read_text())
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    assert main(_argv(tmp_path, straight, 2)) == 0
+    assert main(_argv(tmp_path, resumed, 2, "--exit-interval", "1")) == 0
+    assert main(_argv(tmp_path, resumed, 2, "--load", str(resumed))) == 0
+    assert [r["loss"] for r in _metrics(straight)] == [r["loss"] for r in _metrics(resumed)]
+
+
 KILLER = r"""
 import os, signal, sys
 import torch.distributed.checkpoint as dcp
