@@ -131,10 +131,8 @@ def attention_per_segment(
     if q_HTD.is_cuda and _varlen_ok(q_HTD):
         cu = cu_seqlens.to(device=q_HTD.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
-        out_THD = _varlen_attn()(
-            q_HTD.transpose(0, 1), k_HTD.transpose(0, 1), v_HTD.transpose(0, 1), cu, cu, max_len, max_len,
-            scale=scale,
-        )
+        q_THD, k_THD, v_THD = (x.transpose(0, 1).contiguous() for x in (q_HTD, k_HTD, v_HTD))
+        out_THD = _varlen_attn()(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, scale=scale)
         return out_THD.transpose(0, 1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     # 4-D inputs: SDPA's fused CPU kernel takes [B, H, S, D] only (3-D falls back to the math path)
