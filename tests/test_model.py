@@ -341,3 +341,38 @@ def test_grouped_mm_and_expert_loop_fallback_agree(monkeypatch):
         experts.down_proj[e] @ (torch.nn.functional.silu(experts.gate_up_proj[e, :8] @ x[t]) * (experts.gate_up_proj[e, 8:] @ x[t]))
         for t, e in enumerate(ids[:, k].tolist())]) for k in range(2))
     torch.testing.assert_close(grouped[0], ref.detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_varlen_plumbing_with_a_stand_in_kernel(monkeypatch):
+    """The CUDA varlen path (flattening, cu_seqlens, causal window, GQA, un-flattening) run on CPU with a
+    reference kernel standing in for torch's flash varlen_attn: logits equal the SDPA path's."""
+    from mmtune.ops import attention as att
+
+    calls = []
+
+    def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        calls.append(window_size)
+        assert q.dim() == 3 and q.is_contiguous() and cu_q.dtype == torch.int32 and max_q == max_k
+        assert enable_gqa == (q.shape[1] != k.shape[1])
+        bounds = cu_q.tolist()
+        outs = [
+            torch.nn.functional.scaled_dot_product_attention(
+                q[a:b].transpose(0, 1)[None], k[a:b].transpose(0, 1)[None], v[a:b].transpose(0, 1)[None],
+                is_causal=window_size == (-1, 0), scale=scale, enable_gqa=enable_gqa)[0].transpose(0, 1)
+            for a, b in zip(bounds, bounds[1:])
+        ]
+        return torch.cat(outs)
+
+    cfg = config_a()
+    model, _ = make_pair(cfg)
+    a_ids, a_px, a_grid = image_sample(cfg, [(1, 4, 6), (1, 4, 4)], text_len=9, seed=1)
+    L = a_ids.shape[1]
+    ids = torch.cat([a_ids, a_ids])
+    kw = dict(pixel_values=torch.cat([a_px, a_px]), image_grid_thw=torch.cat([a_grid, a_grid]),
+              position_ids=torch.arange(L).expand(3, 2, L), cu_seqlens=torch.tensor([0, 7, L, 2 * L], dtype=torch.int32))
+    ref = model(ids, **kw).logits
+    monkeypatch.setattr(att, "_varlen_ok", lambda q: True)
+    monkeypatch.setattr(att, "_varlen_attn", lambda: fake_varlen_attn)
+    torch.testing.assert_close(model(ids, **kw).logits, ref, atol=1e-5, rtol=0)
+    # every text layer (causal) and every vision block (full) went through the varlen kernel
+    assert calls.count((-1, 0)) == cfg.text.num_hidden_layers and calls.count((-1, -1)) == cfg.vision.depth

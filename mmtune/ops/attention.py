@@ -96,7 +96,7 @@ def attention(
     G = k_BGKD.shape[1]
     gqa = H != G
     if mask.cu_seqlens is not None:
-        if q_BHSD.is_cuda and _varlen_ok(q_BHSD):
+        if _varlen_ok(q_BHSD):
             return _varlen(q_BHSD, k_BGKD, v_BGKD, mask, scale)
         if len(mask.lengths) == B:  # one segment per row: the plain batched call
             return F.scaled_dot_product_attention(
@@ -128,7 +128,7 @@ def attention_per_segment(
     """Full (non-causal) attention inside each segment of the flattened tokens (the vision tower's
     per-image attention). `[H, T, D]` in and out. CUDA: one varlen call; elsewhere one SDPA per segment
     (a block-diagonal mask over all patches of a batch of large images would not fit in memory)."""
-    if q_HTD.is_cuda and _varlen_ok(q_HTD):
+    if _varlen_ok(q_HTD):
         cu = cu_seqlens.to(device=q_HTD.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         q_THD, k_THD, v_THD = (x.transpose(0, 1).contiguous() for x in (q_HTD, k_HTD, v_HTD))
@@ -162,7 +162,9 @@ def _varlen_attn():
 
 def _varlen_ok(q: torch.Tensor) -> bool:
     """Flash varlen needs fp16/bf16 on an SM80+ GPU and torch's varlen module; otherwise SDPA runs."""
-    if q.dtype not in (torch.float16, torch.bfloat16) or torch.cuda.get_device_capability(q.device) < (8, 0):
+    if not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if torch.cuda.get_device_capability(q.device) < (8, 0):
         return False
     try:
         _varlen_attn()
