@@ -157,6 +157,8 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
         the router's score-correction bias."""
         gen = torch.Generator(device="cpu").manual_seed(seed)
         for name, module in self.named_modules():
+            if module is self.lm_head and self.config.tie_word_embeddings:
+                continue  # the embedding's weight, initialised once
             std = self.config.vision.initializer_range if name.startswith("model.visual") else self.config.text.initializer_range
             if isinstance(module, (nn.Linear, nn.Conv2d, nn.Conv3d, nn.Embedding, TopKRouter)):
                 _normal_(module.weight, std, gen)
