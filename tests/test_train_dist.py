@@ -63,6 +63,11 @@ def test_two_ranks_equal_one_rank_with_a_text_only_rank(dist):
         torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_bf16_mixed_precision_keeps_routers_fp32(dist):
+    assert dist["result"]["bf16"] == {"router": "torch.float32", "q_proj": "torch.bfloat16",
+                                      "router_grad": "torch.float32", "finite": True}
+
+
 def test_mmtune_train_two_ranks_then_resume_on_one(dist):
     save, work = dist["save"], dist["work"]
     assert "mmtune train: done" in dist["log"] and "load weights " in dist["log"]

@@ -187,6 +187,25 @@ def _worker(job_path: str) -> None:
         trainer.losses.append(trainer.train_step([batch]).loss)
     result["three_steps"] = {"losses": trainer.losses, "params": full_sd(model)}
     result["times"] = [t1 - t0, t2 - t1, time.perf_counter() - t2]
+    # (3) bf16 mixed precision (as on CUDA): decoder weights gathered in bf16, routers kept fp32
+    model = sharded(FSDPOptions(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))
+    seen = {}
+    layer = model.model.language_model.layers[2]
+
+    def record(key):
+        def hook(module, args):
+            seen.setdefault(key, str(module.weight.dtype))  # returns None: the inputs stay as they are
+        return hook
+
+    layer.mlp.gate.register_forward_pre_hook(record("router"))
+    layer.self_attn.q_proj.register_forward_pre_hook(record("q_proj"))
+    batch = windows_for(samples, 2, env.rank, 2)[0]
+    out = model(input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
+                image_grid_thw=batch.get("image_grid_thw"), return_logits=False, run_vision_without_images=True)
+    out.hidden_states.float().pow(2).mean().backward()
+    seen["router_grad"] = str(layer.mlp.gate.weight.grad.dtype)
+    seen["finite"] = bool(torch.isfinite(out.hidden_states).all())
+    result["bf16"] = seen
     if env.rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)

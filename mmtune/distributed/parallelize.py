@@ -8,8 +8,9 @@ Module paths (docs/INTERNALS.md "Model"): `model.model.visual.blocks`, `model.mo
 `model.model.language_model.embed_tokens`, `model.lm_head` — the same paths as transformers' model, so
 both can be parallelized.
 
-Mixed precision: on CUDA the fsdp2 yaml's param_dtype (bf16) / reduce_dtype (fp32) apply; on the CPU
-everything stays fp32 (gloo reduces in the parameter dtype, and CPU bf16 matmuls are slow).
+Mixed precision: FSDPOptions.param_dtype / reduce_dtype (the fsdp2 yaml's bf16 / fp32 on CUDA; `mmtune
+train` passes fp32 on the CPU, where bf16 matmuls are slow). The MoE routers get their own FSDP group that
+stays fp32 whatever param_dtype is, as transformers keeps them.
 
 The lm head is used by the chunked loss outside any module forward: `unshard_lm_head(model)` gathers its
 full weight before the loss; FSDP's end-of-backward callback reduce-scatters its gradient and reshards it.
@@ -95,11 +96,15 @@ def apply_activation_checkpointing(model: nn.Module, *, vision: bool = True, num
     return len(blocks)
 
 
-def _mp_policy(opts: FSDPOptions, device: torch.device) -> MixedPrecisionPolicy:
-    if device.type != "cuda":
-        return MixedPrecisionPolicy(cast_forward_inputs=opts.cast_forward_inputs)
+def _mp_policy(opts: FSDPOptions) -> MixedPrecisionPolicy:
     return MixedPrecisionPolicy(param_dtype=opts.param_dtype, reduce_dtype=opts.reduce_dtype,
                                 cast_forward_inputs=opts.cast_forward_inputs)
+
+
+def router_modules(model: nn.Module) -> list[nn.Module]:
+    """The MoE routers (`mlp.gate`: a weight and the fp32 `e_score_correction_bias` buffer)."""
+    return [m for m in model.modules()
+            if hasattr(m, "e_score_correction_bias") and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device) -> nn.Module:
@@ -116,11 +121,18 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
     if head is not None and head.weight is model.model.language_model.embed_tokens.weight:
         raise ValueError("tie_word_embeddings is true: FSDP2 per-module sharding needs separate embedding and "
                          "lm-head weights (GLM-4.5V does not tie them); set tie_word_embeddings false")
-    mp = _mp_policy(opts, device)
+    mp = _mp_policy(opts)
     common = dict(mesh=mesh, mp_policy=mp)
     if opts.cpu_offload:
         common["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     vision_blocks, text_blocks = blocks_of(model)
+    if opts.param_dtype not in (None, torch.float32):
+        # routers compute in fp32 (GLM45V_FACTS 5-6): their own FSDP group gathers them in fp32
+        fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
+                                    cast_forward_inputs=opts.cast_forward_inputs)
+        for router in router_modules(model):
+            fully_shard(router, reshard_after_forward=opts.reshard_after_forward,
+                        **{**common, "mp_policy": fp32})
     for block in vision_blocks:
         fully_shard(block, reshard_after_forward=opts.reshard_after_forward, **common)
     embed = model.model.language_model.embed_tokens

@@ -57,7 +57,9 @@ def run(cfg, *, print_fn=print) -> dict:
         opts = FSDPOptions.from_config(
             cfg.fsdp2, activation_checkpointing=cfg.recompute_granularity == "full",
             recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_method == "block" else None)
-        opts.param_dtype = cfg.param_dtype(env.device.type)
+        opts.param_dtype = cfg.param_dtype(env.device.type)  # fp32 on the CPU
+        if env.device.type != "cuda" or opts.param_dtype == torch.float32:
+            opts.reduce_dtype = None  # reduce in the parameter dtype
         say(f"{PROG}: world size {env.world_size} on {env.device.type}, grad-accum {cfg.grad_accum_steps}, "
             f"load {source.kind + ' ' + str(source.path) if source else 'HF ' + hf_path}", flush=True)
         model = build_model(
