@@ -34,16 +34,16 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
-POINTER_FILE = "latest_checkpointed_iteration.txt"
-MODEL_PREFIX = "model."
-OPTIM_PREFIX = "optim."
+from mmtune.convert.dcp_io import LATEST_FILE as POINTER_FILE  # the key/file contract with convert
+from mmtune.convert.dcp_io import MODEL_PREFIX, OPTIM_PREFIX
+
+_MODEL_KEY, _OPTIM_KEY = MODEL_PREFIX.rstrip("."), OPTIM_PREFIX.rstrip(".")  # dcp flattens {"model": sd} to "model."
 
 
 def iter_dir_name(step: int) -> str:
@@ -172,13 +172,13 @@ class Checkpointer:
                 shutil.rmtree(tmp)
         _barrier()
         state = state or TrainState(step=step)
-        sd: dict[str, Any] = {"model": get_model_state_dict(model)}
+        sd: dict[str, Any] = {_MODEL_KEY: get_model_state_dict(model)}
         if optimizer is not None and self.save_optim:
-            sd["optim"] = get_optimizer_state_dict(model, optimizer)
+            sd[_OPTIM_KEY] = get_optimizer_state_dict(model, optimizer)
         sd["train_state"] = _to_bytes({
             "step": step, "consumed_samples": state.consumed_samples, "world_size": world,
             "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            "has_optim": "optim" in sd, "extra": state.extra,
+            "has_optim": _OPTIM_KEY in sd, "extra": state.extra,
         })
         per_rank: dict[str, Any] = {}
         if self.save_rng:
@@ -225,17 +225,17 @@ class Checkpointer:
             raise ValueError(f"{path}: the checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]} "
                              "— it was saved from another model")
         _check_shapes(path, model_sd, prefix=MODEL_PREFIX)
-        sd: dict[str, Any] = {"model": model_sd}
+        sd: dict[str, Any] = {_MODEL_KEY: model_sd}
         want_optim = optimizer is not None and load_optim
         if want_optim:
             if not train.get("has_optim"):
                 raise ValueError(f"{path} holds no optimizer state (saved with --no-save-optim): "
                                  "pass --no-load-optim to start a fresh optimizer")
-            sd["optim"] = get_optimizer_state_dict(model, optimizer)
+            sd[_OPTIM_KEY] = get_optimizer_state_dict(model, optimizer)
         dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
-        set_model_state_dict(model, sd["model"])
+        set_model_state_dict(model, sd[_MODEL_KEY])
         if want_optim:
-            set_optimizer_state_dict(model, optimizer, sd["optim"])
+            set_optimizer_state_dict(model, optimizer, sd[_OPTIM_KEY])
         step = int(train["step"])
         if scheduler is not None:
             if want_optim and train.get("scheduler") is not None:

@@ -188,7 +188,6 @@ class Trainer:
         step, consumed = state.step, state.consumed_samples
         self.nonfinite_in_a_row = int(state.extra.get("nonfinite_in_a_row", 0))
         self.nonfinite_total = int(state.extra.get("nonfinite_total", 0))
-        last_saved = step
         if step >= s.train_iters:
             self.print(f"nothing to do: the checkpoint is at step {step} and --train-iters is {s.train_iters}")
             return {}
@@ -228,11 +227,9 @@ class Trainer:
             scheduled = bool(s.save_interval) and step % s.save_interval == 0
             if self.checkpointer and self.checkpointer.save_dir and (scheduled or exiting or step == s.train_iters):
                 self.save(step, consumed)
-                last_saved = step
             if exiting:
                 self.print(f"exit interval: stopping at step {step} (--exit-interval {s.exit_interval})")
                 break
-        del last_saved
         return self.metrics.summary() if self.metrics else {}
 
     def save(self, step: int, consumed: int) -> None:
