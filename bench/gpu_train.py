@@ -15,6 +15,7 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
     python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
     python bench/gpu_train.py --moe-layers 2 --seq 8192
     python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
+    python bench/gpu_train.py --cpu            # CPU, fp32: DESIGN.md's 9M-param model, 4 x 512 tokens
 
 Environment knobs are flags; results also go to $OUT/gpu_train.json when OUT is set.
 """
@@ -48,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
     p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
+    p.add_argument("--cpu", action="store_true", help="CPU, fp32, DESIGN.md's 9M-param model (text 256 wide, "
+                   "4 layers, 16 experts top-4; vision 2 blocks), --bs 4 --seq 512 unless given")
     return p.parse_args(argv)
 
 
@@ -87,9 +90,16 @@ def matmul_peak(device) -> float | None:
 def build_config(args):
     from mmtune.models.glm4v_moe import glm45v_config, tiny_config
 
-    cfg = tiny_config() if args.dry_run else glm45v_config()
+    cfg = tiny_config() if (args.dry_run or args.cpu) else glm45v_config()
     cfg.text.num_hidden_layers = cfg.text.first_k_dense_replace + args.moe_layers
     cfg.vision.depth = 1
+    if args.cpu:
+        t = cfg.text
+        t.hidden_size, t.intermediate_size, t.moe_intermediate_size = 256, 512, 128
+        t.num_attention_heads, t.num_key_value_heads, t.head_dim = 4, 2, 64
+        t.n_routed_experts, t.num_experts_per_tok, t.num_hidden_layers = 16, 4, 4
+        t.mrope_section = [4, 6, 6]
+        cfg.vision.depth, cfg.vision.out_hidden_size = 2, 256
     return cfg
 
 
@@ -195,7 +205,7 @@ def run_hf(cfg, args, device, batch, full_sd, res):
         model = transformers.Glm4vMoeForConditionalGeneration._from_config(hf_cfg, dtype=dtype,
                                                                             attn_implementation="sdpa")
     try:
-        model.set_experts_implementation("grouped_mm" if device.type == "cuda" else "eager")
+        model.set_experts_implementation("grouped_mm")  # transformers' fastest on CPU too (DESIGN.md)
     except Exception as e:  # older transformers: the default implementation
         res["hf_experts_impl_error"] = repr(e)[:200]
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in full_sd.items()}, strict=False)
@@ -224,6 +234,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.dry_run:
         args.seq, args.steps, args.warmup = min(args.seq, 64), 1, 1
+        device = torch.device("cpu")
+    elif args.cpu:
+        if "--seq" not in (argv or sys.argv):
+            args.seq = 512
+        if "--bs" not in (argv or sys.argv):
+            args.bs = 4
         device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
