@@ -30,7 +30,6 @@ import torch
 from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
 
 IMAGE_TAG = "<image>"
-POINTER_FILE = "latest_checkpointed_iteration.txt"
 
 
 @dataclass
@@ -200,17 +199,10 @@ def generate_batch(model: Glm4vMoeForConditionalGeneration, tokenizer, requests:
 def resolve_checkpoint(path: Path) -> Path | None:
     """The DCP dir of a training run (<save> via its pointer file, or an iter dir / DCP), or None for an
     HF dir."""
-    pointer = path / POINTER_FILE
-    if pointer.is_file():
-        step = pointer.read_text().strip()
-        if not step.isdigit():
-            raise ValueError(f"{pointer}: expected an iteration number, found {step!r}")
-        ckpt = path / f"iter_{int(step):07d}"
-        if not (ckpt / ".metadata").is_file():
-            raise FileNotFoundError(f"{pointer} points at {ckpt.name}, which is missing or incomplete")
-        return ckpt
-    if (path / ".metadata").is_file():
-        return path
+    from mmtune.convert.dcp_io import LATEST_FILE, METADATA_FILE, resolve_dcp_dir
+
+    if (path / METADATA_FILE).is_file() or (path / LATEST_FILE).is_file():
+        return resolve_dcp_dir(path)
     return None
 
 
@@ -227,20 +219,21 @@ def _hf_dir_of_run(ckpt: Path) -> Path | None:
 
 def load_dcp_weights(model: torch.nn.Module, ckpt: Path) -> None:
     """Load the model weights of a DCP into a plain (unsharded) model. Training checkpoints keep them
-    under `model.` (mmtune.train.checkpoint), converted weights-only DCPs under the bare native names."""
+    under `mmtune.convert.dcp_io.MODEL_PREFIX`, converted weights-only DCPs under the bare native names."""
     import torch.distributed.checkpoint as dcp
 
-    keys = set(dcp.FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata)
+    from mmtune.convert.dcp_io import model_prefix, read_metadata
+
+    metadata = read_metadata(ckpt)
+    prefix = model_prefix(metadata)
     sd = model.state_dict()
-    if all(f"model.{k}" in keys for k in sd):
-        dcp.load({"model": sd}, checkpoint_id=str(ckpt), no_dist=True)
-    elif all(k in keys for k in sd):
-        dcp.load(sd, checkpoint_id=str(ckpt), no_dist=True)
-    else:
-        missing = sorted(k for k in sd if k not in keys and f"model.{k}" not in keys)
+    missing = sorted(k for k in sd if prefix + k not in metadata.state_dict_metadata)
+    if missing:
         raise ValueError(f"{ckpt}: the DCP lacks {len(missing)} model tensor(s), e.g. {missing[:3]} "
                          "(is it a checkpoint of this model? check --hf-dir / the run's model.json)")
-    model.load_state_dict(sd)
+    flat = {prefix + k: v for k, v in sd.items()}
+    dcp.load(flat, checkpoint_id=str(ckpt), no_dist=True)
+    model.load_state_dict({k: flat[prefix + k] for k in sd})
 
 
 def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, device: str = "cpu",
