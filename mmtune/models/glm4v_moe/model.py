@@ -74,15 +74,7 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         num_past = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
-            if attention_mask is None and cache.attention_mask_BK is not None:
-                attention_mask = torch.ones(B, S, dtype=torch.long, device=input_ids.device)
-            if attention_mask is not None and attention_mask.shape[1] == S and num_past:
-                # HF style passes the whole mask; a mask of the new tokens only extends the stored one
-                past_mask = cache.attention_mask_BK
-                if past_mask is None:
-                    past_mask = attention_mask.new_ones(B, num_past)
-                attention_mask = torch.cat([past_mask, attention_mask], dim=1)
-            cache.attention_mask_BK = attention_mask
+            attention_mask = cache.update_mask(attention_mask, B, S, input_ids.device)
         if position_ids is None:
             position_ids = self._position_ids(input_ids, image_grid_thw, attention_mask, cache, num_past)
         else:

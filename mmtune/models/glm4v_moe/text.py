@@ -80,6 +80,19 @@ class KVCache:
     def get_seq_length(self) -> int:
         return self.keys[0].shape[2] if self.keys else 0
 
+    def update_mask(self, attention_mask_BX: torch.Tensor | None, batch: int, seq: int, device) -> torch.Tensor | None:
+        """The padding mask over past + new tokens, stored for the next step. Takes the whole mask
+        (HF style), the new tokens' mask only, or none (new tokens are real)."""
+        past, num_past = self.attention_mask_BK, self.get_seq_length()
+        if attention_mask_BX is None and past is not None:
+            attention_mask_BX = torch.ones(batch, seq, dtype=torch.long, device=device)
+        if attention_mask_BX is not None and num_past and attention_mask_BX.shape[1] == seq:
+            if past is None:
+                past = attention_mask_BX.new_ones(batch, num_past)
+            attention_mask_BX = torch.cat([past, attention_mask_BX], dim=1)
+        self.attention_mask_BK = attention_mask_BX
+        return attention_mask_BX
+
     def update(self, layer_idx: int, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if layer_idx == len(self.keys):
             self.keys.append(k_BGSD)
