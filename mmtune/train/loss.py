@@ -174,6 +174,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
             max_C = buf_CV.amax(dim=-1)
             sum_C = buf_CV.sub_(max_C[:, None]).exp_().sum(dim=-1)
             total += (w_C * (sum_C.log() + max_C - target_C)).sum()
+            g_CV = None
             if need_h or need_w:
                 # d(sum w*ce)/d logits = w * (softmax - onehot)
                 g_CV = buf_CV.mul_((w_C / sum_C)[:, None])
@@ -185,7 +186,7 @@ class _ChunkedLinearCE(torch.autograd.Function):
                     grad_w.addmm_(g_CV.t(), h_CH)  # in place: no [V, H] temporary per chunk
                 elif need_w:
                     grad_w.add_(g_CV.t() @ h_CH)
-            del buf_CV
+            del buf_CV, g_CV  # free this chunk's buffer before the next chunk allocates its own
         # kept on ctx (not save_for_backward) so backward can hand them over without a copy
         ctx.grads = (grad_h, grad_w)
         ctx.weight_dtype = weight_VH.dtype
