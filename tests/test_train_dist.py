@@ -1,6 +1,6 @@
 """2 gloo ranks (one torchrun launch for everything, see test_train_helpers._worker): per_token_loss and its
 gradients identical for a global batch of 4 split 4x1, 1x4 and 2 ranks x 2; 2-rank FSDP2 == 1 rank over 3
-steps with rank 1's batches text-only (and activation checkpointing + prefetch on the 2 ranks); `torchrun -m mmtune train` on 2 ranks, then resumed on 1 rank."""
+steps with rank 1's batches text-only (and activation checkpointing + prefetch on the 2 ranks), and as HSDP; `torchrun -m mmtune train` on 2 ranks, then resumed on 1 rank."""
 
 from __future__ import annotations
 
@@ -55,12 +55,13 @@ def test_two_ranks_equal_one_rank_with_a_text_only_rank(dist):
     t = _trainer([windows_for(steps[k], 4)[0] for k in range(3)], train_iters=3, sgd=True)
     for _ in range(3):
         t.losses.append(t.train_step([t._next_batch()]).loss)
-    ref = dist["result"]["three_steps"]
-    for a, b in zip(t.losses, ref["losses"]):
-        assert _close(a, b, rel=1e-5), (t.losses, ref["losses"])
     sd = t.model.state_dict()
-    for name, value in ref["params"].items():
-        torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=name)
+    for run in ("three_steps", "three_steps_hsdp"):  # FSDP over 2 ranks; HSDP: 2 replicas of 1-rank shards
+        ref = dist["result"][run]
+        for a, b in zip(t.losses, ref["losses"]):
+            assert _close(a, b, rel=1e-5), (run, t.losses, ref["losses"])
+        for name, value in ref["params"].items():
+            torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
 
 
 def test_bf16_mixed_precision_keeps_routers_fp32(dist):
@@ -80,3 +81,10 @@ def test_mmtune_train_two_ranks_then_resume_on_one(dist):
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and math.isfinite(rows[-1]["loss"])
     assert rows[-1]["loss"] < rows[0]["loss"] + 1.0
+
+
+def test_sharding_size_must_divide_the_world():
+    from mmtune.distributed.env import make_mesh
+
+    with pytest.raises(ValueError, match="sharding_size 3 must divide the world size 4"):
+        make_mesh("cpu", 4, shard_size=3)

@@ -186,6 +186,20 @@ def _worker(job_path: str) -> None:
             assert "pixel_values" not in batch, "rank 1 must be text-only in this check"
         trainer.losses.append(trainer.train_step([batch]).loss)
     result["three_steps"] = {"losses": trainer.losses, "params": full_sd(model)}
+
+    # (2b) the same 3 steps as HSDP with shard groups of 1 rank (fsdp2 sharding_size 1): 2 replicas
+    from dataclasses import replace
+
+    from mmtune.distributed.env import make_mesh
+
+    hsdp_env = replace(env, mesh=make_mesh("cpu", env.world_size, shard_size=1))
+    torch.manual_seed(0)
+    model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), hsdp_env, FSDPOptions(), freeze, seed=0)
+    opt, sched = adamw(model, sgd=True)
+    trainer = Trainer(s, hsdp_env, model, opt, sched, ListLoader(batches))
+    for _ in range(3):
+        trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
+    result["three_steps_hsdp"] = {"losses": trainer.losses, "params": full_sd(model)}
     result["times"] = [t1 - t0, t2 - t1, time.perf_counter() - t2]
     # (3) bf16 mixed precision (as on CUDA): decoder weights gathered in bf16, routers kept fp32
     model = sharded(FSDPOptions(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))

@@ -23,7 +23,7 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh | None  # 1-D data-parallel mesh ("dp"); None without a process group
+    mesh: DeviceMesh | None  # data-parallel mesh: 1-D ("dp") or HSDP 2-D ("replicate", "shard"); None alone
 
     @property
     def is_main(self) -> bool:
@@ -48,10 +48,25 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
 
 
-def init_distributed(device: str | None = None, backend: str | None = None, timeout_s: float = 1800) -> DistEnv:
+def make_mesh(device_type: str, world_size: int, shard_size: int | None = None) -> DeviceMesh:
+    """The data-parallel mesh: all ranks shard (FSDP) when shard_size is None or the world size; else HSDP —
+    parameters sharded within groups of `shard_size` consecutive ranks, replicated across the groups (the
+    fsdp2 yaml's sharding_size)."""
+    if shard_size is None or shard_size == world_size:
+        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
+    if not 1 <= shard_size <= world_size or world_size % shard_size:
+        raise ValueError(f"fsdp2 sharding_size {shard_size} must divide the world size {world_size} "
+                         "(or be 'auto' to shard over all ranks)")
+    return init_device_mesh(device_type, (world_size // shard_size, shard_size),
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def init_distributed(device: str | None = None, backend: str | None = None, timeout_s: float = 1800,
+                     shard_size: int | None = None) -> DistEnv:
     """Set the device and, under torchrun (WORLD_SIZE set), the process group and the DP mesh.
 
     device: "cuda" | "cpu" | None (cuda when available). backend: None picks nccl on CUDA, gloo on CPU.
+    shard_size: HSDP shard-group size (None: shard over every rank); see `make_mesh`.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -72,7 +87,7 @@ def init_distributed(device: str | None = None, backend: str | None = None, time
             backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        mesh = init_device_mesh(dev.type, (world_size,), mesh_dim_names=("dp",))
+        mesh = make_mesh(dev.type, world_size, shard_size)
     return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
 
 

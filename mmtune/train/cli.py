@@ -37,7 +37,9 @@ def run(cfg, *, print_fn=print) -> dict:
     from mmtune.train.trainer import LoopSettings, Trainer
 
     backend = None if cfg.distributed_backend == "auto" else cfg.distributed_backend
-    env = init_distributed(backend=backend, timeout_s=60 * cfg.distributed_timeout_minutes)
+    shard = cfg.fsdp2.sharding_size
+    env = init_distributed(backend=backend, timeout_s=60 * cfg.distributed_timeout_minutes,
+                           shard_size=None if shard == "auto" else int(shard))
     say = print_fn if env.is_main else (lambda *a, **k: None)
     try:
         if env.world_size != cfg.world_size:
