@@ -1,6 +1,7 @@
 """2 gloo ranks (one torchrun launch for everything, see test_train_helpers._worker): per_token_loss and its
 gradients identical for a global batch of 4 split 4x1, 1x4 and 2 ranks x 2; 2-rank FSDP2 == 1 rank over 3
-steps with rank 1's batches text-only (and activation checkpointing + prefetch on the 2 ranks), and as HSDP; `torchrun -m mmtune train` on 2 ranks, then resumed on 1 rank."""
+steps with rank 1's batches text-only (with activation checkpointing + prefetch, and again as HSDP);
+`torchrun -m mmtune train` on 2 ranks, then resumed on 1 rank."""
 
 from __future__ import annotations
 
