@@ -157,8 +157,8 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
              config_name: str = "model", params: ParamCounts | None = None) -> Plan:
     """Per-GPU memory of one training step under FSDP2 sharding over `gpus` ranks (see module docstring).
 
-    `image_patches`: vision patches per micro-batch (default: one 512x512 image per sample, the recipe's
-    image_max_pixels 262144 -> 36x36 patches). `frozen`: model.json modules with freeze true.
+    `image_patches`: vision patches per micro-batch (default: one image per sample of the recipe's
+    image_max_pixels 262144, i.e. 512x512 -> 36x36 patches, or of the config's image_size if smaller). `frozen`: model.json modules with freeze true.
     """
     if gpus < 1 or micro_batch_size < 1 or seq_length < 1:
         raise ValueError("--gpus, --micro-batch-size and --seq-length must be >= 1")
@@ -176,7 +176,8 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     trainable = sum(cnt for m, cnt in params.by_module.items() if m not in frozen)
     frozen_n = params.total - trainable
     if image_patches is None:
-        side = 512 // v.patch_size // v.spatial_merge_size * v.spatial_merge_size
+        pixels = min(512, v.image_size) if v.image_size < 336 else 512  # tiny models: their own image size
+        side = pixels // v.patch_size // v.spatial_merge_size * v.spatial_merge_size
         image_patches = micro_batch_size * side * side
     tokens = micro_batch_size * seq_length
     rows: dict[str, float] = {}
@@ -232,11 +233,15 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     return plan
 
 
+def _human(nbytes: float) -> str:
+    return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 1024**2:.1f} MiB"
+
+
 def _advice(plan: Plan) -> list[str]:
     budget = 0.9 * plan.gpu_mem_gib * GiB
     total = plan.total_bytes
     if total <= budget:
-        return [f"fits: {total / GiB:.1f} GiB of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
+        return [f"fits: {_human(total)} of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
     out = [f"does NOT fit: {total / GiB:.1f} GiB > {budget / GiB:.1f} GiB usable of {plan.gpu_mem_gib:g} GiB"]
     r = plan.rows
     static = r["parameters (fp32 shards)"] + r["gradients (fp32 shards)"] + r["AdamW m+v (fp32 shards)"]
@@ -268,11 +273,12 @@ def format_plan(plan: Plan) -> str:
     for m, cnt in p.by_module.items():
         lines.append(f"  {m:<17} {cnt:>16,}  {'frozen' if m in plan.frozen else 'trains'}")
     lines.append(f"  largest decoder layer {p.largest_decoder_layer:,}; lm head {p.lm_head:,}")
+    unit, scale = ("GiB", GiB) if plan.total_bytes >= GiB else ("MiB", 1024**2)
     lines.append("per GPU:")
     width = max(map(len, plan.rows))
     for k, b in plan.rows.items():
-        lines.append(f"  {k:<{width}}  {b / GiB:10.2f} GiB")
-    lines.append(f"  {'total':<{width}}  {plan.total_bytes / GiB:10.2f} GiB")
+        lines.append(f"  {k:<{width}}  {b / scale:10.2f} {unit}")
+    lines.append(f"  {'total':<{width}}  {plan.total_bytes / scale:10.2f} {unit}")
     lines += plan.notes
     return "\n".join(lines)
 
@@ -410,7 +416,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated modules to freeze, overriding --mm-model: "
                          f"{', '.join(MODULE_PREFIXES)} (empty string: train everything)")
     ap.add_argument("--image-patches", type=int, default=None,
-                    help="vision patches per micro-batch (default: one 512x512 image per sample)")
+                    help="vision patches per micro-batch (default: one 512x512 image per sample, the recipe's "
+                         "image_max_pixels; a model with a smaller vision image_size: one image of that size)")
     ap.add_argument("--loss-chunk-size", type=int, default=1024,
                     help="tokens per chunk of the chunked cross-entropy (0: whole logits at once)")
     ap.add_argument("--forward-prefetch", type=int, default=1, help="blocks all-gathered ahead (fsdp2 yaml)")
