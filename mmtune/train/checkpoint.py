@@ -20,10 +20,12 @@ The opaque byte blobs are serialised with torch.save and read back with torch.lo
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import random
 import shutil
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -186,7 +188,8 @@ class Checkpointer:
         if loader is not None and hasattr(loader, "state_dict"):
             per_rank["dataloader"] = loader.state_dict()
         sd[f"rank_state.{rank}"] = _to_bytes(per_rank)
-        dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)))
+        with _quiet():
+            dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)))
         _barrier()
         if rank == 0:
             if final.exists():
@@ -208,7 +211,8 @@ class Checkpointer:
             raise ValueError(f"{path}: the DCP lacks {len(missing)} model tensors, e.g. {missing[:3]} — "
                              "was it converted from a checkpoint of this model (config.json)?")
         _check_shapes(path, sd, prefix="")
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
+        with _quiet():
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
         set_model_state_dict(model, sd)
 
     @staticmethod
@@ -232,7 +236,8 @@ class Checkpointer:
                 raise ValueError(f"{path} holds no optimizer state (saved with --no-save-optim): "
                                  "pass --no-load-optim to start a fresh optimizer")
             sd[_OPTIM_KEY] = get_optimizer_state_dict(model, optimizer)
-        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
+        with _quiet():
+            dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
         set_model_state_dict(model, sd[_MODEL_KEY])
         if want_optim:
             set_optimizer_state_dict(model, optimizer, sd[_OPTIM_KEY])
@@ -257,10 +262,20 @@ class Checkpointer:
         return TrainState(step=step, consumed_samples=int(train.get("consumed_samples", 0)), extra=extra)
 
 
+@contextlib.contextmanager
+def _quiet():
+    """DCP warns "torch.distributed is disabled ... assuming the intent is to save/load in a single
+    process" for every one-process call: that is the intent, so the warning is noise here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*", category=UserWarning)
+        yield
+
+
 def _load_bytes(path: Path, key: str) -> bytes:
     """One opaque blob from a DCP checkpoint (every rank reads it; no collective needed)."""
     sd = {key: b""}
-    dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
+    with _quiet():
+        dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)), no_dist=True)
     return sd[key]
 
 
@@ -276,8 +291,6 @@ def _check_shapes(path: Path, model_sd: dict[str, Any], prefix: str) -> None:
 
 def fast_forward_scheduler(scheduler, step: int) -> None:
     """Put an LR scheduler at `step` without its saved state (the schedule is a function of the step)."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         scheduler.last_epoch = step - 1
