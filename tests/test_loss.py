@@ -262,7 +262,7 @@ def test_square_loss_matches_mindspeed_formula():
     want = 0.0
     for m in range(2):
         (n0, d0), (n1, d1) = parts(ranks[0][m]), parts(ranks[1][m])
-        want += float(n0 / ((d0 + d1) / 2) + n1 / ((d0 + d1) / 2)) / 4
+        want += (n0 / ((d0 + d1) / 2) + n1 / ((d0 + d1) / 2)).item() / 4
     assert math.isclose(loss, want, rel_tol=1e-9)
 
 

@@ -16,7 +16,9 @@ With n_i the valid tokens of sample i, K the samples of the micro-batch, n its v
                                               the same whatever the split into micro-batch x G x D
   token_loss       w = 1 / (n_r * R * G * D)  MindSpeed-MM: reduction none, alpha = loss_mask.sum(1) *
                                               loss_mask.shape[0], i.e. per ROW r (R rows with a label)
-                                              token sums / (row tokens * rows); unpacked = per_sample_loss
+                                              token sums / (row tokens * rows); unpacked = per_sample_loss.
+                                              (Before its loss_cfg refactor, MindSpeed-MM's token_loss was the
+                                              micro-batch token sum / DP-mean of its token count; not this.)
   square_loss      w = 1 / (sqrt(n_i) * Wbar_m * G * D), Wbar_m = mean over ranks of sum_i sqrt(n_i) of
                                               micro-step m. InternVL's `loss_reduction: square` (each token of
                                               a sample with n_i tokens weighted 1/sqrt(n_i)) as MindSpeed-MM
@@ -38,7 +40,11 @@ added ONCE per optimizer step, whatever G and D.
 Chunked mode (`compute_mode: chunk`): `chunked_linear_cross_entropy` never holds the [N x V] logits;
 it computes each chunk's loss and its gradients (w.r.t. hidden and lm-head weight) in forward, one
 chunk of `chunk_size` tokens at a time, and backward only scales them in place and hands them over
-(3 matmuls per chunk, like the plain path; so its backward runs once: no retain_graph through it). Both paths first drop tokens without a label, so prompt and image tokens cost nothing.
+(3 matmuls per chunk, like the plain path; so its backward runs once: no retain_graph through it).
+Peak extra memory: one [chunk x V] fp32 buffer + the [V x H] weight gradient. Both paths first drop
+tokens without a label, so prompt and image tokens cost nothing. Sources of the definitions:
+MindSpeed-MM mindspeed_mm/models/transformers_model.py and models/common/chunkloss.py (fixed_cross_entropy
+alphas), its PR !1990 table; InternVL / xtuner `len2weight` for square.
 """
 
 from __future__ import annotations
