@@ -84,7 +84,9 @@ def run(cfg, *, print_fn=print) -> dict:
             saved_world = peek_train_state(source.path).get("world_size", env.world_size)
         consumed_for_loader = 0
         if saved_world is not None and saved_world != env.world_size:
-            consumed_for_loader = peek_train_state(source.path).get("consumed_samples", 0)
+            # the loader counts rows taken by all ranks together (global batch rows per step); the
+            # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
+            consumed_for_loader = int(peek_train_state(source.path).get("step", 0)) * cfg.global_batch_size
             consumed_for_loader -= consumed_for_loader % env.world_size
         loader = build_train_loader(cfg.mm_data, seq_length=seq_length, micro_batch_size=cfg.micro_batch_size,
                                     dp_rank=env.rank, dp_size=env.world_size, seed=cfg.seed,
