@@ -24,16 +24,16 @@ pin_memory, collate_param.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import field_validator
+
+from mmtune.config_files import StrictModel, read_mapping, validate
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel
 
 
 class PreprocessParameters(_Strict):
@@ -173,31 +173,12 @@ class DataConfig(_Strict):
         return files
 
 
-def _unknown_keys(err: ValidationError) -> list[str]:
-    return [".".join(str(x) for x in e["loc"]) for e in err.errors() if e["type"] == "extra_forbidden"]
-
-
 def parse_data_config(raw: dict, source: str | None = None) -> DataConfig:
-    """Validate a data.json dict; ValueError naming unknown keys / bad values and the file."""
-    where = f"{source}: " if source else ""
-    try:
-        cfg = DataConfig.model_validate(raw)
-    except ValidationError as e:
-        unknown = _unknown_keys(e)
-        if unknown:
-            raise ValueError(f"{where}unknown data.json keys: {', '.join(unknown)} (remove them or fix the spelling)") from None
-        msgs = "; ".join(f"{'.'.join(str(x) for x in er['loc'])}: {er['msg']}" for er in e.errors())
-        raise ValueError(f"{where}invalid data.json: {msgs}") from None
+    """Validate a data.json dict; ValueError naming the file and each unknown key / bad value."""
+    cfg = validate(DataConfig, raw, source)
     cfg.source = source
     return cfg
 
 
 def load_data_config(path: str | os.PathLike) -> DataConfig:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such data.json")
-    try:
-        raw = json.loads(p.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{p}: not valid json ({e})") from e
-    return parse_data_config(raw, str(p))
+    return parse_data_config(read_mapping(path, "json"), str(Path(path)))

@@ -15,8 +15,6 @@ Every user error raises ValueError (or FileNotFoundError) naming the flag, key o
 from __future__ import annotations
 
 import argparse
-import difflib
-import json
 import logging
 import os
 import shutil
@@ -26,6 +24,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from mmtune.config_files import StrictModel, read_mapping, suggest, validate
 
 log = logging.getLogger(__name__)
 PROG = "mmtune train"
@@ -64,8 +64,7 @@ DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float1
 # --------------------------------------------------------------------------- model.json
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+_Strict = StrictModel
 
 
 class VisionEncoderConfig(_Strict):
@@ -155,8 +154,8 @@ class ModelJsonConfig(_Strict):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "ModelJsonConfig":
-        data = _read_mapping(path, "json")
-        cfg = _validate(cls, data, path)
+        data = read_mapping(path, "json")
+        cfg = validate(cls, data, path)
         for where in (cfg.text_decoder.attn_implementation, cfg.image_encoder.vision_encoder.attn_implementation):
             if where not in ATTN_IMPLEMENTATIONS:
                 raise ValueError(f"{path}: attn_implementation {where!r} is not one of {ATTN_IMPLEMENTATIONS}")
@@ -209,7 +208,7 @@ class Fsdp2Config(_Strict):
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Fsdp2Config":
-        cfg = _validate(cls, _read_mapping(path, "yaml"), path)
+        cfg = validate(cls, read_mapping(path, "yaml"), path)
         for key in ("param_dtype", "reduce_dtype"):
             if getattr(cfg, key) not in DTYPES:
                 raise ValueError(f"{path}: {key} {getattr(cfg, key)!r} is not one of {sorted(DTYPES)}")
@@ -224,47 +223,6 @@ def _warn(msg: str, *args) -> None:
     """A warning from rank 0 only (torchrun sets RANK), so N ranks do not repeat it."""
     if os.environ.get("RANK", "0") == "0":
         log.warning(msg, *args)
-
-
-def _read_mapping(path: str | os.PathLike, kind: str) -> dict:
-    p = Path(path)
-    if not p.is_file():
-        raise FileNotFoundError(f"{p}: no such file")
-    text = p.read_text()
-    try:
-        data = json.loads(text) if kind == "json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as e:
-        raise ValueError(f"{p}: not valid {kind}: {e}") from None
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ValueError(f"{p}: expected a mapping at the top level, got {type(data).__name__}")
-    return data
-
-
-def _validate(cls: type[BaseModel], data: dict, path) -> Any:
-    try:
-        return cls.model_validate(data)
-    except ValidationError as exc:
-        raise ValueError(f"{path}: " + "; ".join(_describe(cls, e) for e in exc.errors())) from None
-
-
-def _describe(cls: type[BaseModel], err: dict) -> str:
-    loc = ".".join(str(x) for x in err["loc"])
-    if err["type"] != "extra_forbidden":
-        return f"key {loc!r}: {err['msg']}"
-    owner = cls
-    for part in err["loc"][:-1]:
-        ann = owner.model_fields[part].annotation if isinstance(part, str) and part in owner.model_fields else None
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            break
-        owner = ann
-    return f"unknown key {loc!r}" + _suggest(str(err["loc"][-1]), list(owner.model_fields))
-
-
-def _suggest(word: str, choices: list[str]) -> str:
-    close = difflib.get_close_matches(word, choices, n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 # --------------------------------------------------------------------------- flags
@@ -501,14 +459,14 @@ class TrainConfig(BaseModel):
 
 def _yaml_defaults(parser: argparse.ArgumentParser, path: str) -> tuple[dict[str, Any], list[str]]:
     """--config YAML -> (argparse defaults by dest, ignored flags named in it)."""
-    data = _read_mapping(path, "yaml")
+    data = read_mapping(path, "yaml")
     by_flag = parser._option_string_actions
     known = [s for s in by_flag if s.startswith("--")]
     defaults, ignored = {}, []
     for key, value in data.items():
         flag = "--" + str(key).replace("_", "-")
         if flag not in by_flag or flag in ("--help", "--config"):
-            raise ValueError(f"{path}: unknown key {key!r}" + _suggest(flag, known).replace("'--", "'"))
+            raise ValueError(f"{path}: unknown key {key!r}" + suggest(flag, known).replace("'--", "'"))
         if flag in IGNORED_SWITCHES or flag in IGNORED_OPTIONS:
             ignored.append(flag)
             continue
@@ -537,7 +495,7 @@ def parse_train_args(argv: list[str], world_size: int | None = None) -> TrainCon
     if extra:
         known = [s for s in parser._option_string_actions if s.startswith("--")]
         bad = [x for x in extra if x.startswith("-")] or extra
-        raise ValueError(f"{PROG}: unknown argument {bad[0]!r}" + _suggest(bad[0].split("=")[0], known)
+        raise ValueError(f"{PROG}: unknown argument {bad[0]!r}" + suggest(bad[0].split("=")[0], known)
                          + (f" (and {len(bad) - 1} more: {' '.join(bad[1:])})" if len(bad) > 1 else ""))
     args = vars(ns)
     dest_to_flag = {act.dest: act.option_strings[0] for act in parser._actions if act.option_strings}
