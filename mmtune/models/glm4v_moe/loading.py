@@ -10,40 +10,16 @@ model therefore exists once, plus one layer's experts being stacked. MTP layers
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
+from mmtune.convert.hf_files import list_shards
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
-
-
-def shard_files(path: Path) -> list[Path]:
-    """The safetensors files of an HF dir: those of the index json, else model.safetensors."""
-    index = path / INDEX_FILE
-    if index.is_file():
-        try:
-            weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise ValueError(f"{index}: not a safetensors index (expected {{'weight_map': {{tensor: file}}}}): {e!r}") from e
-        files: dict[str, str] = {}
-        for name, file in weight_map.items():
-            files.setdefault(file, name)
-        for file, first_name in files.items():
-            if not (path / file).is_file():
-                raise FileNotFoundError(
-                    f"{path / file}: shard listed in {index} (e.g. for tensor {first_name}) does not exist"
-                )
-        return [path / f for f in files]
-    if (path / SINGLE_FILE).is_file():
-        return [path / SINGLE_FILE]
-    raise FileNotFoundError(f"{path}: no {INDEX_FILE} or {SINGLE_FILE} (from_pretrained reads safetensors weights)")
 
 
 def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
@@ -53,7 +29,7 @@ def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str |
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model dir (expected an HF dir with config.json and safetensors)")
     config = Glm4vMoeConfig.from_pretrained(path)
-    files = shard_files(path)
+    files = [shard.path for shard in list_shards(path)]  # headers checked, missing shards named
     with torch.device("meta"):
         model = cls(config)
     model.to(dtype)
