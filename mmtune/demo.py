@@ -39,7 +39,7 @@ EVAL_SEED = 10_000  # held-out questions: eval_questions() draws from its own st
 @dataclass
 class DemoSettings:
     workdir: Path
-    steps: int = 1500
+    steps: int = 600
     nproc: int = 1
     num_samples: int = 2000
     num_eval: int = 200

@@ -19,14 +19,14 @@ RECIPE = ROOT / "examples" / "glm4.5v"
 
 @pytest.fixture(scope="module")
 def demo_run(tmp_path_factory):
-    """The demo at a reduced size: 200 samples, 40 steps, 16 held-out questions; main()'s stdout kept."""
+    """The demo at a reduced size: 400 samples, 200 steps, 48 held-out questions; main()'s stdout kept."""
     import contextlib
     import io
 
     work = tmp_path_factory.mktemp("demo") / "work"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = D.main(["--workdir", str(work), "--steps", "40", "--num-samples", "200", "--num-eval", "16"])
+        rc = D.main(["--workdir", str(work), "--steps", "200", "--num-samples", "400", "--num-eval", "48"])
     assert rc == 0
     return work, out.getvalue()
 
@@ -37,7 +37,7 @@ def test_demo_runs_every_stage_and_prints_accuracy_last(demo_run):
                                "evaluate", "plot"], 1):
         assert re.search(rf"\[{i}/8\] {stage} done in [0-9.]+s", stdout), stage
     last = stdout.strip().splitlines()[-1]
-    m = re.fullmatch(r"accuracy=([0-9.]+) chance=([0-9.]+) steps=40 train_s=[0-9.]+ total_s=[0-9.]+", last)
+    m = re.fullmatch(r"accuracy=([0-9.]+) chance=([0-9.]+) steps=200 train_s=[0-9.]+ total_s=[0-9.]+", last)
     assert m, last
     assert 0 <= float(m.group(1)) <= 1 and float(m.group(2)) == pytest.approx((1 / 6 + 1 / 4) / 2, abs=1e-4)
     # recipe files written like the recipe's, with the tiny model's towers trainable
@@ -45,7 +45,7 @@ def test_demo_runs_every_stage_and_prints_accuracy_last(demo_run):
     assert model_json["image_encoder"]["vision_encoder"]["freeze"] is False
     assert model_json["image_encoder"]["vision_projector"]["freeze"] is False
     assert json.loads((work / "data.json").read_text())["dataset_param"]["basic_parameters"]["enable_thinking"] is False
-    assert (work / "save" / "iter_0000040" / ".metadata").is_file()
+    assert (work / "save" / "iter_0000200" / ".metadata").is_file()
     assert (work / "loss.png").stat().st_size > 1000
     summary = json.loads((work / "summary.json").read_text())
     assert set(summary["stage_s"]) >= {"train", "evaluate"}
@@ -54,9 +54,18 @@ def test_demo_runs_every_stage_and_prints_accuracy_last(demo_run):
 def test_demo_training_lowers_the_loss_clearly(demo_run):
     work, _ = demo_run
     rows = [json.loads(line) for line in (work / "save" / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    assert rows[-1]["step"] == 40
+    assert rows[-1]["step"] == 200
     first, last = rows[0]["loss"], rows[-1]["loss"]
     assert last < 0.6 * first, (first, last)
+
+
+def test_demo_model_learns_the_visual_task(demo_run):
+    """Even the reduced run answers held-out questions (new images) far above chance (measured 0.69 at
+    200 steps; chance 0.21). The full demo (600 steps) reaches 0.995."""
+    _, stdout = demo_run
+    m = re.search(r"accuracy=([0-9.]+) chance=([0-9.]+)", stdout.strip().splitlines()[-1])
+    accuracy, chance = float(m.group(1)), float(m.group(2))
+    assert accuracy >= 0.45 and accuracy > 2 * chance, (accuracy, chance)
 
 
 def test_exported_model_answers_the_same_through_transformers(demo_run):

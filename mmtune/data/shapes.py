@@ -46,12 +46,17 @@ class ShapeSpec:
 
 
 def random_spec(rng: random.Random) -> ShapeSpec:
-    radius = rng.randint(8, 18)
+    """A large, roughly centred shape (radius 16-22 px, centre within 3 px of the middle): at 56x56 the
+    image is 4x4 patches, and smaller shapes anywhere in the frame are not separable by a tiny vision
+    tower in minutes (measured: chance-level shape accuracy after 2000 steps with radius 8-18 anywhere,
+    0.99 after 400 steps with this spec)."""
+    radius = rng.randint(16, 22)
+    mid = IMAGE_SIZE // 2
     return ShapeSpec(
         color=rng.choice(list(COLORS)),
         shape=rng.choice(SHAPES),
-        cx=rng.randint(radius, IMAGE_SIZE - 1 - radius),
-        cy=rng.randint(radius, IMAGE_SIZE - 1 - radius),
+        cx=mid + rng.randint(-3, 3),
+        cy=mid + rng.randint(-3, 3),
         radius=radius,
     )
 
