@@ -105,7 +105,7 @@ class PieceWriter:
         part = f"part_{len(self.parts):05d}"
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save(piece, storage_writer=FileSystemWriter(str(self.root / part)), no_dist=True)
+            dcp.save(piece, storage_writer=FileSystemWriter(str(self.root / part), thread_count=2), no_dist=True)
         self.parts.append(part)
 
     def finish(self) -> Metadata:
