@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -93,22 +94,48 @@ def load_tensors(ckpt: Path, wanted: dict[str, TensorStorageMetadata]) -> dict[s
 
 
 class PieceWriter:
-    """Writes one DCP checkpoint into `root` from several bounded state-dict pieces (see module doc)."""
+    """Writes one DCP checkpoint into `root` from several bounded state-dict pieces (see module doc).
+
+    Each piece is saved on a background thread while the caller assembles the next one (reading and
+    merging overlap with writing); at most one piece is being written at a time, so memory stays
+    bounded by two pieces. An error in a write is raised by the next `write` or by `finish`."""
 
     def __init__(self, root: Path):
         self.root = root
         self.parts: list[str] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-piece")
+        self._pending: Future | None = None
 
     def write(self, piece: dict[str, torch.Tensor]) -> None:
         if not piece:
             return
+        self._wait()
         part = f"part_{len(self.parts):05d}"
+        self.parts.append(part)
+        self._pending = self._pool.submit(self._save, piece, self.root / part)
+
+    @staticmethod
+    def _save(piece: dict[str, torch.Tensor], where: Path) -> None:
         with warnings.catch_warnings():  # "assuming the intent is to save in a single process": it is
             warnings.simplefilter("ignore", UserWarning)
-            dcp.save(piece, storage_writer=FileSystemWriter(str(self.root / part), thread_count=2), no_dist=True)
-        self.parts.append(part)
+            dcp.save(piece, storage_writer=FileSystemWriter(str(where), thread_count=2), no_dist=True)
+
+    def _wait(self) -> None:
+        if self._pending is not None:
+            pending, self._pending = self._pending, None
+            pending.result()
+
+    def close(self) -> None:
+        """Wait for the piece in flight (its error, if any, is dropped: the caller is already failing)."""
+        try:
+            self._wait()
+        except Exception:
+            pass
+        self._pool.shutdown(wait=True)
 
     def finish(self) -> Metadata:
+        self._wait()
+        self._pool.shutdown(wait=True)
         merged = Metadata(state_dict_metadata={}, planner_data={})
         results = []
         for part in self.parts:

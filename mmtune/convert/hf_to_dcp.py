@@ -2,7 +2,8 @@
 
 Tensors are read one at a time; each MoE layer's experts are merged into their stacked tensor as they
 arrive (StateDictAdapter.from_hub); native tensors are written in pieces of at most `piece_bytes`
-(dcp_io.PieceWriter). Peak memory: one piece + the stacked expert tensors of the layers in flight.
+(dcp_io.PieceWriter, which writes one piece while the next is read). Peak memory: two pieces + the
+stacked expert tensors of the layers in flight.
 """
 
 from __future__ import annotations
@@ -31,8 +32,8 @@ def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
     total = sum(s.nbytes for s in shards)
     n_tensors = sum(len(s.entries) for s in shards)
     tmp = staging_dir(save_dir, force, protect=[hf_dir])
+    writer = PieceWriter(tmp)
     try:
-        writer = PieceWriter(tmp)
         where = [hf_dir / INDEX_FILE]
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-dcp", disable=not progress)
         done = [0]
@@ -62,5 +63,6 @@ def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
         bar.close()
         return publish(tmp, save_dir)
     except BaseException:
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
