@@ -10,6 +10,7 @@ extras, e.g. after training, which never sees them) are copied from the original
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 import re
 import shutil
 from collections.abc import Iterator
@@ -142,12 +143,12 @@ def _hub_stream(ckpt: Path, sources: list[_Source], adapter: StateDictAdapter, d
         bar.set_postfix_str(f"{done}/{n_total} tensors")
         return name, tensor
 
+    # group the sources into jobs: one original-HF tensor, or a batch of DCP tensors (<= piece_bytes)
+    jobs: list[_Source | list[_Source]] = []
     i = 0
     while i < len(sources):
-        s = sources[i]
-        if s.native is None:
-            for name, tensor in iter_tensors(s.hf_path, [s.hf_entry]):
-                yield emit(name, tensor)
+        if sources[i].native is None:
+            jobs.append(sources[i])
             i += 1
             continue
         batch, size = [], 0
@@ -155,12 +156,31 @@ def _hub_stream(ckpt: Path, sources: list[_Source], adapter: StateDictAdapter, d
             batch.append(sources[i])
             size += sources[i].nbytes
             i += 1
-        loaded = load_tensors(ckpt, {b.key: b.meta for b in batch})
-        for b in batch:
-            tensor = loaded.pop(b.key)
-            for name, part in adapter.to_hub(b.native, tensor):
-                yield emit(name, part)
-            del tensor
+        jobs.append(batch)
+
+    def load(batch: list[_Source]) -> dict[str, torch.Tensor]:
+        return load_tensors(ckpt, {b.key: b.meta for b in batch})
+
+    # the next DCP batch is read on a background thread while the current one is split and written
+    # (at most two batches in memory)
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="dcp-read") as pool:
+        batches = [j for j in jobs if isinstance(j, list)]
+        ahead = {0: pool.submit(load, batches[0])} if batches else {}
+        k = 0
+        for job in jobs:
+            if not isinstance(job, list):
+                for name, tensor in iter_tensors(job.hf_path, [job.hf_entry]):
+                    yield emit(name, tensor)
+                continue
+            loaded = ahead.pop(k).result()
+            if k + 1 < len(batches):
+                ahead[k + 1] = pool.submit(load, batches[k + 1])
+            k += 1
+            for b in job:
+                tensor = loaded.pop(b.key)
+                for name, part in adapter.to_hub(b.native, tensor):
+                    yield emit(name, part)
+                del tensor
 
 
 def _model_expert(name: str, config: Glm4vMoeConfig) -> bool:
