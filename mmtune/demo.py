@@ -156,6 +156,7 @@ def evaluate(model_dir: Path, num: int, seed: int = EVAL_SEED, image_max_pixels:
 def run_demo(s: DemoSettings) -> dict:
     import torch
 
+    from mmtune.convert.dcp_io import resolve_dcp_dir
     from mmtune.convert.dcp_to_hf import dcp_to_hf
     from mmtune.convert.hf_to_dcp import hf_to_dcp
     from mmtune.data.llava import llava_to_mllm
@@ -186,9 +187,10 @@ def run_demo(s: DemoSettings) -> dict:
         env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1"}
         _run_streamed(cmd, env, w / "train.log")
-    step = int((save / "latest_checkpointed_iteration.txt").read_text().strip())
-    with stage("dcp-to-hf", f"export iter_{step:07d} to an HF dir -> {export}"):
-        dcp_to_hf(hf_dir, save / f"iter_{step:07d}", export, progress=False)
+    latest = resolve_dcp_dir(save)
+    step = int(latest.name.split("_")[-1])
+    with stage("dcp-to-hf", f"export {latest.name} to an HF dir -> {export}"):
+        dcp_to_hf(hf_dir, latest, export, progress=False)
     pp = json.loads(data_json.read_text())["dataset_param"]["preprocess_parameters"]
     with stage("evaluate", f"greedy answers of the exported model on {s.num_eval} held-out questions"):
         ev = evaluate(export, s.num_eval, image_max_pixels=pp.get("image_max_pixels"),

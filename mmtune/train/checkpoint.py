@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 from mmtune.convert.dcp_io import LATEST_FILE as POINTER_FILE  # the key/file contract with convert
+from mmtune.convert.dcp_io import resolve_dcp_dir
 from mmtune.convert.dcp_io import MODEL_PREFIX, OPTIM_PREFIX
 
 _MODEL_KEY, _OPTIM_KEY = MODEL_PREFIX.rstrip("."), OPTIM_PREFIX.rstrip(".")  # dcp flattens {"model": sd} to "model."
@@ -106,17 +107,9 @@ def resolve_load_path(path: str | Path) -> LoadSource:
     if not path.exists():
         raise FileNotFoundError(f"--load {path}: no such directory (expected a save dir with {POINTER_FILE}, "
                                 "an iter_XXXXXXX checkpoint or a DCP from `mmtune convert hf-to-dcp`)")
-    pointer = path / POINTER_FILE
-    if pointer.is_file():
-        text = pointer.read_text().strip()
-        try:
-            step = int(text)
-        except ValueError:
-            raise ValueError(f"{pointer}: expected an iteration number, found {text!r}") from None
-        ckpt = path / iter_dir_name(step)
-        if not (ckpt / ".metadata").is_file():
-            raise FileNotFoundError(f"{pointer} points at {ckpt.name}, which is missing or incomplete")
-        return LoadSource("training", ckpt, step)
+    if (path / POINTER_FILE).is_file():
+        ckpt = resolve_dcp_dir(path)  # reads and checks the pointer (the contract shared with convert)
+        return LoadSource("training", ckpt, int(ckpt.name.split("_")[-1]))
     if not (path / ".metadata").is_file():
         raise FileNotFoundError(f"--load {path}: neither {POINTER_FILE} nor a DCP .metadata file is there")
     keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
