@@ -34,28 +34,11 @@ from pathlib import Path
 import torch
 
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, TextConfig, VisionConfig, glm45v_config, tiny_config
+from mmtune.distributed.model_init import MODULES, module_of
 
 PRESETS = {"glm4.5v": glm45v_config, "tiny": tiny_config}
 GiB = 1024**3
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
-
-# model.json module names -> parameter-name prefixes (the recipe's freeze switches)
-MODULE_PREFIXES = {
-    "vision_encoder": ("model.visual.",),
-    "vision_projector": ("model.visual.merger.", "model.visual.downsample.", "model.visual.post_layernorm."),
-    "text_decoder": ("model.language_model.", "lm_head."),
-}
-
-
-def module_of(name: str) -> str:
-    """Which model.json module a parameter belongs to (the longest matching prefix wins)."""
-    best, best_len = "text_decoder", -1
-    for module, prefixes in MODULE_PREFIXES.items():
-        for p in prefixes:
-            if name.startswith(p) and len(p) > best_len:
-                best, best_len = module, len(p)
-    return best
-
 
 def build_meta_model(config: Glm4vMoeConfig) -> torch.nn.Module:
     """mmtune's GLM-4.5V model on the meta device: shapes only, no memory."""
@@ -82,7 +65,7 @@ class ParamCounts:
 
 
 def count_params(model: torch.nn.Module) -> ParamCounts:
-    by_module = {m: 0 for m in MODULE_PREFIXES}
+    by_module = {m: 0 for m in MODULES}
     for name, p in model.named_parameters():
         by_module[module_of(name)] += p.numel()
     inner = model.model
@@ -166,15 +149,14 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
         raise ValueError(f"--recompute {recompute!r}: use 'full' or 'none'")
     if compute_dtype not in _DTYPE_BYTES:
         raise ValueError(f"--compute-dtype {compute_dtype!r}: use one of {sorted(_DTYPE_BYTES)}")
-    unknown = set(frozen) - set(MODULE_PREFIXES)
+    unknown = set(frozen) - set(MODULES)
     if unknown:
-        raise ValueError(f"--freeze {sorted(unknown)}: modules are {sorted(MODULE_PREFIXES)}")
+        raise ValueError(f"--freeze {sorted(unknown)}: modules are {sorted(MODULES)}")
     params = params or count_params(build_meta_model(config))
     c = _DTYPE_BYTES[compute_dtype]
     t, v = config.text, config.vision
     n = gpus
     trainable = sum(cnt for m, cnt in params.by_module.items() if m not in frozen)
-    frozen_n = params.total - trainable
     if image_patches is None:
         pixels = min(512, v.image_size) if v.image_size < 336 else 512  # tiny models: their own image size
         side = pixels // v.patch_size // v.spatial_merge_size * v.spatial_merge_size
@@ -414,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                          "encoder and projector frozen, text decoder trains)")
     ap.add_argument("--freeze", default=None,
                     help="comma-separated modules to freeze, overriding --mm-model: "
-                         f"{', '.join(MODULE_PREFIXES)} (empty string: train everything)")
+                         f"{', '.join(MODULES)} (empty string: train everything)")
     ap.add_argument("--image-patches", type=int, default=None,
                     help="vision patches per micro-batch (default: one 512x512 image per sample, the recipe's "
                          "image_max_pixels; a model with a smaller vision image_size: one image of that size)")

@@ -38,24 +38,27 @@ class FreezeSpec:
     text_decoder: bool = False  # decoder + embeddings + final norm + lm head
 
 
-def projector_modules(model: nn.Module) -> list[nn.Module]:
-    """The vision projector: the 2x2 downsample conv and the merger (MindSpeed-MM's "lnmlp" projector).
-    Everything else under model.visual is the vision encoder."""
-    visual = model.model.visual
-    return [m for m in (getattr(visual, "downsample", None), getattr(visual, "merger", None)) if m is not None]
+# The recipe's model.json freeze switches and the parameters each owns. The vision projector is the 2x2
+# downsample conv and the merger (MindSpeed-MM's "lnmlp" projector); the rest of model.visual is the
+# vision encoder; the text decoder is embeddings + decoder layers + final norm + lm head.
+MODULES = ("vision_encoder", "vision_projector", "text_decoder")
+VISION_PROJECTOR_PREFIXES = ("model.visual.downsample.", "model.visual.merger.")
+
+
+def module_of(name: str) -> str:
+    """The model.json module that owns parameter `name` (a native name)."""
+    if name.startswith(VISION_PROJECTOR_PREFIXES):
+        return "vision_projector"
+    if name.startswith("model.visual."):
+        return "vision_encoder"
+    return "text_decoder"
 
 
 def apply_freeze(model: nn.Module, spec: FreezeSpec) -> dict[str, int]:
     """Set requires_grad per the freeze flags; returns {"trainable": n, "frozen": n} parameter counts."""
-    visual = model.model.visual
-    projector = {id(p) for m in projector_modules(model) for p in m.parameters()}
-    for p in visual.parameters():
-        p.requires_grad_(not (spec.vision_projector if id(p) in projector else spec.vision_encoder))
-    text_params = list(model.model.language_model.parameters()) + list(model.lm_head.parameters())
-    for p in text_params:
-        p.requires_grad_(not spec.text_decoder)
     counts = {"trainable": 0, "frozen": 0}
-    for p in model.parameters():
+    for name, p in model.named_parameters():
+        p.requires_grad_(not getattr(spec, module_of(name)))
         counts["trainable" if p.requires_grad else "frozen"] += p.numel()
     return counts
 
