@@ -77,17 +77,16 @@ def run(cfg, *, print_fn=print) -> dict:
 
         seq_length = cfg.seq_length or DEFAULT_SEQ_LENGTH
         state = TrainState()
-        saved_world = None
+        consumed_for_loader = 0
         if source and source.kind == "training":
             from mmtune.train.checkpoint import peek_train_state
 
-            saved_world = peek_train_state(source.path).get("world_size", env.world_size)
-        consumed_for_loader = 0
-        if saved_world is not None and saved_world != env.world_size:
-            # the loader counts rows taken by all ranks together (global batch rows per step); the
-            # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
-            consumed_for_loader = int(peek_train_state(source.path).get("step", 0)) * cfg.global_batch_size
-            consumed_for_loader -= consumed_for_loader % env.world_size
+            saved = peek_train_state(source.path)
+            if saved.get("world_size", env.world_size) != env.world_size:
+                # the loader counts rows taken by all ranks together (global batch rows per step); the
+                # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
+                consumed_for_loader = int(saved.get("step", 0)) * cfg.global_batch_size
+                consumed_for_loader -= consumed_for_loader % env.world_size
         loader = build_train_loader(cfg.mm_data, seq_length=seq_length, micro_batch_size=cfg.micro_batch_size,
                                     dp_rank=env.rank, dp_size=env.world_size, seed=cfg.seed,
                                     num_workers=cfg.num_workers, consumed_samples=consumed_for_loader,
