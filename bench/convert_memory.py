@@ -43,7 +43,7 @@ def write_checkpoint(cfg, out: Path, shard_bytes: int = 2 * 10**9) -> int:
     """Hub-layout safetensors (bf16, router fp32) in shards of ~shard_bytes; returns total bytes."""
     import torch
 
-    from mmtune.convert.safetensors_io import write_file
+    from mmtune.weights.safetensors_io import write_file
     from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 
     out.mkdir(parents=True)

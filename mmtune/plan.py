@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, TextConfig, VisionConfig, glm45v_config, tiny_config
-from mmtune.distributed.model_init import MODULES, module_of
+from mmtune.train.freeze import MODULES, module_of
 
 PRESETS = {"glm4.5v": glm45v_config, "tiny": tiny_config}
 GiB = 1024**3

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import torch
 
-from mmtune.convert.hf_files import INDEX_FILE
-from mmtune.convert.safetensors_io import write_file
+from mmtune.weights.hf_files import INDEX_FILE
+from mmtune.weights.safetensors_io import write_file
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, tiny_config
 

@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from mmtune.convert import MODEL_PREFIX, dcp_to_hf, hf_to_dcp
 from mmtune.convert.dcp_io import model_tensors, read_metadata
-from mmtune.convert.hf_files import list_shards
-from mmtune.convert.safetensors_io import iter_tensors
+from mmtune.weights.hf_files import list_shards
+from mmtune.weights.safetensors_io import iter_tensors
 
 
 def _tensors(hf_dir):

@@ -6,7 +6,7 @@ import json
 
 import torch
 
-from mmtune.convert.safetensors_io import read_header
+from mmtune.weights.safetensors_io import read_header
 from mmtune.tiny import make_tiny
 
 

@@ -139,7 +139,8 @@ def _worker(job_path: str) -> None:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from mmtune.distributed import FSDPOptions, init_distributed
-    from mmtune.distributed.model_init import FreezeSpec, build_model
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
     from mmtune.train.trainer import LoopSettings, Trainer
 
     env = init_distributed("cpu")

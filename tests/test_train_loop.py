@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mmtune.distributed import init_distributed
-from mmtune.distributed.model_init import FreezeSpec, apply_freeze
+from mmtune.train.freeze import FreezeSpec, apply_freeze
 from mmtune.train.trainer import LoopSettings, NonFiniteLossError, Trainer
 from test_train_helpers import ListLoader, adamw, full_model, make_sample, windows_for
 

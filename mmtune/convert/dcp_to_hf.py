@@ -21,8 +21,8 @@ import torch
 from tqdm import tqdm
 
 from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata, resolve_dcp_dir
-from mmtune.convert.hf_files import INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir
-from mmtune.convert.safetensors_io import TensorEntry, iter_tensors, write_file
+from mmtune.weights.hf_files import INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir
+from mmtune.weights.safetensors_io import TensorEntry, iter_tensors, write_file
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter, is_expert_hub_name
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 

@@ -14,8 +14,8 @@ from pathlib import Path
 from tqdm import tqdm
 
 from mmtune.convert.dcp_io import PieceWriter
-from mmtune.convert.hf_files import INDEX_FILE, list_shards, publish, staging_dir
-from mmtune.convert.safetensors_io import iter_tensors
+from mmtune.weights.hf_files import INDEX_FILE, list_shards, publish, staging_dir
+from mmtune.weights.safetensors_io import iter_tensors
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 

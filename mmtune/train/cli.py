@@ -28,7 +28,8 @@ def _seed_everything(seed: int) -> None:
 def run(cfg, *, print_fn=print) -> dict:
     """Train per a resolved TrainConfig; returns the end-of-run summary (rank 0; {} elsewhere)."""
     from mmtune.distributed import FSDPOptions, init_distributed, shutdown_distributed
-    from mmtune.distributed.model_init import FreezeSpec, build_model
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
     from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
     from mmtune.train.checkpoint import Checkpointer, TrainState, resolve_load_path
     from mmtune.train.metrics import MetricsLogger, text_flops_per_token

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from mmtune.convert.hf_files import list_shards
+from mmtune.weights.hf_files import list_shards
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 

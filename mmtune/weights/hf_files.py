@@ -8,7 +8,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmtune.convert.safetensors_io import TensorEntry, read_header
+from mmtune.weights.safetensors_io import TensorEntry, read_header
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"

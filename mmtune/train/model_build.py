@@ -17,7 +17,6 @@ the model's own `init_buffers()` / `init_non_persistent_buffers()` when it has o
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,40 +26,8 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from mmtune.distributed.env import DistEnv
 from mmtune.distributed.parallelize import FSDPOptions, materialize, parallelize
-
-
-@dataclass
-class FreezeSpec:
-    """model.json freeze flags (recipe defaults: vision encoder and projector frozen, text trained)."""
-
-    vision_encoder: bool = True
-    vision_projector: bool = True
-    text_decoder: bool = False  # decoder + embeddings + final norm + lm head
-
-
-# The recipe's model.json freeze switches and the parameters each owns. The vision projector is the 2x2
-# downsample conv and the merger (MindSpeed-MM's "lnmlp" projector); the rest of model.visual is the
-# vision encoder; the text decoder is embeddings + decoder layers + final norm + lm head.
-MODULES = ("vision_encoder", "vision_projector", "text_decoder")
-VISION_PROJECTOR_PREFIXES = ("model.visual.downsample.", "model.visual.merger.")
-
-
-def module_of(name: str) -> str:
-    """The model.json module that owns parameter `name` (a native name)."""
-    if name.startswith(VISION_PROJECTOR_PREFIXES):
-        return "vision_projector"
-    if name.startswith("model.visual."):
-        return "vision_encoder"
-    return "text_decoder"
-
-
-def apply_freeze(model: nn.Module, spec: FreezeSpec) -> dict[str, int]:
-    """Set requires_grad per the freeze flags; returns {"trainable": n, "frozen": n} parameter counts."""
-    counts = {"trainable": 0, "frozen": 0}
-    for name, p in model.named_parameters():
-        p.requires_grad_(not getattr(spec, module_of(name)))
-        counts["trainable" if p.requires_grad else "frozen"] += p.numel()
-    return counts
+from mmtune.train.checkpoint import Checkpointer
+from mmtune.train.freeze import FreezeSpec, apply_freeze
 
 
 def _broadcast_buffers(model: nn.Module, env: DistEnv, source: nn.Module | None) -> None:
@@ -102,8 +69,6 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
         _reset_non_persistent_buffers(model)
         return model
     if weights_dcp is not None:
-        from mmtune.train.checkpoint import Checkpointer
-
         Checkpointer.load_weights(weights_dcp, model)
         _reset_non_persistent_buffers(model)
         return model
