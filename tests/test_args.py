@@ -23,8 +23,9 @@ from mmtune.train.args import (
 RECIPE_DIR = Path(__file__).parent / "recipe"
 
 PINNED_FLAGS = [
-    "--adam-beta1", "--adam-beta2", "--adam-eps", "--bf16", "--clip-grad", "--config", "--context-parallel-size",
-    "--distributed-backend", "--distributed-timeout-minutes", "--exit-interval", "--fp16", "--fsdp2-config-path",
+    "--adam-beta1", "--adam-beta2", "--adam-eps", "--bf16", "--clip-grad", "--config", "--context-parallel-algo",
+    "--context-parallel-size", "--distributed-backend", "--distributed-timeout-minutes", "--exit-interval",
+    "--expert-model-parallel-size", "--fp16", "--fsdp2-config-path",
     "--global-batch-size", "--init-model-with-meta-device", "--load", "--log-interval", "--log-tps", "--lr",
     "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--max-nonfinite-steps",
     "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-load-optim",
@@ -172,10 +173,19 @@ def test_batch_and_parallel_errors(recipe):
     with pytest.raises(ValueError, match=r"--global-batch-size 6.*--micro-batch-size 2.*data-parallel size 2"):
         parse_train_args(base(recipe, "--micro-batch-size", "2", "--global-batch-size", "6"), world_size=2)
     assert parse_train_args(base(recipe, "--micro-batch-size", "2"), world_size=2).global_batch_size == 4
-    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 2 is not supported yet.*FSDP2"):
+    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 2 is not supported.*FSDP2"):
         parse_train_args(base(recipe, "--tensor-model-parallel-size", "2"))
-    with pytest.raises(ValueError, match=r"--context-parallel-size 4"):
+    with pytest.raises(ValueError, match=r"--context-parallel-size 4 must divide the world size 1"):
         parse_train_args(base(recipe, "--context-parallel-size", "4"))
+    with pytest.raises(ValueError, match=r"--context-parallel-algo 'megatron_cp_algo' is not supported.*ulysses"):
+        parse_train_args(base(recipe, "--context-parallel-algo", "megatron_cp_algo"))
+    with pytest.raises(ValueError, match=r"--expert-model-parallel-size 3 must divide .* = 4"):
+        parse_train_args(base(recipe, "--expert-model-parallel-size", "3"), world_size=4)
+    # context parallel: the cp ranks of a group read one batch, so dp = world / cp sets the global batch
+    cfg = parse_train_args(base(recipe, "--context-parallel-size", "2", "--expert-model-parallel-size", "4"),
+                           world_size=4)
+    assert (cfg.dp_size, cfg.global_batch_size, cfg.grad_accum_steps) == (2, 2, 1)
+    assert (cfg.parallel_dims.cp, cfg.parallel_dims.ep, cfg.parallel_dims.efsdp) == (2, 4, 1)
     with pytest.raises(ValueError, match=r"--fp16"):
         parse_train_args(base(recipe, "--fp16"))
     with pytest.raises(ValueError, match=r"not both"):

@@ -111,7 +111,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
     """Activation checkpointing + FSDP2 per block, in place; returns the model.
 
     Works on a meta-device model (then `materialize(model, device)` and load weights) or a real one.
-    mesh: 1-D = FSDP over all ranks; 2-D ("replicate", "shard") = HSDP (env.make_mesh). None (no process
+    mesh: 1-D ("fsdp",) = FSDP over the shard group; 2-D ("dp_replicate", "fsdp") = HSDP (ParallelDims). None (no process
     group): only activation checkpointing is applied.
     """
     if opts.activation_checkpointing:
