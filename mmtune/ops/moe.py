@@ -67,7 +67,12 @@ class TopKRouter(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """`mlp.experts`: E SwiGLU experts stored as stacked tensors."""
+    """`mlp.experts`: E SwiGLU experts stored as stacked tensors.
+
+    `forward` sorts the (token, slot) rows by expert (the dispatch), `compute` runs the local experts on
+    rows that arrive sorted with per-expert counts, and the result goes back to token order (the combine).
+    Each projection is `project(name, x_R, counts_E)`: one grouped matmul; LoRA on the experts
+    (ops/lora.py) overrides only that, so it runs wherever `compute` runs."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -81,15 +86,24 @@ class GroupedExperts(nn.Module):
         order_R = experts_TK.view(-1).argsort(stable=True)
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
-        h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
-        gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
-        # the routing weight scales the (narrower) down-projection input: the same as scaling its output
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
+        y_RH = self.compute(x_RH, w_R1, counts_E)
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
+
+    def compute(self, x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """The experts on rows sorted by expert (counts_E[e] rows for expert e), each row scaled by its
+        routing weight w_R1: rows [R, H] -> [R, H]."""
+        h_RI2 = self.project("gate_up_proj", x_RH, counts_E)
+        gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
+        # the routing weight scales the (narrower) down-projection input: the same as scaling its output
+        return self.project("down_proj", (F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), counts_E)
+
+    def project(self, name: str, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        """Rows sorted by expert through projection `name` ("gate_up_proj" or "down_proj") of their expert."""
+        return grouped_linear(x_RIn, getattr(self, name), counts_E)
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -113,14 +127,15 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch's grouped matmul: CUDA needs bf16 on SM80+; every device needs 16-byte-aligned rows and
-    base pointers (torch<=2.10 on CPU checks the pointers, and memory-mapped weights may not be)."""
+    """torch's grouped matmul: CUDA needs bf16 on SM80+, the CPU fp32/bf16/fp16 (it has no fp64 kernel);
+    every device needs 16-byte-aligned rows and base pointers (torch<=2.10 on CPU checks the pointers, and
+    memory-mapped weights may not be)."""
     if _GROUPED_MM is None or x.shape[0] == 0:
         return False
     if x.is_cuda:
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu":
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     esize = x.element_size()
     return (

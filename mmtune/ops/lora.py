@@ -1,0 +1,142 @@
+"""LoRA layers: a trainable low-rank update added to a frozen projection, for `nn.Linear` and for the
+stacked routed experts (`GroupedExperts`).
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T          s = alpha / r,  B = 0 at init (y unchanged)
+
+Linear: `lora_A` [r, in] and `lora_B` [out, r] sit on the Linear beside `weight` / `bias`.
+Experts: for each stacked projection p of `GroupedExperts` (gate_up_proj [E, 2I, H], down_proj [E, H, I])
+`p_lora_A` [E, r, in] and `p_lora_B` [E, out, r]: one adapter per expert. The rows that reach the experts
+are already sorted by expert with per-expert counts, so the update runs as two more grouped matmuls over
+the same rows, (x_R A_e^T) B_e^T: O(rows * r * (in + out)) work, and the [E, out, in] delta is never built.
+The leading expert dim of the adapters is the experts' own, so whatever splits the experts (expert
+parallelism shards dim 0) splits their adapters with them.
+
+Wrapping keeps the base parameter objects and names (`wrap_linear`, `wrap_experts`): a base checkpoint
+loads unchanged, and adapter names are the base module's name + `.lora_A` / `.lora_B` (Linear) or
++ `.{p}_lora_A` / `.{p}_lora_B` (experts); docs/INTERNALS.md "LoRA".
+
+Legend: R rows (sorted by expert), E experts, r rank, In/Out the projection's input/output width.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtune.ops.moe import GroupedExperts, grouped_linear
+
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def is_adapter_name(name: str) -> bool:
+    """True for an adapter parameter name (`...lora_A`, `...lora_B`, `..._lora_A`, `..._lora_B`)."""
+    return name.endswith(("lora_A", "lora_B"))
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense update s * B A: [out, in] for a Linear, [E, out, in] for stacked experts (export, tests)."""
+    return scale * (B @ A)
+
+
+def init_lora_(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator) -> None:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's and PEFT's kaiming-uniform(a=sqrt(5))), B = 0. Drawn in
+    fp32 on the CPU generator, so every device and rank gets the same numbers."""
+    bound = 1.0 / math.sqrt(A.shape[-1])
+    with torch.no_grad():
+        A.copy_(torch.empty(A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
+        B.zero_()
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _adapter(shape: tuple[int, ...], like: torch.Tensor) -> nn.Parameter:
+    """An fp32 adapter parameter on the base weight's device (meta while the model is built on meta)."""
+    return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=like.device))
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight`, `bias`) plus `lora_A` [r, in], `lora_B` [out, r] and dropout."""
+
+    r: int
+    scale: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scale={self.scale:g}"
+
+
+def wrap_linear(linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+    """A LoRALinear holding `linear`'s own weight and bias Parameters (no copy) and fresh adapters
+    (zeros: call `init_lora_` or load them)."""
+    if isinstance(linear, LoRALinear):
+        raise ValueError("this Linear already has a LoRA adapter")
+    new = LoRALinear.__new__(LoRALinear)
+    nn.Module.__init__(new)
+    new.in_features, new.out_features = linear.in_features, linear.out_features
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.r, new.scale = r, alpha / r
+    new.lora_A = _adapter((r, linear.in_features), linear.weight)
+    new.lora_B = _adapter((linear.out_features, r), linear.weight)
+    new.lora_dropout = _dropout(dropout)
+    return new
+
+
+class LoRAGroupedExperts(GroupedExperts):
+    """GroupedExperts (same `gate_up_proj`, `down_proj`) plus one adapter per expert for each projection in
+    `self.adapted`: `{p}_lora_A` [E, r, In], `{p}_lora_B` [E, Out, r]."""
+
+    r: int
+    scale: float
+    adapted: tuple[str, ...]
+
+    def project(self, name: str, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        y_ROut = grouped_linear(x_RIn, getattr(self, name), counts_E)
+        if name not in self.adapted:
+            return y_ROut
+        A_ErIn, B_EOutr = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
+        h_Rr = grouped_linear(self.lora_dropout(x_RIn), A_ErIn, counts_E)
+        return y_ROut + (grouped_linear(h_Rr, B_EOutr, counts_E) * self.scale).to(y_ROut.dtype)
+
+    def extra_repr(self) -> str:
+        return f"adapted={list(self.adapted)}, r={self.r}, scale={self.scale:g}"
+
+
+def wrap_experts(experts: GroupedExperts, r: int, alpha: float, dropout: float = 0.0,
+                 projections: tuple[str, ...] = EXPERT_PROJECTIONS) -> LoRAGroupedExperts:
+    """A LoRAGroupedExperts holding `experts`' own stacked Parameters and fresh per-expert adapters."""
+    if isinstance(experts, LoRAGroupedExperts):
+        raise ValueError("these experts already have LoRA adapters")
+    unknown = set(projections) - set(EXPERT_PROJECTIONS)
+    if unknown or not projections:
+        raise ValueError(f"expert projections {sorted(unknown) or '()'}: choose from {EXPERT_PROJECTIONS}")
+    new = LoRAGroupedExperts.__new__(LoRAGroupedExperts)
+    nn.Module.__init__(new)
+    new.num_experts = experts.num_experts
+    new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+    new.r, new.scale, new.adapted = r, alpha / r, tuple(p for p in EXPERT_PROJECTIONS if p in projections)
+    for p in new.adapted:
+        E, out, inp = getattr(new, p).shape
+        setattr(new, f"{p}_lora_A", _adapter((E, r, inp), getattr(new, p)))
+        setattr(new, f"{p}_lora_B", _adapter((E, out, r), getattr(new, p)))
+    new.lora_dropout = _dropout(dropout)
+    return new
+
+
+def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(base parameter's local name, A, B) of a LoRA module: [("weight", A, B)] for a LoRALinear,
+    [("gate_up_proj", A, B), ...] for LoRAGroupedExperts; [] for anything else."""
+    if isinstance(module, LoRALinear):
+        return [("weight", module.lora_A, module.lora_B)]
+    if isinstance(module, LoRAGroupedExperts):
+        return [(p, getattr(module, f"{p}_lora_A"), getattr(module, f"{p}_lora_B")) for p in module.adapted]
+    return []
