@@ -148,3 +148,42 @@ def test_bf16_keeps_the_frozen_base_in_bf16_and_adapters_in_fp32(dist):
     got = dist["bf16"]
     assert got["dtypes"] == {"adapter": ["torch.float32"], "router": ["torch.float32"], "base": ["torch.bfloat16"]}
     assert got["optim_params"] == ["adapter"] and got["optim_dtypes"] == ["torch.float32"] and got["finite"]
+
+
+# --------------------------------------------------------------------------------------- plan, demo
+
+
+def test_plan_puts_glm45v_lora_on_one_node():
+    from mmtune.models.glm4v_moe import glm45v_config
+    from mmtune.plan import count_adapters, estimate
+    from mmtune.train.lora import LoRAConfig
+
+    cfg, frozen = glm45v_config(), ("vision_encoder", "vision_projector")
+    adapters = count_adapters(cfg, LoRAConfig(r=16), frozen)
+    assert adapters.by_module["vision_encoder"] == 0 and adapters.total > 1e9  # every routed expert adapted
+    for mem in (80, 141):
+        lora = estimate(cfg, gpus=8, gpu_mem_gib=mem, seq_length=8192, frozen=frozen, adapters=adapters)
+        full = estimate(cfg, gpus=8, gpu_mem_gib=mem, seq_length=8192, frozen=frozen)
+        assert lora.fits and not full.fits, (mem, lora.total_bytes / 2**30, full.total_bytes / 2**30)
+        assert lora.rows["base parameters (frozen, bf16 shards)"] == 2 * lora.params.total / 8
+
+
+def test_demo_with_lora_learns(tmp_path):
+    import contextlib
+    import io
+    import re
+
+    from mmtune import demo as D
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert D.main(["--workdir", str(tmp_path / "w"), "--lora", "--steps", "50", "--num-samples", "160",
+                       "--num-eval", "16"]) == 0
+    stdout = out.getvalue()
+    assert "LoRA r=16, 50 steps" in stdout and "the adapters merged into the base" in stdout
+    assert re.fullmatch(r"accuracy=[0-9.]+ chance=[0-9.]+ steps=50 train_s=[0-9.]+ total_s=[0-9.]+",
+                        stdout.strip().splitlines()[-1])
+    save = tmp_path / "w" / "save"
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
+    assert all("lora_" in k or "e_score" in k for k in checkpoint_keys(save / "iter_0000050") if k.startswith("model."))
