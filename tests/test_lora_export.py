@@ -130,3 +130,14 @@ def test_adapter_only_of_a_full_checkpoint_is_an_error(tmp_path, tiny_hf_dir, ca
     assert convert_main(["dcp-to-hf", "--adapter-only", "--hf-dir", str(tiny_hf_dir), "--dcp-dir",
                          str(tmp_path / "dcp"), "--save-dir", str(tmp_path / "out")]) == 1
     assert "not a LoRA checkpoint" in capsys.readouterr().err
+
+
+def test_generate_loads_a_lora_checkpoint_with_the_merged_logits(lora_ckpt, tiny_hf_dir):
+    from mmtune.generate import load_model
+
+    model, hf = load_model(lora_ckpt["save"], hf_dir=tiny_hf_dir)
+    ids, pix, grid = _sample(lora_ckpt["model"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids, pix, grid).logits, lora_ckpt["model"](ids, pix, grid).logits,
+                                   rtol=0, atol=1e-5)
+    assert hf == tiny_hf_dir

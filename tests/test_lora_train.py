@@ -187,3 +187,16 @@ def test_demo_with_lora_learns(tmp_path):
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
     assert all("lora_" in k or "e_score" in k for k in checkpoint_keys(save / "iter_0000050") if k.startswith("model."))
+
+
+def test_one_node_lora_launch_script_parses(monkeypatch):
+    from mmtune.train.args import parse_train_args
+    from test_demo import RECIPE, ROOT, _script_flags
+
+    flags = _script_flags(RECIPE / "finetune_glm4_5v_lora_1node.sh")
+    monkeypatch.chdir(ROOT)
+    cfg = parse_train_args(flags, world_size=8)
+    lora = cfg.lora_config()
+    assert (lora.r, lora.alpha, lora.dropout, lora.targets) == (16, 32.0, 0.0, ("all-linear",))
+    assert cfg.fsdp2.param_dtype == "bf16" and cfg.recompute_granularity == "full" and cfg.seq_length == 8192
+    assert cfg.grad_accum_steps == 8 and cfg.model.freeze_vision_encoder
