@@ -9,7 +9,9 @@ bytes (parameters + everything the step allocates, as `mmtune plan --measure` co
 Part 2, LoRA on the routed experts alone: one MoE layer's experts (T tokens, top-K of E), forward + backward
 with a frozen base (the input needs its gradient, as inside a model). mmtune's per-expert adapters in the
 grouped matmuls against PEFT's `target_parameters` on transformers' own experts module (grouped_mm
-implementation), each beside its own no-LoRA baseline. The overhead is LoRA time - baseline time.
+implementation), each beside its own no-LoRA baseline. The overhead is LoRA time - baseline time. "ours
+LoRA gmm" forces the adapters' products onto torch's grouped_mm (the CUDA path) instead of the CPU's
+padded batched matmul (ops/lora.grouped_lowrank).
 
     flock /tmp/mmtune-bench.lock python bench/lora_step.py [--steps 6] [--rank 16]
 """
@@ -182,7 +184,23 @@ def part2(steps: int, rank: int, E: int, H: int, I: int, T: int, K: int) -> None
             wrapper.lora_B["default"].weight.copy_(B.permute(1, 2, 0).reshape(B.shape[1], rank * E))
     with torch.no_grad():
         diff = (ours_lora(x, w, idx) - peft_experts(x, idx, w)).abs().max().item()
+    import functools
+
+    from mmtune.ops import lora as lora_ops
+
+    auto = lora_ops.grouped_lowrank
+
+    def forced(fn):  # ours with the adapters' products on torch's grouped_mm (the CUDA path) instead
+        def f():
+            lora_ops.grouped_lowrank = functools.partial(auto, padded=False)
+            try:
+                fn()
+            finally:
+                lora_ops.grouped_lowrank = auto
+        return f
+
     fns = {"ours base": run(ours, False), "ours LoRA": run(ours_lora, False),
+           "ours LoRA gmm": forced(run(ours_lora, False)),
            "hf base": run(hf_base, True), "hf+PEFT LoRA": run(peft_experts, True)}
     times = _interleaved(fns, steps)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -190,7 +208,7 @@ def part2(steps: int, rank: int, E: int, H: int, I: int, T: int, K: int) -> None
     print(f"part 2: routed experts only, E={E} H={H} I={I} tokens={T} top-{K}, r={rank}, fwd+bwd (frozen base), "
           f"{steps} steps interleaved; max |ours - PEFT| output {diff:.1e}")
     for k in fns:
-        print(f"  {k:<13} median {1e3 * med[k]:8.2f} ms  best {1e3 * best[k]:8.2f} ms")
+        print(f"  {k:<14} median {1e3 * med[k]:8.2f} ms  best {1e3 * best[k]:8.2f} ms")
     ours_over = med["ours LoRA"] - med["ours base"]
     peft_over = med["hf+PEFT LoRA"] - med["hf base"]
     print(f"  LoRA overhead (median): ours {1e3 * ours_over:.2f} ms, PEFT target_parameters {1e3 * peft_over:.2f} ms "

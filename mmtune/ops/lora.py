@@ -104,8 +104,8 @@ class LoRAGroupedExperts(GroupedExperts):
         if name not in self.adapted:
             return y_ROut
         A_ErIn, B_EOutr = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
-        h_Rr = grouped_linear(self.lora_dropout(x_RIn), A_ErIn, counts_E)
-        return y_ROut + (grouped_linear(h_Rr, B_EOutr, counts_E) * self.scale).to(y_ROut.dtype)
+        d_ROut = grouped_lowrank(self.lora_dropout(x_RIn), A_ErIn, B_EOutr, counts_E)
+        return y_ROut + (d_ROut * self.scale).to(y_ROut.dtype)
 
     def extra_repr(self) -> str:
         return f"adapted={list(self.adapted)}, r={self.r}, scale={self.scale:g}"
@@ -130,6 +130,28 @@ def wrap_experts(experts: GroupedExperts, r: int, alpha: float, dropout: float =
         setattr(new, f"{p}_lora_B", _adapter((E, out, r), getattr(new, p)))
     new.lora_dropout = _dropout(dropout)
     return new
+
+
+def grouped_lowrank(x_RIn: torch.Tensor, A_ErIn: torch.Tensor, B_EOutr: torch.Tensor, counts_E: torch.Tensor,
+                    padded: bool | None = None) -> torch.Tensor:
+    """(x A_e^T) B_e^T for each expert's block of the sorted rows: [R, Out].
+
+    Two grouped matmuls over the rows (`grouped_linear`), or — on the CPU, whose grouped matmul runs each
+    expert's narrow [n_e, r] product as a separate small matmul — the same rows scattered into an
+    [E, max n_e, In] buffer and two batched matmuls, when that padding at most doubles the rows (`padded`
+    None decides so; True / False force a path, for tests). Both are O(R * r * (In + Out))."""
+    E, R = counts_E.numel(), x_RIn.shape[0]
+    if padded is None:
+        padded = x_RIn.device.type == "cpu" and R > 0 and int(counts_E.max()) * E <= 2 * R
+    if not padded or R == 0:
+        return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E), B_EOutr, counts_E)
+    C = int(counts_E.max())
+    expert_R = torch.repeat_interleave(torch.arange(E, device=x_RIn.device), counts_E)
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    pos_R = torch.arange(R, device=x_RIn.device) - start_E[expert_R]
+    x_ECIn = x_RIn.new_zeros(E, C, x_RIn.shape[1], dtype=A_ErIn.dtype).index_put((expert_R, pos_R), x_RIn.to(A_ErIn.dtype))
+    h_ECr = torch.bmm(x_ECIn, A_ErIn.transpose(1, 2))
+    return torch.bmm(h_ECr, B_EOutr.transpose(1, 2))[expert_R, pos_R]
 
 
 def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
