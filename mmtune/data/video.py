@@ -255,6 +255,11 @@ class VideoProcessor:
         fps = self.video_fps if self.video_fps is not None else self.fps
         indices = sample_indices(meta, self.flavour, fps=fps, max_duration=self.max_duration, maxlen=self.maxlen,
                                  temporal_patch_size=self.temporal_patch_size)
+        f = self.patch_size * self.merge_size
+        if len(indices) * f * f > self.max_pixels:
+            raise ValueError(f"{len(indices)} frames do not fit the video pixel budget: size.longest_edge "
+                             f"{self.max_pixels} counts frames x height x width, and even {f}x{f} frames need "
+                             f"{len(indices) * f * f}; lower video_fps or set video_maxlen")
         w, h = pre_resize_size(meta.width, meta.height, self.pre_min_pixels, self.pre_max_pixels)
         th, tw = smart_resize(h, w, factor=self.patch_size * self.merge_size, min_pixels=self.min_pixels,
                               max_pixels=self.max_pixels, temporal=len(indices))
@@ -262,13 +267,21 @@ class VideoProcessor:
         stamps = [timestamp_text(i / meta.fps, self.flavour) for i in indices[:: self.temporal_patch_size]]
         return VideoPlan(indices, grid, stamps, (th, tw))
 
+    def plan_file(self, path: str | os.PathLike) -> VideoPlan:
+        """`plan` of a video file; ValueError naming the file."""
+        meta = probe_video(path)
+        try:
+            return self.plan(meta)
+        except ValueError as e:
+            raise ValueError(f"video {path}: {e}") from None
+
     def frame_tokens(self, grid: tuple[int, int, int] | list[int]) -> int:
         """LLM placeholder tokens of one temporal patch of a video with this grid: h*w / merge^2."""
         return grid[1] * grid[2] // self.merge_size**2
 
     def process(self, path: str | os.PathLike) -> tuple[np.ndarray, VideoPlan]:
         """Decode the planned frames of one video file and turn them into patch rows."""
-        plan = self.plan(probe_video(path))
+        plan = self.plan_file(path)
         frames = decode_frames(path, plan.indices)
         return self.process_frames(frames, plan), plan
 
