@@ -16,7 +16,7 @@ video processor gives them (docs/GLM45V.md section 7).
    video_min_pixels (H*W, PIL, as images are), then `smart_resize` with the frame count (the
    processor's `size` counts T*H*W) and resized with torch's bicubic antialiased uint8 kernel, which is
    the call torchvision's resize makes on the CPU; rescaled and normalised in float32 as transformers'
-   fused step does (a 256-entry table per channel); patchified T-major into rows of C*T*14*14.
+   fused step does ((x - mean/r) / (std/r)); patchified T-major into rows of C*T*14*14.
 4. Timestamps: frame index / fps of the first frame of each temporal patch; text `str(int(s))` for
    GLM-4.5V, `f"{s:.1f} seconds"` for GLM-4.6V (the processors' `replace_frame_token_id`).
 
@@ -149,11 +149,9 @@ def timestamp_text(seconds: float, flavour: str) -> str:
     return f"{seconds:.1f} seconds" if flavour == "glm46v" else str(int(seconds))
 
 
-def _normalise_table(mean, std, rescale: float) -> torch.Tensor:
-    """[256, 3] float32: transformers' fused rescale + normalise ((x - mean/r) / (std/r) in float32)."""
-    mean_t = torch.tensor(mean) * (1.0 / rescale)
-    std_t = torch.tensor(std) * (1.0 / rescale)
-    return (torch.arange(256, dtype=torch.float32)[:, None] - mean_t) / std_t
+def _fused_mean_std(mean, std, rescale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """transformers' fused rescale + normalise constants: mean / r and std / r as float32 [3, 1, 1]."""
+    return ((torch.tensor(mean) * (1.0 / rescale)).view(3, 1, 1), (torch.tensor(std) * (1.0 / rescale)).view(3, 1, 1))
 
 
 def decode_frames(path: str | os.PathLike, indices: list[int]) -> list[np.ndarray]:
@@ -197,12 +195,12 @@ class VideoProcessor:
     maxlen: int | None = None  # data.json video_maxlen
     pre_min_pixels: int | None = None  # data.json video_min_pixels (H*W per frame)
     pre_max_pixels: int | None = None  # data.json video_max_pixels
-    _table: torch.Tensor = field(init=False, repr=False)
+    _mean_std: tuple = field(init=False, repr=False)
 
     def __post_init__(self):
         if self.flavour not in FLAVOURS:
             raise ValueError(f"video processor flavour {self.flavour!r} is not one of {FLAVOURS}")
-        self._table = _normalise_table(self.image_mean, self.image_std, self.rescale_factor)
+        self._mean_std = _fused_mean_std(self.image_mean, self.image_std, self.rescale_factor)
 
     @classmethod
     def from_pretrained(cls, model_dir: str | os.PathLike, *, video_fps: float | None = None,
@@ -293,13 +291,13 @@ class VideoProcessor:
         th, tw = plan.size
         if x.shape[-2:] != (th, tw):
             x = F.interpolate(x.contiguous(), size=(th, tw), mode="bicubic", align_corners=False, antialias=True)
-        values = torch.empty(x.shape, dtype=torch.float32)
-        for c in range(3):
-            values[:, c] = self._table[:, c][x[:, c].long()]
         p, m, T = self.patch_size, self.merge_size, self.temporal_patch_size
         gt, gh, gw = plan.grid
-        v = values.view(gt, T, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8)
-        return v.reshape(gt * gh * gw, 3 * T * p * p).numpy()
+        # patchify the uint8 pixels first (a 1-byte copy), then rescale + normalise once in that layout
+        u = x.reshape(gt, T, 3, gh // m, m, p, gw // m, m, p).permute(0, 3, 6, 4, 7, 2, 1, 5, 8).contiguous()
+        mean, std = self._mean_std
+        values = u.float().sub_(mean.view(3, 1, 1, 1)).div_(std.view(3, 1, 1, 1))
+        return values.view(gt * gh * gw, 3 * T * p * p).numpy()
 
     def _pre_resize(self, frame: np.ndarray) -> np.ndarray:
         h, w = frame.shape[:2]
