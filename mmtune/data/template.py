@@ -1,4 +1,4 @@
-"""GLM-4.5V conversation -> token ids and labels (template `glm4v_moe`; docs/GLM45V.md sections 1 and 7).
+"""GLM-4.5V conversation -> token ids and labels (template `glm4v_moe`; docs/GLM45V.md sections 1, 6 and 7).
 
 The rendering is the official GLM-V chat template's, token for token what the tokenizer's own
 `apply_chat_template` gives followed by the processor's `<|image|>` / `<|video|>` expansion (tested
