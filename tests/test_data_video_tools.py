@@ -53,6 +53,11 @@ def mixed(tmp_path_factory, tiny_hf_dir):
         {"messages": [{"role": "user", "content": "<video>?"}, {"role": "assistant", "content": "x"}], "videos": ["videos/none.mp4"]},
     ]
     (d / "mixed.json").write_text(json.dumps(samples + bad))
+    text_only = {"messages": [{"role": "user", "content": "Name the color in: a red circle."},
+                              {"role": "assistant", "content": "red"}]}
+    images = [s for s in samples if s.get("images") and "tools" not in s][:2]
+    videos = [s for s in samples if s.get("videos")][:2]
+    (d / "train_mix.json").write_text(json.dumps(images + videos + [text_only] + _tool_samples()))
     raw = {"dataset_param": {
         "preprocess_parameters": {"model_name_or_path": str(tiny_hf_dir)},
         "basic_parameters": {"dataset_dir": str(d), "dataset": "mixed.json", "tool_format": "glm4_moe",
@@ -116,16 +121,26 @@ def test_packed_batches_keep_video_positions(mixed, tiny_hf_dir):
 
 
 def test_two_training_steps_on_mixed_data(mixed, tmp_path, tiny_hf_dir):
+    """2 steps of `mmtune train` on image, video, text-only and tool samples, all of them in the rows of
+    the first step (2 packed rows of 512 tokens: the tool samples' tool lists are long)."""
+    from mmtune.data.loader import build_train_loader
     from mmtune.train.cli import main
 
     d, raw = mixed
+    raw = json.loads(json.dumps(raw))
+    raw["dataset_param"]["basic_parameters"]["dataset"] = "train_mix.json"
+    stats = build_train_loader(parse_data_config(raw), tokenizer_dir=tiny_hf_dir, seq_length=512, micro_batch_size=1,
+                               num_workers=0, progress=False).pack_stats
+    assert (stats.samples, stats.rows, stats.dropped_too_long) == (7, 2, 0), stats.summary()
     repo = Path(__file__).resolve().parents[1]
     model = json.loads((repo / "examples/tiny/model.json").read_text())
     model["init_from_hf_path"] = str(tiny_hf_dir)
+    model["image_encoder"]["vision_encoder"]["freeze"] = True
     (tmp_path / "model.json").write_text(json.dumps(model))
     (tmp_path / "data.json").write_text(json.dumps(raw))
     argv = train_argv(tmp_path, tmp_path / "save", 2)
-    argv[argv.index("--seq-length") + 1] = "160"
+    for flag, value in (("--seq-length", "512"), ("--micro-batch-size", "1"), ("--global-batch-size", "2")):
+        argv[argv.index(flag) + 1] = value
     assert main(argv) == 0
     metrics = [json.loads(line) for line in (tmp_path / "save" / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in metrics] == [1, 2] and all(np.isfinite(m["loss"]) for m in metrics)

@@ -415,7 +415,7 @@ def test_video_logits_equal_transformers():
     """A video (and two videos) through transformers' own video path; images and videos mixed through
     transformers' vision features and rope index (its forward cannot mix them: it fills both with the
     same placeholder mask), all within 1e-4."""
-    cfg = config_b()
+    cfg = config_a()
     ours, hf = make_pair(cfg)
     for items in ([("video", (2, 4, 6))], [("video", (3, 4, 4)), ("video", (1, 8, 4))]):
         ids, kw = video_sample(cfg, items)

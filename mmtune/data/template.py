@@ -205,25 +205,24 @@ class GlmTemplate:
     def expand(self, ids: list[int], image_tokens: list[int], videos: list[VideoTokens]) -> list[int]:
         """`ids` of a rendered text with each `<|image|>` / `<|video|>` expanded, in order (BadSample when
         the counts disagree)."""
-        out: list[int] = []
         images, vids = iter(image_tokens), iter(videos)
-        for t in ids:
-            if t == self.image_id:
-                n = next(images, None)
-                if n is None:
-                    raise BadSample(f"more {IMAGE_SPAN} spans in the text than images")
-                out += [t] * n
-            elif t == self.video_id:
-                v = next(vids, None)
-                if v is None:
-                    raise BadSample("more <|video|> placeholders in the text than videos")
-                out += self.video_ids(v)
-            else:
-                out.append(t)
-        if next(images, None) is not None or next(vids, None) is not None:
-            raise BadSample("fewer image/video placeholders in the tokenised text than images/videos "
-                            "(literal special tokens in the text?)")
+        out = [s for t in ids for s in self._span(t, images, vids)]
+        _all_used(images, vids)
         return out
+
+    def _span(self, t: int, images, vids) -> list[int]:
+        """What token t becomes: an image's placeholders, a video's frames, or itself."""
+        if t == self.image_id:
+            n = next(images, None)
+            if n is None:
+                raise BadSample(f"more {IMAGE_SPAN} spans in the text than images")
+            return [t] * n
+        if t == self.video_id:
+            v = next(vids, None)
+            if v is None:
+                raise BadSample("more <|video|> placeholders in the text than videos")
+            return self.video_ids(v)
+        return [t]
 
     def video_ids(self, v: VideoTokens) -> list[int]:
         """The ids one `<|video|>` becomes (its begin/end-of-video tokens come from the text around it)."""
@@ -261,23 +260,10 @@ class GlmTemplate:
             active = not self.mask_history or turn == last_turn
             trained = active and (is_answer or self.train_on_prompt)
             for t in ids:
-                if t == self.image_id:
-                    n = next(images, None)
-                    if n is None:
-                        raise BadSample(f"more {IMAGE_SPAN} spans in the text than images")
-                    span = [t] * n
-                elif t == self.video_id:
-                    v = next(vids, None)
-                    if v is None:
-                        raise BadSample("more <|video|> placeholders in the text than videos")
-                    span = self.video_ids(v)
-                else:
-                    span = [t]
+                span = self._span(t, images, vids)
                 input_ids += span
                 labels += [s if trained and s != self.image_id else IGNORE for s in span]
-        if next(images, None) is not None or next(vids, None) is not None:
-            raise BadSample("fewer image/video placeholders in the tokenised text than images/videos "
-                            "(literal special tokens in the text?)")
+        _all_used(images, vids)
         return Encoded(input_ids, labels)
 
     @staticmethod
@@ -287,6 +273,12 @@ class GlmTemplate:
             tags = sum(t.count(tag) for t in texts)
             if tags != n:
                 raise BadSample(f"{tags} {tag} tags for {n} {what}")
+
+
+def _all_used(images, vids) -> None:
+    if next(images, None) is not None or next(vids, None) is not None:
+        raise BadSample("fewer image/video placeholders in the tokenised text than images/videos "
+                        "(literal special tokens in the text?)")
 
 
 def _check_order(roles: list[str], offset: int, generation: bool) -> None:

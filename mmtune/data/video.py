@@ -211,22 +211,16 @@ class VideoProcessor:
         defaults where a key is missing). GLM-4.6V behaviour when the video processor type or the
         processor class (those files or tokenizer_config.json) names Glm46V."""
         d = Path(model_dir)
-        cfg, names = None, []
-        for name in ("processor_config.json", "video_preprocessor_config.json", "preprocessor_config.json",
-                     "tokenizer_config.json"):
-            p = d / name
-            if not p.is_file():
-                continue
-            data = json.loads(p.read_text())
-            names += [str(data.get("processor_class", "")), str(data.get("video_processor_type", ""))]
-            if name == "processor_config.json" and isinstance(data.get("video_processor"), dict):
-                cfg = cfg if cfg is not None else data["video_processor"]
-                names.append(str(cfg.get("video_processor_type", "")))
-            elif name != "tokenizer_config.json" and name != "processor_config.json" and cfg is None:
-                cfg = data
+        files = {n: json.loads((d / n).read_text()) for n in ("processor_config.json", "video_preprocessor_config.json",
+                                                              "preprocessor_config.json", "tokenizer_config.json")
+                 if (d / n).is_file()}
+        nested = files.get("processor_config.json", {}).get("video_processor")
+        cfg = nested if isinstance(nested, dict) else files.get("video_preprocessor_config.json",
+                                                                files.get("preprocessor_config.json"))
         if cfg is None:
             raise FileNotFoundError(f"{d}: no video_preprocessor_config.json or preprocessor_config.json "
                                     "(the GLM video processor settings)")
+        names = [str(f.get(k, "")) for f in (*files.values(), cfg) for k in ("processor_class", "video_processor_type")]
         kw = {"flavour": "glm46v" if any(n.startswith("Glm46V") for n in names) else "glm4v"}
         size = cfg.get("size") or {}
         if "shortest_edge" in size:
