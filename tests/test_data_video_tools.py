@@ -4,6 +4,7 @@ conversations) through preprocessing, bad-sample handling, packing, and a 2-step
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def mixed(tmp_path_factory, tiny_hf_dir):
     llava_to_mllm(d / "llava_format.json", d / "mllm.json")
     samples = json.loads((d / "mllm.json").read_text()) + _tool_samples()
     (d / "videos" / "garbage.mp4").write_bytes(b"\x00" * 64)
-    write_video(d / "videos" / "long.mp4", moving_frames(random_spec(__import__("random").Random(0)), "left", 130), 2)
+    write_video(d / "videos" / "long.mp4", moving_frames(random_spec(random.Random(0)), "left", 130), 2)
     bad = [
         {"messages": [{"role": "user", "content": "<video>?"}, {"role": "assistant", "content": "x"}], "videos": ["videos/garbage.mp4"]},
         {"messages": [{"role": "user", "content": "<video><video>?"}, {"role": "assistant", "content": "x"}], "videos": ["videos/000000.mp4"]},
