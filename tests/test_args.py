@@ -27,6 +27,7 @@ PINNED_FLAGS = [
     "--context-parallel-size", "--distributed-backend", "--distributed-timeout-minutes", "--exit-interval",
     "--expert-model-parallel-size", "--fp16", "--fsdp2-config-path",
     "--global-batch-size", "--init-model-with-meta-device", "--load", "--log-interval", "--log-tps", "--lr",
+    "--lora-alpha", "--lora-dropout", "--lora-load", "--lora-r", "--lora-target-modules",
     "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--max-nonfinite-steps",
     "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-load-optim",
     "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-workers", "--pipeline-model-parallel-size",
