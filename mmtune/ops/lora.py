@@ -8,6 +8,7 @@ Experts: for each stacked projection p of `GroupedExperts` (gate_up_proj [E, 2I,
 `p_lora_A` [E, r, in] and `p_lora_B` [E, out, r]: one adapter per expert. The rows that reach the experts
 are already sorted by expert with per-expert counts, so the update runs as two more grouped matmuls over
 the same rows, (x_R A_e^T) B_e^T: O(rows * r * (in + out)) work, and the [E, out, in] delta is never built.
+It enters the local expert computation (`ops.moe.expert_ffn`) as a `LoRAProjection` in place of the weight.
 The leading expert dim of the adapters is the experts' own, so whatever splits the experts (expert
 parallelism shards dim 0) splits their adapters with them.
 
@@ -21,6 +22,7 @@ Legend: R rows (sorted by expert), E experts, r rank, In/Out the projection's in
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +93,27 @@ def wrap_linear(linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -
     return new
 
 
+@dataclass(frozen=True)
+class LoRAProjection:
+    """A stacked expert weight [E, Out, In] with its per-expert adapters A [E, r, In], B [E, Out, r]: what
+    `ops.moe.project` applies to the sorted rows (the base grouped matmul plus `grouped_lowrank`)."""
+
+    weight: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    dropout: nn.Module
+
+    def project(self, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        y_ROut = grouped_linear(x_RIn, self.weight, counts_E)
+        d_ROut = grouped_lowrank(self.dropout(x_RIn), self.A, self.B, counts_E)
+        return y_ROut + (d_ROut * self.scale).to(y_ROut.dtype)
+
+    def map(self, fn) -> "LoRAProjection":
+        """The same projection with `fn` applied to its three tensors (e.g. taking a rank's local experts)."""
+        return LoRAProjection(fn(self.weight), fn(self.A), fn(self.B), self.scale, self.dropout)
+
+
 class LoRAGroupedExperts(GroupedExperts):
     """GroupedExperts (same `gate_up_proj`, `down_proj`) plus one adapter per expert for each projection in
     `self.adapted`: `{p}_lora_A` [E, r, In], `{p}_lora_B` [E, Out, r]."""
@@ -99,13 +122,11 @@ class LoRAGroupedExperts(GroupedExperts):
     scale: float
     adapted: tuple[str, ...]
 
-    def project(self, name: str, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        y_ROut = grouped_linear(x_RIn, getattr(self, name), counts_E)
+    def projection(self, name: str):
         if name not in self.adapted:
-            return y_ROut
-        A_ErIn, B_EOutr = getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B")
-        d_ROut = grouped_lowrank(self.lora_dropout(x_RIn), A_ErIn, B_EOutr, counts_E)
-        return y_ROut + (d_ROut * self.scale).to(y_ROut.dtype)
+            return getattr(self, name)
+        return LoRAProjection(getattr(self, name), getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B"),
+                              self.scale, self.lora_dropout)
 
     def extra_repr(self) -> str:
         return f"adapted={list(self.adapted)}, r={self.r}, scale={self.scale:g}"

@@ -69,16 +69,20 @@ class TopKRouter(nn.Module):
 class GroupedExperts(nn.Module):
     """`mlp.experts`: E SwiGLU experts stored as stacked tensors.
 
-    `forward` sorts the (token, slot) rows by expert (the dispatch), `compute` runs the local experts on
-    rows that arrive sorted with per-expert counts, and the result goes back to token order (the combine).
-    Each projection is `project(name, x_R, counts_E)`: one grouped matmul; LoRA on the experts
-    (ops/lora.py) overrides only that, so it runs wherever `compute` runs."""
+    `forward` sorts the (token, slot) rows by expert, runs `expert_ffn` on the sorted rows with the
+    per-expert counts, and returns the outputs to token order. `expert_ffn` is the local expert
+    computation; it reaches each projection's weight only through `project`, so LoRA on the experts
+    (ops/lora.py: `projection()` returns the weight with its adapters) runs wherever `expert_ffn` runs."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+    def projection(self, name: str):
+        """What `project` applies for projection `name` ("gate_up_proj" | "down_proj"): its stacked weight."""
+        return getattr(self, name)
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         T, K = experts_TK.shape
@@ -87,23 +91,29 @@ class GroupedExperts(nn.Module):
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = self.compute(x_RH, w_R1, counts_E)
+        y_RH = expert_ffn(x_RH, w_R1, counts_E, self.projection("gate_up_proj"), self.projection("down_proj"))
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
 
-    def compute(self, x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """The experts on rows sorted by expert (counts_E[e] rows for expert e), each row scaled by its
-        routing weight w_R1: rows [R, H] -> [R, H]."""
-        h_RI2 = self.project("gate_up_proj", x_RH, counts_E)
-        gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
-        # the routing weight scales the (narrower) down-projection input: the same as scaling its output
-        return self.project("down_proj", (F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), counts_E)
 
-    def project(self, name: str, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
-        """Rows sorted by expert through projection `name` ("gate_up_proj" or "down_proj") of their expert."""
-        return grouped_linear(x_RIn, getattr(self, name), counts_E)
+def expert_ffn(x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor, gate_up, down) -> torch.Tensor:
+    """SwiGLU of expert e over the e-th block of rows (counts_E[e] rows, blocks in expert order), each
+    row's output scaled by its routing weight. gate_up [E, 2I, H] and down [E, H, I]: stacked weights,
+    or their LoRA projections (see `project`)."""
+    h_RI2 = project(x_RH, gate_up, counts_E)
+    gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
+    # the routing weight scales the (narrower) down-projection input: the same as scaling its output
+    return project((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), down, counts_E)
+
+
+def project(x_RIn: torch.Tensor, weight, counts_E: torch.Tensor) -> torch.Tensor:
+    """The sorted rows through their expert's projection: `weight` is a stacked [E, Out, In] tensor, or an
+    object with `.project(x_RIn, counts_E)` (ops/lora.LoRAProjection: the weight plus its adapters)."""
+    if isinstance(weight, torch.Tensor):
+        return grouped_linear(x_RIn, weight, counts_E)
+    return weight.project(x_RIn, counts_E)
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
