@@ -52,6 +52,16 @@ def init_lora_(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator) -> 
         B.zero_()
 
 
+def _same_module_as(cls: type, module: nn.Module) -> nn.Module:
+    """An instance of `cls` (a subclass of type(module)) with `module`'s plain attributes (sizes, a dispatch
+    hook, ...) but none of its parameters yet: the caller hands over the same Parameter objects."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith("_") and k != "training"})
+    new.training = module.training
+    return new
+
+
 def _dropout(p: float) -> nn.Module:
     return nn.Dropout(p) if p > 0 else nn.Identity()
 
@@ -81,9 +91,7 @@ def wrap_linear(linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -
     (zeros: call `init_lora_` or load them)."""
     if isinstance(linear, LoRALinear):
         raise ValueError("this Linear already has a LoRA adapter")
-    new = LoRALinear.__new__(LoRALinear)
-    nn.Module.__init__(new)
-    new.in_features, new.out_features = linear.in_features, linear.out_features
+    new = _same_module_as(LoRALinear, linear)
     new.weight = linear.weight
     new.bias = linear.bias
     new.r, new.scale = r, alpha / r
@@ -140,9 +148,7 @@ def wrap_experts(experts: GroupedExperts, r: int, alpha: float, dropout: float =
     unknown = set(projections) - set(EXPERT_PROJECTIONS)
     if unknown or not projections:
         raise ValueError(f"expert projections {sorted(unknown) or '()'}: choose from {EXPERT_PROJECTIONS}")
-    new = LoRAGroupedExperts.__new__(LoRAGroupedExperts)
-    nn.Module.__init__(new)
-    new.num_experts = experts.num_experts
+    new = _same_module_as(LoRAGroupedExperts, experts)
     new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
     new.r, new.scale, new.adapted = r, alpha / r, tuple(p for p in EXPERT_PROJECTIONS if p in projections)
     for p in new.adapted:
