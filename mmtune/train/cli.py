@@ -171,7 +171,11 @@ def _resolve_lora(cfg, source):
                                         "DCP) are gone; the adapters only make sense on top of them")
     lora_source = None
     if cfg.lora_load:
-        found = resolve_load_path(cfg.lora_load)
+        try:
+            found = resolve_load_path(cfg.lora_load)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--lora-load {cfg.lora_load}: not a LoRA checkpoint (a LoRA run's save dir or "
+                                    f"iter_XXXXXXX; a PEFT adapter dir cannot be continued yet): {e}") from None
         blob = peek_lora(found.path) if found.kind == "training" else None
         if blob is None:
             raise ValueError(f"--lora-load {cfg.lora_load}: not a LoRA checkpoint (it has no adapters); pass the save "
