@@ -80,7 +80,8 @@ class LoRALinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.linear(x, self.weight, self.bias)
         h = self.lora_dropout(x).to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(h, self.lora_A), self.lora_B) * self.scale).to(y.dtype)
+        # the scale multiplies the narrow [.., r] intermediate, not the [.., out] update
+        return y + F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B).to(y.dtype)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, scale={self.scale:g}"
@@ -114,8 +115,7 @@ class LoRAProjection:
 
     def project(self, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
         y_ROut = grouped_linear(x_RIn, self.weight, counts_E)
-        d_ROut = grouped_lowrank(self.dropout(x_RIn), self.A, self.B, counts_E)
-        return y_ROut + (d_ROut * self.scale).to(y_ROut.dtype)
+        return y_ROut + grouped_lowrank(self.dropout(x_RIn), self.A, self.B, counts_E, self.scale).to(y_ROut.dtype)
 
     def map(self, fn) -> "LoRAProjection":
         """The same projection with `fn` applied to its three tensors (e.g. taking a rank's local experts)."""
@@ -160,25 +160,54 @@ def wrap_experts(experts: GroupedExperts, r: int, alpha: float, dropout: float =
 
 
 def grouped_lowrank(x_RIn: torch.Tensor, A_ErIn: torch.Tensor, B_EOutr: torch.Tensor, counts_E: torch.Tensor,
-                    padded: bool | None = None) -> torch.Tensor:
-    """(x A_e^T) B_e^T for each expert's block of the sorted rows: [R, Out].
+                    scale: float = 1.0, padded: bool | None = None) -> torch.Tensor:
+    """s (x A_e^T) B_e^T for each expert's block of the sorted rows: [R, Out] (s scales the [R, r] middle).
 
     Two grouped matmuls over the rows (`grouped_linear`), or — on the CPU, whose grouped matmul runs each
-    expert's narrow [n_e, r] product as a separate small matmul — the same rows scattered into an
+    expert's narrow [n_e, r] product as a separate small matmul — the same rows copied into an
     [E, max n_e, In] buffer and two batched matmuls, when that padding at most doubles the rows (`padded`
     None decides so; True / False force a path, for tests). Both are O(R * r * (In + Out))."""
     E, R = counts_E.numel(), x_RIn.shape[0]
     if padded is None:
         padded = x_RIn.device.type == "cpu" and R > 0 and int(counts_E.max()) * E <= 2 * R
     if not padded or R == 0:
-        return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E), B_EOutr, counts_E)
+        return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E) * scale, B_EOutr, counts_E)
     C = int(counts_E.max())
-    expert_R = torch.repeat_interleave(torch.arange(E, device=x_RIn.device), counts_E)
     start_E = torch.cumsum(counts_E, 0) - counts_E
-    pos_R = torch.arange(R, device=x_RIn.device) - start_E[expert_R]
-    x_ECIn = x_RIn.new_zeros(E, C, x_RIn.shape[1], dtype=A_ErIn.dtype).index_put((expert_R, pos_R), x_RIn.to(A_ErIn.dtype))
-    h_ECr = torch.bmm(x_ECIn, A_ErIn.transpose(1, 2))
-    return torch.bmm(h_ECr, B_EOutr.transpose(1, 2))[expert_R, pos_R]
+    expert_R = torch.repeat_interleave(torch.arange(E, device=x_RIn.device), counts_E)
+    slot_R = expert_R * C + torch.arange(R, device=x_RIn.device) - start_E[expert_R]  # row -> its padded slot
+    x_ECIn = _ToSlots.apply(x_RIn.to(A_ErIn.dtype), slot_R, E * C).view(E, C, -1)
+    y_ECOut = torch.bmm(torch.bmm(x_ECIn, A_ErIn.transpose(1, 2)) * scale, B_EOutr.transpose(1, 2))
+    return _FromSlots.apply(y_ECOut.view(E * C, -1), slot_R)
+
+
+class _ToSlots(torch.autograd.Function):
+    """rows [R, D] -> a zero buffer [S, D] with row i at slot_R[i] (slots distinct); backward: a gather."""
+
+    @staticmethod
+    def forward(ctx, x_RD, slot_R, n_slots):
+        ctx.save_for_backward(slot_R)
+        return x_RD.new_zeros(n_slots, x_RD.shape[1]).index_copy_(0, slot_R, x_RD)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (slot_R,) = ctx.saved_tensors
+        return grad_SD.index_select(0, slot_R), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """the rows at slot_R of [S, D]; backward: copied back into zeros (slots distinct: no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, y_SD, slot_R):
+        ctx.save_for_backward(slot_R)
+        ctx.n_slots = y_SD.shape[0]
+        return y_SD.index_select(0, slot_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (slot_R,) = ctx.saved_tensors
+        return grad_RD.new_zeros(ctx.n_slots, grad_RD.shape[1]).index_copy_(0, slot_R, grad_RD), None
 
 
 def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
