@@ -1,0 +1,122 @@
+"""Ulysses context parallelism (distributed/context_parallel.py).
+
+Exactness (tests/context_parallel_job.py, one 2-rank and one 4-rank torchrun launch): cp 2, cp 4 (more cp
+ranks than the tiny model's 2 KV heads), dp 2 x cp 2 and HSDP 2 replicas x cp 2 with activation recompute
+train 3 steps whose losses and every parameter's gradient equal the 1-rank run (rel <= 1e-5), for
+per_token_loss (chunked CE, frozen tower and projector) and per_sample_loss (everything trains), aux loss
+on, on packed rows of an odd length (padded) whose samples straddle the split, with images of several
+sizes, a text-only row and a micro-batch without images. Then `mmtune train --context-parallel-size 2`
+saves a checkpoint that one rank resumes: its next loss equals the uninterrupted cp-2 run's.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from context_parallel_job import CASES, reference
+from dist_utils import torchrun
+from mmtune.distributed.context_parallel import ContextParallel, UlyssesAttention, _pad_cu_seqlens, image_owners
+from mmtune.models.glm4v_moe import tiny_config
+
+HERE = Path(__file__).parent
+TOL = 1e-5
+
+
+# ---- one process -----------------------------------------------------------------------------------
+
+
+def test_pad_batch_adds_a_pad_segment_per_row():
+    # rows of 5 tokens (two segments each) padded to 8 for cp 4: every row's padding is a new segment
+    assert _pad_cu_seqlens(torch.tensor([0, 3, 5, 8, 10], dtype=torch.int32), 2, 5, 8).tolist() == [0, 3, 5, 8, 11, 13, 16]
+    cp = ContextParallel(group=None, size=4, rank=1)
+    ids = torch.arange(10).view(2, 5)
+    batch = {"input_ids": ids, "labels": ids + 1, "position_ids": torch.arange(5).expand(3, 2, 5),
+             "cu_seqlens": torch.tensor([0, 3, 5, 8, 10], dtype=torch.int32), "num_samples": 4}
+    out, mask = cp.pad_batch(batch, None, pad_id=99)
+    assert out["input_ids"].tolist() == [[0, 1, 2, 3, 4, 99, 99, 99], [5, 6, 7, 8, 9, 99, 99, 99]]
+    assert out["labels"][:, 5:].eq(-100).all() and out["labels"][:, :5].equal(batch["labels"])
+    assert out["position_ids"][0, 1].tolist() == [0, 1, 2, 3, 4, 0, 1, 2]
+    assert mask.tolist() == [[True] * 5 + [False] * 3] * 2 and out["num_samples"] == 4
+    assert cp.local(out["input_ids"], 1).tolist() == [[2, 3], [7, 8]]  # rank 1's quarter of each row
+    four = {**batch, "input_ids": ids[:, :4]}  # 4 tokens a row: nothing to pad
+    same, same_mask = cp.pad_batch(four, None, 0)
+    assert same is four and same_mask.all()
+    with pytest.raises(ValueError, match="not a multiple of --context-parallel-size 4"):
+        cp.local(ids, 1)
+
+
+def test_images_are_split_contiguously_by_patches():
+    assert image_owners([16, 16, 16, 16], 2) == [0, 0, 1, 1]
+    assert image_owners([64, 16, 16, 16, 16], 2) == [0, 1, 1, 1, 1]  # one large image is a rank's share
+    assert image_owners([16], 4) == [2]  # fewer images than ranks: the others encode a dummy
+    assert image_owners([4, 4, 4, 4, 4, 4, 4, 4], 4) == [0, 0, 1, 1, 2, 2, 3, 3]
+
+
+def test_kv_heads_repeated_until_cp_divides_them():
+    cp = lambda n: ContextParallel(group=None, size=n, rank=0)  # noqa: E731
+    assert UlyssesAttention(cp(4), 96, 8, None).kv_repeat == 1  # GLM-4.5V: 8 KV heads, 2 per rank
+    assert UlyssesAttention(cp(16), 96, 8, None).kv_repeat == 2  # one (repeated) KV head per rank
+    assert UlyssesAttention(cp(3), 6, 2, None).kv_repeat == 3  # neither divides: as many as query heads
+    with pytest.raises(ValueError, match="--context-parallel-size 3 must divide num_attention_heads 4"):
+        UlyssesAttention(cp(3), 4, 2, None)
+
+
+# ---- torchrun ----------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
+    """The 1-rank reference, then the 2-rank and the 4-rank launch (see the module docstring)."""
+    from test_train_helpers import make_workdir, train_argv
+
+    root = tmp_path_factory.mktemp("cp")
+    torch.save({c.name: reference(c) for c in CASES}, root / "reference.pt")
+    work = make_workdir(root, tiny_hf_dir, shapes_dir)
+    both = [c.name for c in CASES]
+    jobs = {
+        2: [{"name": "cp2", "cp": 2, "cases": both}],
+        4: [{"name": "cp4", "cp": 4, "cases": both},
+            {"name": "dp2xcp2", "cp": 2, "cases": ["per_token_frozen_tower"]},
+            {"name": "hsdp2xcp2_recompute", "cp": 2, "sharding_size": 2, "recompute": True,
+             "cases": ["per_sample_trainable_tower"]}],
+    }
+    results = {}
+    for nproc, layouts in jobs.items():
+        job = {"reference": str(root / "reference.pt"), "out": str(root / f"out{nproc}.json"), "layouts": layouts}
+        if nproc == 2:  # the CLI at cp 2: 3 steps, a checkpoint after step 2
+            job["cli_argv"] = train_argv(work, root / "cp2", 3, "--context-parallel-size", "2",
+                                         "--save-interval", "2")
+        (root / f"job{nproc}.json").write_text(json.dumps(job))
+        torchrun([str(HERE / "context_parallel_job.py"), str(root / f"job{nproc}.json")], nproc=nproc,
+                 timeout=600, env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
+        results.update(json.loads((root / f"out{nproc}.json").read_text()))
+    return {"results": results, "work": work, "save": root / "cp2", "root": root}
+
+
+@pytest.mark.parametrize("run", ["cp2", "cp4", "dp2xcp2", "hsdp2xcp2_recompute"])
+def test_losses_and_gradients_equal_one_rank(launches, run):
+    got = {k: v for k, v in launches["results"].items() if k.startswith(run + "/")}
+    assert got, f"no result for {run}"
+    assert tiny_config().text.num_key_value_heads < 4  # so cp 4 exceeds the KV heads
+    for name, steps in got.items():
+        assert len(steps) == 3
+        for k, s in enumerate(steps):
+            assert s["loss_rel"] <= TOL and s["grad_rel"] <= TOL, (name, k, s)
+
+
+def test_checkpoint_at_cp2_resumes_at_cp1(launches):
+    from mmtune.train.cli import main
+    from test_train_helpers import train_argv
+
+    save = launches["save"]
+    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["samples"] == 4 for r in rows)
+    resumed = launches["root"] / "resumed"
+    assert main(train_argv(launches["work"], resumed, 3, "--load", str(save / "iter_0000002"))) == 0
+    last = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in last] == [3]
+    assert abs(last[0]["loss"] - rows[2]["loss"]) <= TOL * abs(rows[2]["loss"]), (last, rows)
