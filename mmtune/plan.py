@@ -320,10 +320,12 @@ class _LiveTensorBytes:
     def _record(self, out) -> None:
         import weakref
 
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
         from torch.utils._pytree import tree_flatten
 
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            # a DTensor has no storage of its own: its local tensor is recorded by the op that made it
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or is_traceable_wrapper_subclass(t):
                 continue
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
