@@ -165,13 +165,22 @@ def _worker(job_path: str) -> None:
             got = run_case(trainer, STEPS, G, lambda g: g.full_tensor())
             if env.rank == 0:
                 result[f"{layout['name']}/{case.name}"] = compare(got, refs[case.name])
-    if job.get("cli_argv"):
-        from mmtune.train.cli import main
-
-        assert main(job["cli_argv"]) == 0
     if int(os.environ["RANK"]) == 0:
         with open(job["out"], "w") as f:
             json.dump(result, f)
+    if job.get("gpu_bench_argv"):  # bench/gpu_train.py's CPU dry run, in this process group
+        import importlib.util
+        from pathlib import Path
+
+        path = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
+        spec = importlib.util.spec_from_file_location("gpu_train_bench", path)
+        bench = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(bench)
+        assert bench.main(job["gpu_bench_argv"]) == 0
+    if job.get("cli_argv"):  # `mmtune train` on these ranks (it ends the process group)
+        from mmtune.train.cli import main
+
+        assert main(job["cli_argv"]) == 0
 
 
 if __name__ == "__main__":

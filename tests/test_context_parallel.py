@@ -87,12 +87,15 @@ def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
     results = {}
     for nproc, layouts in jobs.items():
         job = {"reference": str(root / "reference.pt"), "out": str(root / f"out{nproc}.json"), "layouts": layouts}
-        if nproc == 2:  # the CLI at cp 2: 3 steps, a checkpoint after step 2
+        env = {"PYTHONPATH": f"{HERE}:{HERE.parent}"}
+        if nproc == 2:  # the CLI at cp 2 (3 steps, a checkpoint after step 2); bench/gpu_train.py's dry run
             job["cli_argv"] = train_argv(work, root / "cp2", 3, "--context-parallel-size", "2",
                                          "--save-interval", "2")
+            job["gpu_bench_argv"] = ["--dry-run", "--context-parallel-size", "2"]
+            env["OUT"] = str(root / "gpu_bench")
         (root / f"job{nproc}.json").write_text(json.dumps(job))
         torchrun([str(HERE / "context_parallel_job.py"), str(root / f"job{nproc}.json")], nproc=nproc,
-                 timeout=600, env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
+                 timeout=600, env=env)
         results.update(json.loads((root / f"out{nproc}.json").read_text()))
     return {"results": results, "work": work, "save": root / "cp2", "root": root}
 
@@ -120,3 +123,12 @@ def test_checkpoint_at_cp2_resumes_at_cp1(launches):
     last = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in last] == [3]
     assert abs(last[0]["loss"] - rows[2]["loss"]) <= TOL * abs(rows[2]["loss"]), (last, rows)
+
+
+def test_gpu_bench_dry_run_with_context_parallel(launches):
+    """bench/gpu_train.py --dry-run --context-parallel-size 2 on 2 gloo ranks: the CP training path of the
+    GPU bench runs, and its first loss equals transformers' on the same weights and row (one device)."""
+    res = json.loads((launches["root"] / "gpu_bench" / "gpu_train.json").read_text())
+    assert res["context_parallel_size"] == 2 and res["backend"] == "gloo" and res["mmtune_step_s"] > 0
+    assert res["hf_missing_keys"] == 0
+    assert abs(res["mmtune_first_loss"] - res["hf_first_loss"]) < 1e-4 * res["hf_first_loss"]
