@@ -273,7 +273,8 @@ def _decoder_input_hook(cp: ContextParallel):
         bound = {**dict(zip(_DECODER_ARGS, args)), **kwargs}
         if bound.get("cache") is not None:
             raise ValueError("context parallelism is for training: a KV cache (generation) runs on one rank")
-        bound["inputs_embeds_BSH"] = cp.local(bound["inputs_embeds_BSH"], 1)
+        # a copy: the share must not keep the whole sequence's embeddings alive until backward
+        bound["inputs_embeds_BSH"] = cp.local(bound["inputs_embeds_BSH"], 1).clone()
         bound["position_ids_3BS"] = cp.local(bound["position_ids_3BS"], 2)
         return (), bound
 
