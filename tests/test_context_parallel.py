@@ -6,7 +6,9 @@ train 3 steps whose losses and every parameter's gradient equal the 1-rank run (
 per_token_loss (chunked CE, frozen tower and projector) and per_sample_loss (everything trains), aux loss
 on, on packed rows of an odd length (padded) whose samples straddle the split, with images of several
 sizes, a text-only row and a micro-batch without images. Then `mmtune train --context-parallel-size 2`
-saves a checkpoint that one rank resumes: its next loss equals the uninterrupted cp-2 run's.
+saves a checkpoint that one rank resumes: its next loss equals the uninterrupted cp-2 run's, and
+bench/gpu_train.py's CP dry run runs. In one process: all five loss types cut over cp shares add up to the
+1-rank loss and gradient; padding, the image split and the KV-head repetition.
 """
 
 from __future__ import annotations
@@ -63,6 +65,36 @@ def test_kv_heads_repeated_until_cp_divides_them():
     assert UlyssesAttention(cp(3), 6, 2, None).kv_repeat == 3  # neither divides: as many as query heads
     with pytest.raises(ValueError, match="--context-parallel-size 3 must divide num_attention_heads 4"):
         UlyssesAttention(cp(3), 4, 2, None)
+
+
+@pytest.mark.parametrize("loss_type", ["default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss"])
+def test_every_loss_type_sums_over_the_cp_ranks_to_the_whole_sequence(loss_type):
+    """lm_loss on each cp rank's share of the hidden states (weights from the whole micro-batch): the shares'
+    contributions add up to the 1-rank loss and, scaled as FSDP averages them, to its gradient."""
+    from mmtune.train.loss import LossContext, lm_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, S, H, V = 2, 24, 16, 40
+    labels = torch.randint(0, V, (B, S), generator=g)
+    labels[:, :5] = -100
+    labels[1, 12:15] = -100
+    cu = torch.tensor([0, 7, 20, 24, 33, 48], dtype=torch.int32)  # samples straddle every split point
+    hidden = torch.randn(B, S, H, generator=g, requires_grad=True)
+    weight = torch.randn(V, H, generator=g)
+    ctx = LossContext.for_window(loss_type, [(labels, cu)])
+    one = lm_loss(hidden, weight, labels, ctx, cu_seqlens=cu)
+    (want,) = torch.autograd.grad(one.loss_for_backward, hidden)
+    for size in (2, 4):
+        total, grad = 0.0, torch.zeros_like(hidden)
+        for rank in range(size):
+            cp = ContextParallel(group=None, size=size, rank=rank)
+            share = cp.local(hidden, 1)
+            lo = lm_loss(share, weight, labels, ctx, cu_seqlens=cu, cp=cp, compute_mode="chunk", chunk_size=5)
+            total += float(lo.loss_value)
+            (g_share,) = torch.autograd.grad(lo.loss_for_backward, hidden)
+            grad += g_share / size  # FSDP averages over the dp x cp ranks
+        assert abs(total - float(one.loss_value)) <= 1e-6 * abs(float(one.loss_value)), (size, total)
+        torch.testing.assert_close(grad, want, rtol=1e-5, atol=1e-7)
 
 
 # ---- torchrun ----------------------------------------------------------------------------------------
