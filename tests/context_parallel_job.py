@@ -53,36 +53,49 @@ CASES = [
 ]
 
 
-def _sample(seed: int, length: int, grids: tuple[tuple[int, int], ...] = ()) -> Sample:
-    """Random text with images of the given (h, w) patch grids near the start; labels on the last 2/3."""
+def _sample(seed: int, length: int, items: tuple = ()) -> Sample:
+    """Random text with images ("image", (h, w)) and videos ("video", (t, h, w)) laid out as the processor
+    does near the start (a video: per temporal patch <|begin_of_image|> placeholders <|end_of_image|> and a
+    timestamp token, inside <|begin_of_video|> ... <|end_of_video|>); labels on the text after them."""
     cfg = tiny_config()
     g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(0, 400, (length,), generator=g)
-    pixels, at = [], 1
-    for h, w in grids:
-        n = h * w // 4
-        ids[at], ids[at + 1 : at + 1 + n], ids[at + 1 + n] = cfg.image_start_token_id, cfg.image_token_id, cfg.image_end_token_id
-        at += n + 2
-        pixels.append(torch.randn(h * w, cfg.vision.patch_dim, generator=g).numpy())
+    ids = torch.randint(0, 400, (length,), generator=g).tolist()
+    pixels, grids, video_pixels, video_grids, at = [], [], [], [], 1
+    for kind, shape in items:
+        t, h, w = (1, *shape) if kind == "image" else shape
+        span = [cfg.image_start_token_id] + [cfg.image_token_id] * (h * w // 4) + [cfg.image_end_token_id]
+        if kind == "image":
+            pixels.append(torch.randn(h * w, cfg.vision.patch_dim, generator=g).numpy())
+            grids.append([1, h, w])
+        else:
+            span = [cfg.video_start_token_id] + (span + [7]) * t + [cfg.video_end_token_id]
+            video_pixels.append(torch.randn(t * h * w, cfg.vision.patch_dim, generator=g).numpy())
+            video_grids.append([t, h, w])
+        ids[at : at + len(span)] = span
+        at += len(span)
+    ids = torch.tensor(ids[:length])
     start = max(at, length // 3)
     labels = torch.full((length,), -100)
     labels[start:-1] = ids[start + 1 :]
-    grid_t = torch.tensor([[1, h, w] for h, w in grids]) if grids else None
-    pos, _ = get_rope_index(ids, grid_t, image_token_id=cfg.image_token_id, video_start_token_id=cfg.video_start_token_id,
-                            video_end_token_id=cfg.video_end_token_id, spatial_merge_size=2)
-    return Sample(ids, labels, pos, np.concatenate(pixels) if pixels else None, [[1, h, w] for h, w in grids], "cp")
+    pos, _ = get_rope_index(ids, torch.tensor(grids) if grids else None,
+                            torch.tensor(video_grids) if video_grids else None, image_token_id=cfg.image_token_id,
+                            video_start_token_id=cfg.video_start_token_id, video_end_token_id=cfg.video_end_token_id,
+                            spatial_merge_size=2)
+    cat = lambda xs: np.concatenate(xs) if xs else None  # noqa: E731
+    return Sample(ids, labels, pos, cat(pixels), grids, "cp", cat(video_pixels), video_grids)
 
 
 def micro_batches(step: int) -> list[dict]:
     """The 2 micro-batches (2 packed rows of SEQ tokens each) of one step. Samples straddle every split
-    point; one row is text only; images of 4, 8 and 16 tokens; step 1's second micro-batch has no image."""
+    point; one row is text only; images of 4, 8 and 16 tokens and a video of 2 x 4 tokens; step 1's second
+    micro-batch has no image and no video."""
     pad = tiny_config().text.pad_token_id
     s = 100 * step
-    img = () if step == 1 else ((4, 4),)
-    mb0 = [[_sample(s + 1, 21, ((4, 4),)), _sample(s + 2, 17, ((4, 8),))],  # 38 tokens + 7 pad
+    video = () if step == 1 else (("video", (2, 4, 4)),)
+    mb0 = [[_sample(s + 1, 21, (("image", (4, 4)),)), _sample(s + 2, 17, (("image", (4, 8)),))],  # 38 + 7 pad
            [_sample(s + 3, 25), _sample(s + 4, 14)]]  # text only, 39 + 6 pad
-    mb1 = [[_sample(s + 5, 40, () if step == 1 else ((4, 4), (8, 8)))],  # 40 + 5 pad
-           [_sample(s + 6, 12), _sample(s + 7, 20, img), _sample(s + 8, 13)]]  # 45: no padding
+    mb1 = [[_sample(s + 5, 40, () if step == 1 else (("image", (4, 4)), ("image", (8, 8))))],  # 40 + 5 pad
+           [_sample(s + 6, 12), _sample(s + 7, 22, video), _sample(s + 8, 11)]]  # 45: no padding
     return [collate(rows, pad_id=pad, pad_to=SEQ) for rows in (mb0, mb1)]
 
 
