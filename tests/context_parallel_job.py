@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -168,6 +169,7 @@ def _worker(job_path: str) -> None:
         env = init_distributed("cpu", cp=layout["cp"], shard_size=layout.get("sharding_size"))
         dp, G = env.dp_size, 2 // env.dp_size
         for case in (c for c in CASES if c.name in layout["cases"]):
+            t0 = time.perf_counter()
             torch.manual_seed(0)
             opts = FSDPOptions(activation_checkpointing=layout.get("recompute", False))
             model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env, opts, case.freeze, seed=0)
@@ -178,6 +180,7 @@ def _worker(job_path: str) -> None:
             got = run_case(trainer, STEPS, G, lambda g: g.full_tensor())
             if env.rank == 0:
                 result[f"{layout['name']}/{case.name}"] = compare(got, refs[case.name])
+                result.setdefault("seconds", {})[f"{layout['name']}/{case.name}"] = time.perf_counter() - t0
     if int(os.environ["RANK"]) == 0:
         with open(job["out"], "w") as f:
             json.dump(result, f)

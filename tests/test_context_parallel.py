@@ -14,6 +14,7 @@ bench/gpu_train.py's CP dry run runs. In one process: all five loss types cut ov
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -106,7 +107,9 @@ def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
     from test_train_helpers import make_workdir, train_argv
 
     root = tmp_path_factory.mktemp("cp")
+    t0 = time.perf_counter()
     torch.save({c.name: reference(c) for c in CASES}, root / "reference.pt")
+    print(f"1-rank reference: {time.perf_counter() - t0:.1f} s")
     work = make_workdir(root, tiny_hf_dir, shapes_dir)
     both = [c.name for c in CASES]
     jobs = {
@@ -126,9 +129,12 @@ def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
             job["gpu_bench_argv"] = ["--dry-run", "--context-parallel-size", "2"]
             env["OUT"] = str(root / "gpu_bench")
         (root / f"job{nproc}.json").write_text(json.dumps(job))
+        t0 = time.perf_counter()
         torchrun([str(HERE / "context_parallel_job.py"), str(root / f"job{nproc}.json")], nproc=nproc,
                  timeout=600, env=env)
-        results.update(json.loads((root / f"out{nproc}.json").read_text()))
+        out = json.loads((root / f"out{nproc}.json").read_text())
+        print(f"{nproc}-rank launch: {time.perf_counter() - t0:.1f} s; per run {out.pop('seconds')}")
+        results.update(out)
     return {"results": results, "work": work, "save": root / "cp2", "root": root}
 
 
