@@ -165,8 +165,8 @@ def _worker(job_path: str) -> None:
 
     refs = torch.load(job["reference"], weights_only=True)
     result = {}
-    for layout in job["layouts"]:  # {"name", "cp", "sharding_size", "recompute", "cases"}
-        env = init_distributed("cpu", cp=layout["cp"], shard_size=layout.get("sharding_size"))
+    for layout in job["layouts"]:  # {"name", "cp", "sharding_size", "ep", "recompute", "cases"}
+        env = init_distributed("cpu", cp=layout["cp"], shard_size=layout.get("sharding_size"), ep=layout.get("ep", 1))
         dp, G = env.dp_size, 2 // env.dp_size
         for case in (c for c in CASES if c.name in layout["cases"]):
             t0 = time.perf_counter()
