@@ -13,6 +13,7 @@ bench/gpu_train.py's CP dry run runs. In one process: all five loss types cut ov
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -101,6 +102,18 @@ def test_every_loss_type_sums_over_the_cp_ranks_to_the_whole_sequence(loss_type)
 # ---- torchrun ----------------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _one_thread():
+    """The tiny model's ops are too small for two threads: one is several times faster (the ranks run
+    with OMP_NUM_THREADS=1 too)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
     """The 1-rank reference, then the 2-rank and the 4-rank launch (see the module docstring)."""
@@ -108,7 +121,8 @@ def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
 
     root = tmp_path_factory.mktemp("cp")
     t0 = time.perf_counter()
-    torch.save({c.name: reference(c) for c in CASES}, root / "reference.pt")
+    with _one_thread():
+        torch.save({c.name: reference(c) for c in CASES}, root / "reference.pt")
     print(f"1-rank reference: {time.perf_counter() - t0:.1f} s")
     work = make_workdir(root, tiny_hf_dir, shapes_dir)
     both = [c.name for c in CASES]
@@ -157,7 +171,8 @@ def test_checkpoint_at_cp2_resumes_at_cp1(launches):
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3] and all(r["samples"] == 4 for r in rows)
     resumed = launches["root"] / "resumed"
-    assert main(train_argv(launches["work"], resumed, 3, "--load", str(save / "iter_0000002"))) == 0
+    with _one_thread():
+        assert main(train_argv(launches["work"], resumed, 3, "--load", str(save / "iter_0000002"))) == 0
     last = [json.loads(line) for line in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in last] == [3]
     assert abs(last[0]["loss"] - rows[2]["loss"]) <= TOL * abs(rows[2]["loss"]), (last, rows)
