@@ -1,6 +1,6 @@
 """Build the training model: meta device -> freeze (-> LoRA adapters) -> frozen weights to the compute
-dtype -> activation checkpointing + FSDP2 -> to_empty -> weights (-> adapter init). Every rank ends up
-holding only its shard.
+dtype -> context parallelism + activation checkpointing + FSDP2 (distributed.parallelize) -> to_empty ->
+weights (-> adapter init). Every rank ends up holding only its shard.
 
 With LoRA (train/lora.py) every base weight is frozen and only the adapters train; frozen weights are stored
 in the compute dtype (FSDP's param_dtype, e.g. bf16) instead of fp32 — they have no gradient or optimizer
@@ -73,7 +73,7 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
     apply_freeze(model, freeze)
     info: LoRAInfo | None = apply_lora(model, lora, freeze) if lora is not None else None
     store_frozen_in(model, opts.param_dtype)
-    parallelize(model, env.mesh, opts, env.device)
+    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh)
     materialize(model, env.device)
     if not load_weights:
         _reset_non_persistent_buffers(model)
