@@ -3,7 +3,7 @@
     torchrun --nproc_per_node 4 tests/expert_parallel_worker.py JOB.json
 
 JOB.json: {"out": path, "runs": [{"kind": ..., ...}, ...]}; rank 0 writes the list of results with torch.save
-to "out". The 2-rank configurations run inside test_train_helpers' 2-rank launch (`run_all`). Also holds the
+to "out". Optionally "gpu_train_argv" / "gpu_train_out": bench/gpu_train.py run last on the same ranks. The 2-rank configurations run inside test_train_helpers' 2-rank launch (`run_all`). Also holds the
 data the 1-rank references use (`step_batches`), so both sides see the same micro-batches. No tests here.
 """
 
@@ -154,8 +154,10 @@ def run_checkpoint(env, job: dict) -> dict:
 
 def run_dispatch(env, job: dict) -> dict:
     """The all-to-all dispatch alone against every expert on one device, on routings that stress it:
-    rank 0 sends every row to rank 1's experts, rank 1 sends to both but gives expert 1 nothing, and the
-    ranks hold different numbers of tokens. Returns the largest differences."""
+    (a) rank 0 sends every row to rank 1's experts, rank 1 sends to both but gives expert 1 nothing;
+    (b) both ranks send everything to rank 1's experts: rank 0's experts get no row at all (their gradient
+    must still be a zero tensor: FSDP reduces it on every rank). The ranks hold different numbers of
+    tokens. Returns the largest difference."""
     import torch.distributed as dist
 
     from mmtune.distributed.expert_parallel import apply_expert_parallel
@@ -171,30 +173,32 @@ def run_dispatch(env, job: dict) -> dict:
     T = 5 if env.rank == 0 else 11
     x = torch.randn(T, H, generator=g)
     w = torch.rand(T, 2, generator=g)
-    if env.rank == 0:
-        ids = torch.tensor([[2, 3], [3, 2]] * 2 + [[3, 2]])  # everything remote
-    else:
-        ids = torch.tensor([[0, 2], [3, 0], [2, 3]] * 3 + [[0, 3], [0, 2]])  # expert 1 gets nothing
+    mixed = torch.tensor([[2, 3], [3, 2]] * 2 + [[3, 2]]) if env.rank == 0 else \
+        torch.tensor([[0, 2], [3, 0], [2, 3]] * 3 + [[0, 3], [0, 2]])
+    to_rank1 = torch.tensor([[2, 3], [3, 2]] * (T // 2) + [[3, 2]] * (T % 2))
     weight = torch.arange(H, dtype=torch.float32)
+    lo = env.dims.ep_mesh.get_local_rank() * 2
+    ep = GroupedExperts(E, H, I)
+    ep.load_state_dict(full.state_dict())
+    apply_expert_parallel(ep, env.dims.ep_mesh)
 
-    def run(module):
+    def run(module, ids):
+        module.zero_grad(set_to_none=True)
         xx, ww = x.clone().requires_grad_(), w.clone().requires_grad_()
         out = module(xx, ww, ids)
         (out * weight).sum().backward()
         return out.detach(), xx.grad, ww.grad
 
-    ref = run(full)
-    ref_grads = [full.gate_up_proj.grad.clone(), full.down_proj.grad.clone()]
-    for t in ref_grads:  # the experts' gradient is the sum over both ranks' tokens
-        dist.all_reduce(t, group=env.dims.ep_mesh.get_group())
-    ep = GroupedExperts(E, H, I)
-    ep.load_state_dict(full.state_dict())
-    apply_expert_parallel(ep, env.dims.ep_mesh)
-    got = run(ep)
-    lo, hi = env.dims.ep_mesh.get_local_rank() * 2, env.dims.ep_mesh.get_local_rank() * 2 + 2
-    diffs = [float((a - b).abs().max()) for a, b in zip(got, ref)]
-    diffs += [float((p.grad.to_local() - r[lo:hi]).abs().max())
-              for p, r in zip((ep.gate_up_proj, ep.down_proj), ref_grads)]
+    diffs = []
+    for ids in (mixed, to_rank1):
+        ref = run(full, ids)
+        ref_grads = [full.gate_up_proj.grad.clone(), full.down_proj.grad.clone()]
+        for t in ref_grads:  # the experts' gradient is the sum over both ranks' tokens
+            dist.all_reduce(t, group=env.dims.ep_mesh.get_group())
+        got = run(ep, ids)
+        diffs += [float((a - b).abs().max()) for a, b in zip(got, ref)]
+        diffs += [float((p.grad.to_local() - r[lo : lo + 2]).abs().max())
+                  for p, r in zip((ep.gate_up_proj, ep.down_proj), ref_grads)]
     return {"max_diff": max(diffs), "tokens": T}
 
 
@@ -312,7 +316,14 @@ def main(job_path: str) -> None:
     if env.rank == 0:
         print(f"started: {time.perf_counter() - T0:.1f} s after the imports began", flush=True)
     run_all(env, job["runs"], job["out"])
-    dist.destroy_process_group()
+    if job.get("gpu_train_argv"):  # bench/gpu_train.py's EP mode, dry run on the same ranks (it ends the group)
+        sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "bench"))
+        import gpu_train
+
+        os.environ["OUT"] = job["gpu_train_out"]
+        assert gpu_train.main(job["gpu_train_argv"]) == 0
+    if dist.is_initialized():
+        dist.destroy_process_group()
     if env.rank == 0:
         print(f"done: {time.perf_counter() - T0:.1f} s after the imports began", flush=True)
 

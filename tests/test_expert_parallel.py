@@ -30,9 +30,9 @@ HERE = Path(__file__).parent
 BIAS_RATE = 1e-2
 
 
-def _launch(root: Path, nproc: int, runs: list[dict]):
+def _launch(root: Path, nproc: int, runs: list[dict], **extra):
     job = root / f"job{nproc}.json"
-    job.write_text(json.dumps({"out": str(root / f"out{nproc}.pt"), "runs": runs}))
+    job.write_text(json.dumps({"out": str(root / f"out{nproc}.pt"), "runs": runs, **extra}))
     proc = torchrun([str(HERE / "expert_parallel_worker.py"), str(job)], nproc=nproc, timeout=400,
                     env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
     return torch.load(root / f"out{nproc}.pt", weights_only=False), proc.stdout + proc.stderr
@@ -48,8 +48,10 @@ def four(tmp_path_factory):
              "bias_rate": BIAS_RATE},
             {"kind": "checkpoint", "ep": 4, "first": 2, "last": 4, "load": str(root / "ckpt" / "iter_0000002"),
              "bias_rate": BIAS_RATE}]
-    results, _ = _launch(root, 4, runs)
-    return {"results": results, "ckpt": root / "ckpt" / "iter_0000002"}
+    results, _ = _launch(root, 4, runs, gpu_train_argv=["--dry-run", "--expert-model-parallel-size", "2"],
+                         gpu_train_out=str(root / "gpu_train"))
+    return {"results": results, "ckpt": root / "ckpt" / "iter_0000002",
+            "gpu_train": json.loads((root / "gpu_train" / "gpu_train.json").read_text())}
 
 
 @pytest.mark.parametrize("run, layout", [(0, "4 ranks EP=2"), (1, "4 ranks EP=4"), (2, "4 ranks HSDP 2x2, EP=2")])
@@ -116,3 +118,15 @@ def test_bias_update_moves_toward_balance():
     assert (gate.e_score_correction_bias[:2] < 1.0).all() and (gate.e_score_correction_bias[2:] > 0).any()
 
 
+
+
+def test_gpu_train_bench_expert_parallel_dry_run(four):
+    """bench/gpu_train.py --expert-model-parallel-size 2 on the 4 gloo ranks (tiny config): FSDP only and
+    EP=2 both train, their speedup and the routing balance are reported."""
+    res = four["gpu_train"]
+    assert res["world_size"] == 4 and res["backend"] == "gloo"
+    assert res["mmtune_step_s"] > 0 and res["mmtune_ep2_step_s"] > 0 and res["speedup_step_ep2_over_fsdp"] > 0
+    assert res["mmtune_ep2_tokens_per_s"] == pytest.approx(4 * 64 / res["mmtune_ep2_fwd_bwd_s"])
+    # the dry run's identical router rows send every token to experts 2 and 3 (bench/gpu_train.fast_init):
+    # one ep rank's experts get no row at all, and FSDP still reduces their (zero) gradients
+    assert res["mmtune_ep2_moe_load_max_mean"] == pytest.approx(2.0)

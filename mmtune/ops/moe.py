@@ -130,8 +130,9 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
         if n:
             outs.append(x_RIn[start : start + n] @ w_EOutIn[e].T)
             start += n
-    if not outs:
-        return x_RIn.new_zeros(0, w_EOutIn.shape[1])
+    if not outs:  # no rows: an empty matmul, so the weight still gets a (zero) gradient. Under expert
+        # parallelism a rank's experts can receive no row while FSDP reduces their gradients on every rank.
+        return x_RIn[:0] @ w_EOutIn[0].T
     return torch.cat(outs)
 
 
