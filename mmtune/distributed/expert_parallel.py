@@ -34,14 +34,6 @@ def expert_modules(model: nn.Module) -> list[GroupedExperts]:
     return [m for m in model.modules() if isinstance(m, GroupedExperts)]
 
 
-class CommStats:
-    """Bytes this rank sent to other ranks by the dispatch all-to-alls (forward and backward), for benches."""
-
-    def __init__(self):
-        self.bytes_sent = 0
-        self.calls = 0
-
-
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single of rows with autograd: the backward sends the gradients back the same way."""
 
@@ -58,26 +50,13 @@ class _AllToAll(torch.autograd.Function):
         return _AllToAll.apply(grad_out, in_splits, out_splits, ctx.group), None, None, None
 
 
-def _all_to_all(x: torch.Tensor, out_splits: list[int], in_splits: list[int], group, stats: CommStats | None,
-                rank: int) -> torch.Tensor:
-    if stats is not None:
-        row_bytes = x[0].numel() * x.element_size() if x.dim() > 1 else x.element_size()
-        remote = sum(n for r, n in enumerate(in_splits) if r != rank)
-        stats.bytes_sent += 2 * remote * row_bytes  # the backward sends as many bytes of gradient
-        stats.calls += 1
-    return _AllToAll.apply(x, out_splits, in_splits, group)
-
-
 class AllToAllDispatch:
     """`GroupedExperts.dispatch` under expert parallelism (see the module docstring)."""
 
-    def __init__(self, ep_mesh: DeviceMesh, num_experts: int, stats: CommStats | None = None):
+    def __init__(self, ep_mesh: DeviceMesh, num_experts: int):
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
-        self.rank = ep_mesh.get_local_rank()
-        self.num_experts = num_experts
         self.local = num_experts // self.ep
-        self.stats = stats
 
     def __call__(self, x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor,
                  gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
@@ -89,8 +68,8 @@ class AllToAllDispatch:
         send_splits = counts_E.view(ep, local).sum(1).tolist()
         recv_splits = recv_counts_SL.sum(1).tolist()
         # 2. the rows and their routing weights travel to the experts' ranks
-        x_recv = _all_to_all(x_RH, recv_splits, send_splits, self.group, self.stats, self.rank)
-        w_recv = _all_to_all(w_R1, recv_splits, send_splits, self.group, self.stats, self.rank)
+        x_recv = _AllToAll.apply(x_RH, recv_splits, send_splits, self.group)
+        w_recv = _AllToAll.apply(w_R1, recv_splits, send_splits, self.group)
         # 3. rank-major -> expert-major, then the local experts (whole experts: the ep-local DTensor shard)
         order = expert_major_order(recv_counts_SL)
         inverse = torch.empty_like(order)
@@ -98,7 +77,7 @@ class AllToAllDispatch:
         y = expert_ffn(x_recv.index_select(0, order), w_recv.index_select(0, order), recv_counts_SL.sum(0),
                        _local(gate_up), _local(down))
         # 4. back to the order the rows arrived in, and back to the ranks they came from
-        return _all_to_all(y.index_select(0, inverse), send_splits, recv_splits, self.group, self.stats, self.rank)
+        return _AllToAll.apply(y.index_select(0, inverse), send_splits, recv_splits, self.group)
 
 
 def expert_major_order(counts_SL: torch.Tensor) -> torch.Tensor:
@@ -115,7 +94,7 @@ def _local(w: torch.Tensor) -> torch.Tensor:
     return w.to_local() if isinstance(w, DTensor) else w
 
 
-def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, stats: CommStats | None = None) -> int:
+def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> int:
     """Shard every GroupedExperts' weights over the ep group (`Shard(0)`) and route its tokens by
     all-to-all. Works on a meta-device model (no communication). Returns the number of MoE layers."""
     ep, rank = ep_mesh.size(), ep_mesh.get_local_rank()
@@ -131,5 +110,5 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh, stats: CommStat
             dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=full.shape,
                                     stride=full.stride())
             setattr(module, name, nn.Parameter(dt, requires_grad=full.requires_grad))
-        module.dispatch = AllToAllDispatch(ep_mesh, module.num_experts, stats)
+        module.dispatch = AllToAllDispatch(ep_mesh, module.num_experts)
     return len(experts)

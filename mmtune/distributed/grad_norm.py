@@ -42,8 +42,10 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float = math.inf) -
     mine = [g for g in mine if g.numel()]
     sq = torch.stack(torch._foreach_norm(mine)).pow(2).sum() if mine else torch.zeros((), device=device)
     if dist.is_initialized():
+        if dist.get_backend() == "nccl" and sq.device.type != "cuda":  # CPU-offloaded gradients
+            sq = sq.to(torch.device("cuda", torch.cuda.current_device()))
         dist.all_reduce(sq)
-    total = sq.sqrt()
+    total = sq.to(device).sqrt()
     if 0 < max_norm < math.inf:
         coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
         grads = [p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad for p in params]
