@@ -1,14 +1,15 @@
-"""Apply FSDP2 and activation checkpointing to a GLM-4.5V model from outside.
+"""Apply context and expert parallelism, FSDP2 and activation checkpointing to a GLM-4.5V model from outside.
 
-Order (as torchtitan does): activation checkpointing per block, then `fully_shard` per block — each
-vision block, each decoder layer, the token embedding, the lm head — and finally the root, which
-takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
+Order (as torchtitan does): context parallelism (hooks and the attention function, no parameters;
+context_parallel.py), expert parallelism (below), activation checkpointing per block, then `fully_shard`
+per block — each vision block, each decoder layer, the token embedding, the lm head — and finally the
+root, which takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
 
 Module paths (docs/INTERNALS.md "Model"): `model.model.visual.blocks`, `model.model.language_model.layers`,
 `model.model.language_model.embed_tokens`, `model.lm_head` — the same paths as transformers' model, so
 both can be parallelized.
 
-Expert parallelism (ep > 1, `expert_mesh` given): before any of that, distributed/expert_parallel.py
+Expert parallelism (ep > 1, `expert_mesh` given): before checkpointing and FSDP2, distributed/expert_parallel.py
 splits every MoE layer's experts over the ep ranks (DTensor `Shard(0)`) and swaps in the all-to-all
 dispatch; each `mlp.experts` then gets its own FSDP2 unit on the expert mesh's ("dp_replicate", "efsdp")
 dims, with its gradients divided by the dense mesh's size like every other gradient (see `_shard_experts`).
@@ -31,6 +32,7 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
+from mmtune.distributed.context_parallel import apply_context_parallel
 from mmtune.distributed.expert_parallel import apply_expert_parallel, expert_modules
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
@@ -116,14 +118,17 @@ def router_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device, *,
-                expert_mesh: DeviceMesh | None = None) -> nn.Module:
-    """Activation checkpointing + FSDP2 per block, in place; returns the model.
+                cp_mesh: DeviceMesh | None = None, expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """Context and expert parallelism, activation checkpointing, FSDP2 per block, in place; returns the model.
 
     Works on a meta-device model (then `materialize(model, device)` and load weights) or a real one.
     mesh: 1-D ("fsdp",) = FSDP over the shard group; 2-D ("dp_replicate", "fsdp") = HSDP (ParallelDims). None (no process
-    group): only activation checkpointing is applied. expert_mesh: ParallelDims.expert_mesh ("dp_replicate",
-    "efsdp", "ep") for expert parallelism, None without.
+    group): only activation checkpointing is applied. cp_mesh (ParallelDims.cp_mesh): Ulysses context
+    parallelism over its ranks (distributed/context_parallel.py); it changes no parameter. expert_mesh
+    (ParallelDims.expert_mesh, ("dp_replicate", "efsdp", "ep")): expert parallelism, None without.
     """
+    if cp_mesh is not None:
+        apply_context_parallel(model, cp_mesh)
     if expert_mesh is not None:
         apply_expert_parallel(model, expert_mesh["ep"])
     if opts.activation_checkpointing:
