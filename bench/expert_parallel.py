@@ -76,7 +76,8 @@ class Tally:
         def size(group):
             return dist.get_world_size(group)
 
-        counted("all_gather_single", lambda out, inp, group=None, **k: inp.numel() * inp.element_size() * (size(group) - 1))
+        counted("all_gather_single", lambda out, inp, group=None, **k:
+                inp.numel() * inp.element_size() * (size(group) - 1))
         counted("reduce_scatter_single", lambda output=None, input=None, op=None, group=None, **k:
                 input.numel() * input.element_size() * (size(group) - 1) / size(group))
         counted("all_reduce", lambda t, op=None, group=None, **k:
@@ -176,7 +177,8 @@ def main(argv=None) -> int:
                          "plan_expert_bytes": plan[name], "losses": r["losses"]}
         out["speedup_median"] = out["fsdp"]["step_s"] / out["ep"]["step_s"]
         out["speedup_best"] = out["fsdp"]["best_step_s"] / out["ep"]["best_step_s"]
-        out["max_loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in zip(runs["fsdp"]["losses"], runs["ep"]["losses"]))
+        pairs = zip(runs["fsdp"]["losses"], runs["ep"]["losses"])
+        out["max_loss_rel_diff"] = max(abs(a - b) / abs(a) for a, b in pairs)
         _print(out)
         if os.environ.get("OUT"):
             Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
@@ -187,7 +189,8 @@ def main(argv=None) -> int:
 
 def _print(out: dict) -> None:
     mib = 2**20
-    print(f"world {out['world']} ranks (gloo, CPU), EP={out['ep_size']}, {out['tokens_per_rank']} tokens per rank per step; "
+    print(f"world {out['world']} ranks (gloo, CPU), EP={out['ep_size']}, {out['tokens_per_rank']} tokens per rank "
+          "per step; "
           f"{out['params']:,} params of which routed experts {out['expert_params']:,}")
     print(f"{'per step, rank 0':34s} {'FSDP only':>12s} {'EP':>12s}")
     f, e = out["fsdp"], out["ep"]

@@ -151,7 +151,7 @@ class Plan:
     notes: list[str] = field(default_factory=list)
     context_parallel_size: int = 1
     ep: int = 1  # --expert-model-parallel-size
-    comm: dict[int, dict[str, float]] = field(default_factory=dict)  # by ep size (1 and --expert-model-parallel-size): communication()
+    comm: dict[int, dict[str, float]] = field(default_factory=dict)  # communication() by ep size: 1 and ep
 
     @property
     def total_bytes(self) -> float:

@@ -3,7 +3,8 @@
     torchrun --nproc_per_node 4 tests/expert_parallel_worker.py JOB.json
 
 JOB.json: {"out": path, "runs": [{"kind": ..., ...}, ...]}; rank 0 writes the list of results with torch.save
-to "out". Optionally "gpu_train_argv" / "gpu_train_out": bench/gpu_train.py run last on the same ranks. The 2-rank configurations run inside test_train_helpers' 2-rank launch (`run_all`). Also holds the
+to "out". Optionally "gpu_train_argv" / "gpu_train_out": bench/gpu_train.py run last on the same ranks.
+The 2-rank configurations run inside test_train_helpers' 2-rank launch (`run_all`). Also holds the
 data the 1-rank references use (`step_batches`), so both sides see the same micro-batches. No tests here.
 """
 
@@ -116,7 +117,8 @@ def run_parity(env, job: dict) -> dict:
 
     opt.step = step
     ga = MICRO_BATCHES // env.world_size
-    s = LoopSettings(train_iters=steps, grad_accum_steps=ga, clip_grad=0.0, pad_token_id=tiny_config().text.pad_token_id)
+    s = LoopSettings(train_iters=steps, grad_accum_steps=ga, clip_grad=0.0,
+                     pad_token_id=tiny_config().text.pad_token_id)
     trainer = Trainer(s, env, model, opt, sched, ListLoader(rank_batches(range(steps), env.rank, env.world_size)))
     norms = []
     for k in range(steps):
