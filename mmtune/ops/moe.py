@@ -10,6 +10,11 @@ Experts: one tensor per projection, `gate_up_proj` [E, 2I, H] (gate rows first) 
 once and runs each projection as one grouped matmul over the sorted rows (`grouped_mm`); where the
 platform has no grouped matmul for the dtype it loops over the experts that got tokens.
 
+The one seam for parallelism: `GroupedExperts.dispatch` takes the expert-sorted rows, their routing
+weights, the rows per expert and the two weight tensors and returns the rows' expert outputs. The
+default, `expert_ffn`, runs every expert here; expert parallelism (distributed/expert_parallel.py)
+replaces it with an all-to-all to the ranks that own the experts.
+
 Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size, R = T*K rows.
 """
 
@@ -51,34 +56,50 @@ class TopKRouter(nn.Module):
         """Returns router logits [T, E] (fp32), expert weights [T, K] (fp32) and expert ids [T, K]."""
         logits_TE = F.linear(x_TH.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid()
-        with torch.no_grad():
-            choice_TE = scores_TE + self.e_score_correction_bias
-            if self.topk_group < self.n_group:
-                groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
-                group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
-                keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-                keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
-                choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
-            experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        experts_TK = self.choose(scores_TE)
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         return logits_TE, weights_TK * self.routed_scaling_factor, experts_TK
 
+    @torch.no_grad()
+    def choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The experts [T, K] each token goes to: top-k of the biased scores within the best groups.
+        (Also used outside the forward to count the experts' loads from the router logits.)"""
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+            choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    def expert_load(self, logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens per expert [E] (int64) for router logits of a forward (`token_mask_T`: the tokens to count)."""
+        experts_TK = self.choose(logits_TE.detach().float().sigmoid())
+        if token_mask_T is not None:
+            experts_TK = experts_TK[token_mask_T.reshape(-1)]
+        return torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
+
 
 class GroupedExperts(nn.Module):
     """`mlp.experts`: E SwiGLU experts stored as stacked tensors.
 
-    `forward` sorts the (token, slot) rows by expert, runs `expert_ffn` on the sorted rows with the
-    per-expert counts, and returns the outputs to token order. `expert_ffn` is the local expert
-    computation; it reaches each projection's weight only through `project`, so LoRA on the experts
-    (ops/lora.py: `projection()` returns the weight with its adapters) runs wherever `expert_ffn` runs."""
+    `forward` sorts the (token, slot) rows by expert, hands them with the per-expert counts to `dispatch`
+    (default `expert_ffn`, every expert here; expert parallelism swaps in an all-to-all that runs
+    `expert_ffn` on the ranks owning the experts), and returns the outputs to token order. `expert_ffn`
+    reaches each projection's weight only through `project`, so LoRA on the experts (ops/lora.py:
+    `projection()` returns the weight with its adapters) runs wherever `expert_ffn` runs."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # (x_RH, w_R1, counts_E, gate_up, down) -> y_RH, the weights as `projection()` gives them; see the
+        # module docstring
+        self.dispatch = expert_ffn
 
     def projection(self, name: str):
         """What `project` applies for projection `name` ("gate_up_proj" | "down_proj"): its stacked weight."""
@@ -91,7 +112,7 @@ class GroupedExperts(nn.Module):
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = expert_ffn(x_RH, w_R1, counts_E, self.projection("gate_up_proj"), self.projection("down_proj"))
+        y_RH = self.dispatch(x_RH, w_R1, counts_E, self.projection("gate_up_proj"), self.projection("down_proj"))
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
@@ -128,8 +149,9 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
         if n:
             outs.append(x_RIn[start : start + n] @ w_EOutIn[e].T)
             start += n
-    if not outs:
-        return x_RIn.new_zeros(0, w_EOutIn.shape[1])
+    if not outs:  # no rows: an empty matmul, so the weight still gets a (zero) gradient. Under expert
+        # parallelism a rank's experts can receive no row while FSDP reduces their gradients on every rank.
+        return x_RIn[:0] @ w_EOutIn[0].T
     return torch.cat(outs)
 
 

@@ -73,7 +73,8 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
     apply_freeze(model, freeze)
     info: LoRAInfo | None = apply_lora(model, lora, freeze) if lora is not None else None
     store_frozen_in(model, opts.param_dtype)
-    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh)
+    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh,
+                expert_mesh=env.dims.expert_mesh)
     materialize(model, env.device)
     if not load_weights:
         _reset_non_persistent_buffers(model)
