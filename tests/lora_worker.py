@@ -4,6 +4,7 @@
 
 (1) FSDP2 over 2 ranks, LoRA on every Linear and the routed experts, 3 SGD steps with rank 1's batches
 text-only: losses and the full adapters (the pytest side runs the same on 1 rank and compares);
+(1b) the same with expert parallelism (EP=2: each rank owns 2 of the 4 experts and their adapters);
 (2) bf16 mixed precision as on CUDA: frozen base stored in bf16 (routers fp32), adapters fp32 with fp32
 gradients, optimizer state for the adapters only. Not collected by pytest.
 """
@@ -60,6 +61,19 @@ def _worker(out_path: str) -> None:
     sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
                                                                      ignore_frozen_params=True))
     result["fsdp"] = {"losses": trainer.losses, "adapters": {k: v.tolist() for k, v in sd.items() if "lora_" in k}}
+
+    # (1b) expert parallelism: the routed experts' adapters split with their experts over the ep ranks
+    from dataclasses import replace
+
+    from mmtune.distributed.parallel_dims import ParallelDims
+
+    ep_env = replace(env, dims=ParallelDims.from_config(env.world_size, None, ep=2).build_meshes("cpu"))
+    trainer = lora_trainer(ep_env, batches)
+    for _ in range(3):
+        trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
+    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+    result["ep2"] = {"losses": trainer.losses, "adapters": {k: v.tolist() for k, v in sd.items() if "lora_" in k}}
 
     # (2) bf16 compute: what is stored, in which dtype, and what the optimizer holds
     from mmtune.train.optim import build_optimizer

@@ -136,12 +136,14 @@ def test_two_ranks_fsdp_lora_equals_one_rank_and_the_base_stays(dist):
     trainer = lora_trainer(init_distributed("cpu"), [windows_for(s, 4)[0] for s in steps()])
     for _ in range(3):
         trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
-    ref = dist["fsdp"]
-    assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(trainer.losses, ref["losses"])), (trainer.losses, ref)
     sd = trainer.model.state_dict()
-    assert set(ref["adapters"]) == {k for k in sd if "lora_" in k}
-    for name, value in ref["adapters"].items():
-        torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-6, msg=name)
+    for run in ("fsdp", "ep2"):  # FSDP2 over 2 ranks, and the same with the experts split over them (EP=2)
+        ref = dist[run]
+        assert all(abs(a - b) <= 1e-5 * abs(a) for a, b in zip(trainer.losses, ref["losses"])), (run, trainer.losses, ref)
+        assert set(ref["adapters"]) == {k for k in sd if "lora_" in k}
+        assert any(".experts." in k for k in ref["adapters"]), "the routed experts carry adapters"
+        for name, value in ref["adapters"].items():
+            torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-6, msg=f"{run}: {name}")
 
 
 def test_bf16_keeps_the_frozen_base_in_bf16_and_adapters_in_fp32(dist):
