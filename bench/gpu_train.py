@@ -14,6 +14,7 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
 
     python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
     python bench/gpu_train.py --moe-layers 2 --seq 8192
+    python bench/gpu_train.py --lora-r 16      # mmtune with LoRA (frozen bf16 base) instead of full finetuning
     python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
     python bench/gpu_train.py --cpu            # CPU, fp32: the 7.3M-param model of docs/PERFORMANCE.md, 4 x 512
 
@@ -66,6 +67,8 @@ def parse_args(argv=None):
                    help="under torchrun: also run mmtune with this expert-parallel size next to FSDP only "
                         "(each rank its own batch; default 1)")
     p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
+    p.add_argument("--lora-r", type=int, default=None, help="LoRA of this rank on every Linear of the decoder and the "
+                   "routed experts (frozen base stored in bf16, fp32 adapters; implies --skip-hf)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
     p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 wide, "
                    "4 layers, 16 experts top-4; vision 2 blocks), --bs 4 --seq 512 unless given")
@@ -188,10 +191,18 @@ def run_mmtune(cfg, args, device, batch, res, ep: int = 1, key: str = "mmtune"):
         p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
     bf16 = device.type == "cuda"
     opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    if args.lora_r:  # LoRA: the frozen base stored in the compute dtype, fp32 adapters train
+        from mmtune.distributed.parallelize import store_frozen_in
+        from mmtune.train.freeze import FreezeSpec
+        from mmtune.train.lora import LoRAConfig, apply_lora
+
+        apply_lora(model, LoRAConfig(r=args.lora_r, alpha=2.0 * args.lora_r), FreezeSpec())
+        store_frozen_in(model, opts.param_dtype)
     parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh, expert_mesh=env.dims.expert_mesh)
     materialize(model, device)
-    fast_init(model, cfg.text.initializer_range)
+    fast_init(model, cfg.text.initializer_range)  # adapters too: B != 0, as after training
     res["params"] = sum(p.numel() for p in model.parameters())
+    res["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
     ctx_window = [(batch["labels"], batch["cu_seqlens"])]
 
     def fwd_bwd():
@@ -317,7 +328,7 @@ def main(argv=None) -> int:
         run_mmtune(cfg, args, device, batch, res, ep=ep, key=f"mmtune_ep{ep}")
     if own_group:
         torch.distributed.destroy_process_group()
-    if not args.skip_hf and rank0:
+    if not args.skip_hf and rank0 and not args.lora_r:
         run_hf(cfg, args, device, batch, full_sd, res)
     world = res["world_size"]
     tokens = args.bs * args.seq * world // cp  # every data-parallel rank's row(s)

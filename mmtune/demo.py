@@ -16,6 +16,10 @@ The last line printed is `accuracy=<float> chance=<float> steps=<int> train_s=<f
 The tiny model starts from random weights, so its vision tower and projector train too (model.json
 freeze false). Hyper-parameters: batch 16, AdamW lr 5e-4 with linear warmup and cosine decay, clip 1.0
 (docs/PERFORMANCE.md "Design-phase measurements"; lr 2e-3 never leaves chance).
+
+`--lora`: the same recipe with LoRA (`--lora-r`, all-linear: every Linear of the three towers and the routed
+experts) on the frozen random base; the export merges the adapters. Adapters need a higher lr
+(LORA_LR unless --lr is given; docs/PERFORMANCE.md "LoRA").
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from pathlib import Path
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tiny"
 MARKER = ".mmtune_demo"
 EVAL_SEED = 10_000  # held-out questions: eval_questions() draws from its own stream, with this seed
+LORA_R, LORA_LR = 16, 2e-3  # demo --lora: rank and default lr (docs/PERFORMANCE.md "LoRA")
 
 
 @dataclass
@@ -49,6 +54,7 @@ class DemoSettings:
     seed: int = 0
     threads: int = 1
     overwrite: bool = False
+    lora_r: int | None = None  # LoRA of this rank (alpha = 2 r) instead of full finetuning
 
 
 class _Stages:
@@ -106,6 +112,8 @@ def train_command(s: DemoSettings, data_json: Path, model_json: Path, load: Path
         "--seed", str(s.seed), "--log-interval", str(max(1, s.steps // 30)), "--save-interval", str(s.steps),
         "--seq-length", "256", "--num-workers", "1", "--no-save-optim", "--no-save-rng", "--log-tps",
     ]
+    if s.lora_r:
+        flags += ["--lora-r", str(s.lora_r), "--lora-alpha", str(2 * s.lora_r)]
     if s.nproc == 1:
         return [sys.executable, "-m", "mmtune", "train", *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
@@ -182,14 +190,16 @@ def run_demo(s: DemoSettings) -> dict:
         hf_to_dcp(hf_dir, dcp_dir, progress=False)
     data_json, model_json = write_recipe_configs(w, hf_dir, data_dir, "mllm_format_shapes.json")
     cmd = train_command(s, data_json, model_json, dcp_dir, save)
-    with stage("train", f"{s.steps} steps, batch {s.batch_size}, lr {s.lr}, {s.nproc} process(es):\n    "
+    what = f"LoRA r={s.lora_r}, " if s.lora_r else ""
+    with stage("train", f"{what}{s.steps} steps, batch {s.batch_size}, lr {s.lr}, {s.nproc} process(es):\n    "
                         + " ".join(cmd[1:])):
         env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "TOKENIZERS_PARALLELISM": "false",
                "HF_HUB_OFFLINE": "1"}
         _run_streamed(cmd, env, w / "train.log")
     latest = resolve_dcp_dir(save)
     step = int(latest.name.split("_")[-1])
-    with stage("dcp-to-hf", f"export {latest.name} to an HF dir -> {export}"):
+    merged = " (the adapters merged into the base)" if s.lora_r else ""
+    with stage("dcp-to-hf", f"export {latest.name} to an HF dir{merged} -> {export}"):
         dcp_to_hf(hf_dir, latest, export, progress=False)
     pp = json.loads(data_json.read_text())["dataset_param"]["preprocess_parameters"]
     with stage("evaluate", f"greedy answers of the exported model on {s.num_eval} held-out questions"):
@@ -224,19 +234,25 @@ def main(argv: list[str] | None = None) -> int:
                     help="held-out questions to evaluate (default %(default)s)")
     ap.add_argument("--batch-size", type=int, default=DemoSettings.batch_size,
                     help="global batch: samples per optimizer step over all processes (default %(default)s)")
-    ap.add_argument("--lr", type=float, default=DemoSettings.lr, help="peak learning rate (default %(default)s)")
+    ap.add_argument("--lr", type=float, default=None,
+                    help=f"peak learning rate (default {DemoSettings.lr}; with --lora {LORA_LR})")
+    ap.add_argument("--lora", action="store_true",
+                    help=f"train LoRA adapters (all-linear, rank --lora-r, alpha 2r) on the frozen base instead of "
+                         "all weights; the export merges them")
+    ap.add_argument("--lora-r", type=int, default=LORA_R, help="adapter rank with --lora (default %(default)s)")
     ap.add_argument("--warmup-fraction", type=float, default=DemoSettings.warmup_fraction,
                     help="linear warmup over this fraction of the steps, then cosine decay to 0 (default %(default)s)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, the data and training (default 0)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (default 1: fastest for this tiny model)")
     args = ap.parse_args(argv)
-    for name in ("steps", "nproc", "num_samples", "num_eval", "batch_size", "threads"):
+    for name in ("steps", "nproc", "num_samples", "num_eval", "batch_size", "threads", "lora_r"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")
     s = DemoSettings(Path(args.workdir), steps=args.steps, nproc=args.nproc, num_samples=args.num_samples,
-                     num_eval=args.num_eval, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                     warmup_fraction=args.warmup_fraction,
+                     num_eval=args.num_eval, batch_size=args.batch_size, seed=args.seed,
+                     lr=args.lr if args.lr is not None else (LORA_LR if args.lora else DemoSettings.lr),
+                     warmup_fraction=args.warmup_fraction, lora_r=args.lora_r if args.lora else None,
                      threads=args.threads, overwrite=args.overwrite)
     r = run_demo(s)
     print(f"\nsummary: the exported model ({r['export']}) answers {r['accuracy']:.1%} of {s.num_eval} held-out "

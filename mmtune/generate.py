@@ -292,6 +292,16 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
     if hf is None or not (hf / "config.json").is_file():
         raise FileNotFoundError(f"--model {path} is a DCP checkpoint, which holds no config or tokenizer: pass "
                                 f"--hf-dir (the HF dir it was trained from){f'; {hf} has no config.json' if hf else ''}")
+    from mmtune.convert.lora_export import lora_info
+
+    lora = lora_info(ckpt)
+    if lora is not None:  # adapters only: the base from the HF dir, the adapters merged in
+        model = Glm4vMoeForConditionalGeneration.from_pretrained(hf, dtype=torch.float32, device="cpu")
+        _merge_lora(ckpt, lora, model)
+        for name, module in model.named_modules():
+            if not name.endswith("mlp.gate"):  # the router stays fp32, as from_pretrained keeps it
+                module.to(dtype)
+        return model.to(device).eval(), hf
     config = Glm4vMoeConfig.from_pretrained(hf)
     with torch.device("meta"):
         model = Glm4vMoeForConditionalGeneration(config)
@@ -302,6 +312,25 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
         if name.endswith("mlp.gate"):
             module.float()
     return model.to(device).eval(), hf
+
+
+@torch.no_grad()
+def _merge_lora(ckpt: Path, info: dict, model) -> None:
+    """Fold a LoRA checkpoint's adapters into `model` (its base, fp32): W + alpha/r B A; its other tensors
+    (the routers' biases) replace the base's."""
+    from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata
+    from mmtune.convert.lora_export import adapter_pairs
+    from mmtune.ops.lora import lora_delta
+
+    tensors = model_tensors(read_metadata(ckpt))
+    loaded = load_tensors(ckpt, {key: md for key, md in tensors.values()})
+    by_name = {name: loaded[key] for name, (key, _) in tensors.items()}
+    params = dict(model.named_parameters()) | dict(model.named_buffers())
+    scale = float(info["alpha"]) / int(info["r"])
+    for base, (a, b) in adapter_pairs(ckpt, info).items():
+        params[base].add_(lora_delta(by_name.pop(a).float(), by_name.pop(b).float(), scale).to(params[base].dtype))
+    for name, tensor in by_name.items():
+        params[name].copy_(tensor)
 
 
 def load_tokenizer(hf_dir: str | Path):

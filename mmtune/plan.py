@@ -21,6 +21,14 @@ The activation terms count the tensors autograd saves for backward, per token an
 compute dtype (see `decoder_layer_bytes_per_token`). Allocator fragmentation, the CUDA context
 (~0.5-1 GiB) and NCCL buffers are not in the estimate: keep ~10% headroom.
 
+With LoRA (`--lora-r`, train/lora.py) the base is frozen and stored in the compute dtype; only the A adapter
+parameters train (fp32 shards, gradients and AdamW state):
+  static     = c B * (base parameters) / N + (4 + 4 + 8) B * A / N
+  transient  = the blocks in flight in the compute dtype (base + adapters), one block's adapter gradients;
+               the lm head is frozen (no gradient)
+  activations: as full finetuning of the towers that carry adapters (backward runs through every layer
+               with an adapter; each adapter also saves its [tokens, r] intermediate, counted).
+
 Context parallelism (`--context-parallel-size cp`, distributed/context_parallel.py) divides the tokens
 of each sequence: the decoder's activations are those of S/cp tokens per GPU (key/value heads repeated
 when cp exceeds them), the vision tower encodes about 1/cp of the images (whole images: never less than
@@ -149,6 +157,7 @@ class Plan:
     frozen: list[str]
     rows: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     notes: list[str] = field(default_factory=list)
+    adapters: AdapterCounts | None = None
     context_parallel_size: int = 1
     ep: int = 1  # --expert-model-parallel-size
     comm: dict[int, dict[str, float]] = field(default_factory=dict)  # communication() by ep size: 1 and ep
@@ -162,12 +171,46 @@ class Plan:
         return self.total_bytes <= 0.9 * self.gpu_mem_gib * GiB
 
 
+@dataclass
+class AdapterCounts:
+    """LoRA adapters of a model (train/lora.apply_lora on the meta model): parameters per model.json module,
+    the largest decoder layer's, and the adapted Linear modules / expert banks (their [tokens, r] outputs)."""
+
+    by_module: dict[str, int]
+    largest_decoder_layer: int
+    r: int
+    linear_modules_per_layer: int
+    expert_banks_per_layer: int
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_module.values())
+
+
+def count_adapters(config: Glm4vMoeConfig, lora, frozen: tuple[str, ...]) -> AdapterCounts:
+    """Apply LoRA (a train.lora.LoRAConfig) to the meta model with the freeze flags `frozen` and count."""
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.lora import apply_lora
+
+    model = build_meta_model(config)
+    info = apply_lora(model, lora, FreezeSpec(**{m: m in frozen for m in MODULES}))
+    by_module = {m: 0 for m in MODULES}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            by_module[module_of(name)] += p.numel()
+    layers = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in model.model.language_model.layers]
+    text = [n for n in info.modules if n.startswith("model.language_model.layers.")]
+    n_layers = max(1, config.text.num_hidden_layers)
+    banks = sum(info.modules[n] == "experts" for n in text)
+    return AdapterCounts(by_module, max(layers), lora.r, (len(text) - banks) // n_layers + 1, banks // n_layers + 1)
+
+
 def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: int = 4096,
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
-             config_name: str = "model", params: ParamCounts | None = None, context_parallel_size: int = 1,
-             ep: int = 1) -> Plan:
+             config_name: str = "model", params: ParamCounts | None = None,
+             adapters: AdapterCounts | None = None, context_parallel_size: int = 1, ep: int = 1) -> Plan:
     """Per-GPU memory of one training step under FSDP2 sharding over `gpus` ranks (see module docstring).
 
     `image_patches`: vision patches per micro-batch (default: one image per sample of the recipe's
@@ -208,7 +251,12 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     G = t.num_key_value_heads
     kv_repeat = 1 if G % cp == 0 else (cp // G if cp % G == 0 else t.num_attention_heads // G)
     rows: dict[str, float] = {}
-    rows["parameters (fp32 shards)"] = 4.0 * params.total / n
+    if adapters is not None:  # LoRA: frozen base in the compute dtype, fp32 adapters train
+        trainable = adapters.total
+        rows[f"base parameters (frozen, {compute_dtype} shards)"] = c * params.total / n
+        rows["adapters (fp32 shards)"] = 4.0 * trainable / n
+    else:
+        rows["parameters (fp32 shards)"] = 4.0 * params.total / n
     rows["gradients (fp32 shards)"] = 4.0 * trainable / n
     rows["AdamW m+v (fp32 shards)"] = 8.0 * trainable / n
 
@@ -219,8 +267,13 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     layer = params.largest_decoder_layer - params.largest_layer_experts * (1 - 1 / ep)
     blk = max(layer, params.largest_vision_block)
     grad_copy = c + (4 if c < 4 else 0)
-    transient = (1 + max(1, forward_prefetch)) * blk * c + blk * grad_copy
-    transient += params.lm_head * c + (params.lm_head * grad_copy if "text_decoder" not in frozen else 0)
+    if adapters is not None:
+        blk_grad, head_grad = adapters.largest_decoder_layer, 0  # only adapters have gradients
+        blk += adapters.largest_decoder_layer
+    else:
+        blk_grad, head_grad = blk, (params.lm_head if "text_decoder" not in frozen else 0)
+    transient = (1 + max(1, forward_prefetch)) * blk * c + blk_grad * grad_copy
+    transient += params.lm_head * c + head_grad * grad_copy
     transient += params.root * c
     if n == 1 and c == 4:  # nothing to gather: fully_shard over one rank still all-gathers into new buffers
         pass
@@ -230,13 +283,17 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     # loss runs; with full recompute only each layer's input is kept, and in backward one layer at a time
     # is recomputed -- after the loss's own tensors are gone -- so the peak is the larger of the two.
     per_layer = [decoder_layer_bytes_per_token(t, i, c, kv_repeat) for i in range(t.num_hidden_layers)]
+    if adapters is not None:  # each adapter saves its [tokens, r] intermediate (per routed slot for experts)
+        extra = c * adapters.r * (adapters.linear_modules_per_layer + 2 * adapters.expert_banks_per_layer
+                                  * t.num_experts_per_tok)
+        per_layer = [b + extra for b in per_layer]
     chunk = tokens if loss_chunk_size <= 0 else min(loss_chunk_size, tokens)
     loss_act = chunk * t.vocab_size * 4.0 * 3  # fp32 logits, softmax, their gradient
     final = tokens * t.hidden_size * (c + 4)  # final norm output (kept for the loss) + its fp32 input
     # cp: the token embeddings, the image features merged into them and the merged result of the whole
     # sequence exist on every GPU before the split (at most S image tokens)
     cp_embed = 3.0 * micro_batch_size * seq_length * t.hidden_size * c if cp > 1 else 0.0
-    text_trains = "text_decoder" not in frozen
+    text_trains = "text_decoder" not in frozen and (adapters is None or adapters.by_module["text_decoder"] > 0)
     if not text_trains:
         saved, working = final, max(loss_act, cp_embed)
     elif recompute == "none":
@@ -245,7 +302,7 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
         saved = tokens * t.num_hidden_layers * t.hidden_size * c + final
         working = max(loss_act, tokens * max(per_layer), cp_embed)
     rows["activations: decoder (saved for backward)"] = saved
-    vision_trains = "vision_encoder" not in frozen
+    vision_trains = "vision_encoder" not in frozen and (adapters is None or adapters.by_module["vision_encoder"] > 0)
     if vision_trains:
         pb = vision_block_bytes_per_patch(v, c)
         vision_act = rank_patches * (v.depth * pb if recompute == "none" else v.depth * v.hidden_size * c + pb)
@@ -260,7 +317,8 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     if step_temp > fwd_bwd:
         rows["optimizer step temporaries (foreach AdamW)"] = step_temp - fwd_bwd
     plan = Plan(config_name, gpus, gpu_mem_gib, seq_length, micro_batch_size, recompute, compute_dtype,
-                image_patches, params, sorted(frozen), rows, notes, context_parallel_size=cp, ep=ep)
+                image_patches, params, sorted(frozen), rows, notes, adapters, context_parallel_size=cp,
+                ep=ep)
     for e in sorted({1, ep}):
         plan.comm[e] = communication(config, params, gpus=gpus, ep=e, tokens=tokens, compute_dtype=compute_dtype,
                                      recompute=recompute, frozen=frozen)
@@ -307,7 +365,7 @@ def _advice(plan: Plan) -> list[str]:
         return [f"fits: {_human(total)} of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
     out = [f"does NOT fit: {total / GiB:.1f} GiB > {budget / GiB:.1f} GiB usable of {plan.gpu_mem_gib:g} GiB"]
     r = plan.rows
-    static = r["parameters (fp32 shards)"] + r["gradients (fp32 shards)"] + r["AdamW m+v (fp32 shards)"]
+    static = sum(b for k, b in r.items() if "shards" in k)
     other = total - static
     if other < budget:
         need = plan.gpus * static / (budget - other)
@@ -339,7 +397,10 @@ def format_plan(plan: Plan) -> str:
         lines.insert(1, f"context parallel {cp} (Ulysses): {-(-plan.seq_length // cp)} tokens of each sequence "
                         f"per GPU; data parallel {plan.gpus // cp}")
     for m, cnt in p.by_module.items():
-        lines.append(f"  {m:<17} {cnt:>16,}  {'frozen' if m in plan.frozen else 'trains'}")
+        state = "frozen" if m in plan.frozen else "trains"
+        if plan.adapters is not None and m not in plan.frozen:
+            state = f"frozen base + {plan.adapters.by_module[m]:,} LoRA (r={plan.adapters.r}) parameters train"
+        lines.append(f"  {m:<17} {cnt:>16,}  {state}")
     lines.append(f"  largest decoder layer {p.largest_decoder_layer:,}; lm head {p.lm_head:,}")
     unit, scale = ("GiB", GiB) if plan.total_bytes >= GiB else ("MiB", 1024**2)
     lines.append("per GPU:")
@@ -500,6 +561,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-parallel-size", type=int, default=1,
                     help="GPUs that split each sequence (train's --context-parallel-size, Ulysses): each keeps "
                          "seq-length/N tokens; must divide --gpus and the attention heads (default 1)")
+    ap.add_argument("--lora-r", type=int, default=None,
+                    help="plan LoRA of this rank (train's --lora-r): frozen base in the compute dtype, fp32 adapters "
+                         "train (in the modules the freeze flags leave trainable)")
+    ap.add_argument("--lora-target-modules", nargs="+", default=None,
+                    help="LoRA targets as for train (default all-linear: every Linear and the routed experts)")
     ap.add_argument("--expert-model-parallel-size", type=int, default=1,
                     help="expert parallelism: GPUs that split each MoE layer's experts (must divide --gpus and the "
                          "experts); shows the all-gather buffers it saves and the communication side by side with "
@@ -513,11 +579,19 @@ def main(argv: list[str] | None = None) -> int:
     else:
         frozen = ("vision_encoder", "vision_projector")
     try:
+        adapters = None
+        if args.lora_r is not None or args.lora_target_modules is not None:
+            from mmtune.train.lora import DEFAULT_TARGETS, LoRAConfig
+
+            if args.lora_r is None:
+                raise ValueError("--lora-target-modules needs --lora-r")
+            lora = LoRAConfig(r=args.lora_r, targets=tuple(args.lora_target_modules or DEFAULT_TARGETS))
+            adapters = count_adapters(config, lora, frozen)
         plan = estimate(config, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seq_length=args.seq_length,
                         micro_batch_size=args.micro_batch_size, recompute=args.recompute,
                         compute_dtype=args.compute_dtype, frozen=frozen, image_patches=args.image_patches,
                         loss_chunk_size=args.loss_chunk_size, forward_prefetch=args.forward_prefetch,
-                        config_name=name, context_parallel_size=args.context_parallel_size,
+                        config_name=name, adapters=adapters, context_parallel_size=args.context_parallel_size,
                         ep=args.expert_model_parallel_size)
     except ValueError as e:
         print(f"mmtune plan: error: {e}", file=sys.stderr)

@@ -33,8 +33,13 @@ def _parser(prog: str, hf_to_dcp_name: str, dcp_to_hf_name: str) -> argparse.Arg
     b.add_argument("--max-shard-size", "--max_shard_size", dest="max_shard_size", default="4GB",
                    help="largest safetensors shard, e.g. 4GB, 500MB, 2GiB (default 4GB)")
     b.add_argument("--dtype", choices=("keep", "hf"), default="keep",
-                   help="keep: the checkpoint's dtypes (default); hf: each tensor in the dtype it has in --hf-dir "
-                   "(e.g. fp32 training weights back to bf16, router kept fp32)")
+                   help="keep: the checkpoint's dtypes (default; a merged LoRA run: adapted tensors fp32, the rest as "
+                   "in --hf-dir); hf: each tensor in the dtype it has in --hf-dir (e.g. fp32 training weights back "
+                   "to bf16, router kept fp32)")
+    b.add_argument("--adapter-only", "--adapter_only", dest="adapter_only", action="store_true",
+                   help="for a LoRA run: write a PEFT adapter dir (adapter_config.json + adapter_model.safetensors) "
+                   "for --hf-dir's model instead of the merged model (the default). transformers + PEFT load it; "
+                   "vLLM does not read its routed-expert adapters correctly: serve the merged model there")
     for q in (a, b):
         q.add_argument("--force", action="store_true", help="replace a non-empty output dir (deletes its contents)")
         q.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -48,6 +53,8 @@ def _run(args: argparse.Namespace, hf_to_dcp_name: str) -> int:
     try:
         if args.cmd == hf_to_dcp_name:
             out = hf_to_dcp(args.hf_dir, args.save_dir, force=args.force, progress=not args.no_progress)
+        elif args.adapter_only:
+            out = _adapter_only(args)
         else:
             out = dcp_to_hf(args.hf_dir, args.dcp_dir, args.save_dir, max_shard_size=args.max_shard_size,
                             force=args.force, dtype=args.dtype, progress=not args.no_progress)
@@ -56,6 +63,20 @@ def _run(args: argparse.Namespace, hf_to_dcp_name: str) -> int:
         return 1
     print(f"wrote {out}")
     return 0
+
+
+def _adapter_only(args: argparse.Namespace):
+    from pathlib import Path
+
+    from mmtune.convert.dcp_io import resolve_dcp_dir
+    from mmtune.convert.lora_export import lora_info, peft_export
+
+    ckpt = resolve_dcp_dir(args.dcp_dir)
+    info = lora_info(ckpt)
+    if info is None:
+        raise ValueError(f"--adapter-only: {ckpt} is not a LoRA checkpoint (it holds full weights); drop "
+                         "--adapter-only to export the model")
+    return peft_export(Path(args.hf_dir), ckpt, Path(args.save_dir), info, force=args.force)
 
 
 def main(argv: list[str] | None = None) -> int:

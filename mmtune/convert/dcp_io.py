@@ -30,6 +30,7 @@ from torch.distributed.checkpoint.storage import WriteResult
 
 MODEL_PREFIX = "model."
 OPTIM_PREFIX = "optim."
+LORA_KEY = "lora"  # a LoRA training checkpoint's metadata blob (JSON bytes; train/checkpoint.py writes it)
 LATEST_FILE = "latest_checkpointed_iteration.txt"
 METADATA_FILE = ".metadata"
 
@@ -91,6 +92,15 @@ def load_tensors(ckpt: Path, wanted: dict[str, TensorStorageMetadata]) -> dict[s
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
     return sd
+
+
+def load_blob(ckpt: Path, key: str) -> bytes:
+    """One non-tensor item (a bytes blob) of a DCP checkpoint, read in this process alone."""
+    sd = {key: b""}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        dcp.load(sd, storage_reader=FileSystemReader(str(ckpt)), no_dist=True)
+    return sd[key]
 
 
 class PieceWriter:

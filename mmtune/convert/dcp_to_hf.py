@@ -21,6 +21,7 @@ import torch
 from tqdm import tqdm
 
 from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata, resolve_dcp_dir
+from mmtune.convert.lora_export import lora_info, merged_export
 from mmtune.weights.hf_files import INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir
 from mmtune.weights.safetensors_io import TensorEntry, iter_tensors, write_file
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter, is_expert_hub_name
@@ -58,14 +59,18 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
               progress: bool = True) -> Path:
     """Export the model weights of `dcp_dir` to an HF dir at `save_dir` (hub layout, sharded with an index
     json, every non-weight file of `hf_dir` copied). `dtype`: "keep" the checkpoint's dtypes, or "hf" to
-    cast each tensor to the dtype it has in `hf_dir`'s weights (e.g. fp32 training weights back to bf16)."""
+    cast each tensor to the dtype it has in `hf_dir`'s weights (e.g. fp32 training weights back to bf16).
+    A LoRA checkpoint (adapters only) is merged into `hf_dir`'s weights (convert/lora_export.py)."""
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     if dtype not in ("keep", "hf"):
         raise ValueError(f"--dtype {dtype!r}: expected 'keep' or 'hf'")
     max_bytes = parse_size(max_shard_size)
+    ckpt = resolve_dcp_dir(dcp_dir)
+    lora = lora_info(ckpt)
+    if lora is not None:  # adapters only: merged into the base weights of hf_dir
+        return merged_export(hf_dir, ckpt, save_dir, lora, dtype=dtype, force=force, progress=progress)
     config = Glm4vMoeConfig.from_pretrained(hf_dir)
     adapter = StateDictAdapter(config)
-    ckpt = resolve_dcp_dir(dcp_dir)
     tensors = model_tensors(read_metadata(ckpt))
     if not tensors:
         raise ValueError(f"{ckpt}: the checkpoint holds no model tensors")

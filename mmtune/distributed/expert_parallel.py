@@ -75,7 +75,7 @@ class AllToAllDispatch:
         inverse = torch.empty_like(order)
         inverse[order] = torch.arange(order.numel(), device=order.device)
         y = expert_ffn(x_recv.index_select(0, order), w_recv.index_select(0, order), recv_counts_SL.sum(0),
-                       _local(gate_up), _local(down))
+                       _local(gate_up), _local(down))  # (LoRA projections: their three tensors' local experts)
         # 4. back to the order the rows arrived in, and back to the ranks they came from
         return _AllToAll.apply(y.index_select(0, inverse), send_splits, recv_splits, self.group)
 
@@ -89,8 +89,11 @@ def expert_major_order(counts_SL: torch.Tensor) -> torch.Tensor:
     return key_R.argsort(stable=True)
 
 
-def _local(w: torch.Tensor) -> torch.Tensor:
-    """The ep-local experts of a weight (FSDP2 presents the unsharded parameter as the ep DTensor)."""
+def _local(w):
+    """The ep-local experts of a weight (FSDP2 presents the unsharded parameter as the ep DTensor), or of
+    each tensor of a LoRA projection (ops/lora.LoRAProjection: weight and per-expert adapters)."""
+    if hasattr(w, "map"):
+        return w.map(_local)
     return w.to_local() if isinstance(w, DTensor) else w
 
 
@@ -104,8 +107,7 @@ def apply_expert_parallel(model: nn.Module, ep_mesh: DeviceMesh) -> int:
             raise ValueError(f"--expert-model-parallel-size {ep} must divide the model's n_routed_experts "
                              f"{module.num_experts}")
         n = module.num_experts // ep
-        for name in ("gate_up_proj", "down_proj"):
-            full = getattr(module, name)
+        for name, full in list(module.named_parameters(recurse=False)):  # the weights and any LoRA adapters
             local = full.detach()[rank * n : (rank + 1) * n].clone()
             dt = DTensor.from_local(local, ep_mesh, [Shard(0)], run_check=False, shape=full.shape,
                                     stride=full.stride())

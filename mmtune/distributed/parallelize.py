@@ -117,6 +117,24 @@ def router_modules(model: nn.Module) -> list[nn.Module]:
             if hasattr(m, "e_score_correction_bias") and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
+def store_frozen_in(model: nn.Module, dtype: torch.dtype | None) -> int:
+    """Keep every frozen floating-point parameter in `dtype` (the compute dtype, FSDP's param_dtype): a frozen
+    weight has no gradient or optimizer state, so an fp32 copy only doubles its memory and all-gather
+    traffic; the values computed with are the same. Routers stay fp32 (they compute in fp32). Call on
+    the (meta) model before `parallelize`. Returns the number of parameters changed."""
+    if dtype is None or dtype == torch.float32:
+        return 0
+    routers = {id(p) for r in router_modules(model) for p in r.parameters()}
+    changed = 0
+    for module in model.modules():
+        for name, p in list(module.named_parameters(recurse=False)):
+            if p.requires_grad or id(p) in routers or not p.is_floating_point() or p.dtype == dtype:
+                continue
+            setattr(module, name, nn.Parameter(p.detach().to(dtype), requires_grad=False))
+            changed += p.numel()
+    return changed
+
+
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device, *,
                 cp_mesh: DeviceMesh | None = None, expert_mesh: DeviceMesh | None = None) -> nn.Module:
     """Context and expert parallelism, activation checkpointing, FSDP2 per block, in place; returns the model.

@@ -84,15 +84,26 @@ class TopKRouter(nn.Module):
 
 
 class GroupedExperts(nn.Module):
-    """`mlp.experts`: E SwiGLU experts stored as stacked tensors."""
+    """`mlp.experts`: E SwiGLU experts stored as stacked tensors.
+
+    `forward` sorts the (token, slot) rows by expert, hands them with the per-expert counts to `dispatch`
+    (default `expert_ffn`, every expert here; expert parallelism swaps in an all-to-all that runs
+    `expert_ffn` on the ranks owning the experts), and returns the outputs to token order. `expert_ffn`
+    reaches each projection's weight only through `project`, so LoRA on the experts (ops/lora.py:
+    `projection()` returns the weight with its adapters) runs wherever `expert_ffn` runs."""
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
-        # (x_RH, w_R1, counts_E, gate_up_proj, down_proj) -> y_RH; see the module docstring
+        # (x_RH, w_R1, counts_E, gate_up, down) -> y_RH, the weights as `projection()` gives them; see the
+        # module docstring
         self.dispatch = expert_ffn
+
+    def projection(self, name: str):
+        """What `project` applies for projection `name` ("gate_up_proj" | "down_proj"): its stacked weight."""
+        return getattr(self, name)
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         T, K = experts_TK.shape
@@ -101,21 +112,29 @@ class GroupedExperts(nn.Module):
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = self.dispatch(x_RH, w_R1, counts_E, self.gate_up_proj, self.down_proj)
+        y_RH = self.dispatch(x_RH, w_R1, counts_E, self.projection("gate_up_proj"), self.projection("down_proj"))
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
 
 
-def expert_ffn(x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor, gate_up_EIH: torch.Tensor,
-               down_EHI: torch.Tensor) -> torch.Tensor:
+def expert_ffn(x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor, gate_up, down) -> torch.Tensor:
     """SwiGLU of expert e over the e-th block of rows (counts_E[e] rows, blocks in expert order), each
-    row's output scaled by its routing weight. Shapes: gate_up [E, 2I, H], down [E, H, I]."""
-    h_RI2 = grouped_linear(x_RH, gate_up_EIH, counts_E)
+    row's output scaled by its routing weight. gate_up [E, 2I, H] and down [E, H, I]: stacked weights,
+    or their LoRA projections (see `project`)."""
+    h_RI2 = project(x_RH, gate_up, counts_E)
     gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
     # the routing weight scales the (narrower) down-projection input: the same as scaling its output
-    return grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), down_EHI, counts_E)
+    return project((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), down, counts_E)
+
+
+def project(x_RIn: torch.Tensor, weight, counts_E: torch.Tensor) -> torch.Tensor:
+    """The sorted rows through their expert's projection: `weight` is a stacked [E, Out, In] tensor, or an
+    object with `.project(x_RIn, counts_E)` (ops/lora.LoRAProjection: the weight plus its adapters)."""
+    if isinstance(weight, torch.Tensor):
+        return grouped_linear(x_RIn, weight, counts_E)
+    return weight.project(x_RIn, counts_E)
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -140,14 +159,15 @@ _GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", No
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """torch's grouped matmul: CUDA needs bf16 on SM80+; every device needs 16-byte-aligned rows and
-    base pointers (torch<=2.10 on CPU checks the pointers, and memory-mapped weights may not be)."""
+    """torch's grouped matmul: CUDA needs bf16 on SM80+, the CPU fp32/bf16/fp16 (it has no fp64 kernel);
+    every device needs 16-byte-aligned rows and base pointers (torch<=2.10 on CPU checks the pointers, and
+    memory-mapped weights may not be)."""
     if _GROUPED_MM is None or x.shape[0] == 0:
         return False
     if x.is_cuda:
         if x.dtype != torch.bfloat16 or torch.cuda.get_device_capability(x.device) < (8, 0):
             return False
-    elif x.device.type != "cpu":
+    elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     esize = x.element_size()
     return (

@@ -324,6 +324,20 @@ def build_parser() -> argparse.ArgumentParser:
     for name in ("tensor-model", "pipeline-model"):
         a(f"--{name}-parallel-size", type=int, default=1, help="must be 1 (not supported; use FSDP2, CP and EP)")
 
+    a = p.add_argument_group(
+        "LoRA", "Low-rank adapters instead of full finetuning: the base weights are frozen (and kept in the compute "
+        "dtype), only the adapters train; checkpoints hold only the adapters. `mmtune convert dcp-to-hf` merges "
+        "them into a full HF model, or writes a PEFT adapter with --adapter-only.").add_argument
+    a("--lora-r", type=int, help="adapter rank; turns LoRA on (default: off, full finetuning)")
+    a("--lora-alpha", type=float, help="the update is scaled by alpha / r (default 32, or the --lora-load adapter's)")
+    a("--lora-dropout", type=float, help="dropout on the adapters' input (default 0)")
+    a("--lora-target-modules", nargs="+",
+      help="modules that get adapters, by name as in the model: q_proj k_proj v_proj o_proj gate_proj up_proj "
+           "down_proj shared_experts experts (the routed experts, one adapter per expert) and the vision tower's "
+           "qkv proj (when model.json trains it), or all-linear (default: all-linear; the router gate never)")
+    a("--lora-load", help="start from the adapters of a LoRA checkpoint (a save dir or iter_XXXXXXX) at step 0 "
+                          "with a fresh optimizer; its rank, alpha and targets apply unless given")
+
     g = p.add_argument_group(
         "Megatron/Ascend flags accepted for compatibility",
         "These configure Megatron/Ascend internals and have NO effect in mmtune (one warning lists those given): "
@@ -393,6 +407,11 @@ class TrainConfig(BaseModel):
     context_parallel_size: int = Field(1, gt=0)
     context_parallel_algo: Literal["ulysses_cp_algo"] = "ulysses_cp_algo"
     expert_model_parallel_size: int = Field(1, gt=0)
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    lora_target_modules: tuple[str, ...] | None = None
+    lora_load: str | None = None
     moe_router_bias_update_rate: float = Field(0.0, ge=0)
     world_size: int = Field(1, gt=0)
     model: ModelJsonConfig
@@ -407,6 +426,28 @@ class TrainConfig(BaseModel):
 
         return ParallelDims.from_config(self.world_size, self.fsdp2.sharding_size, cp=self.context_parallel_size,
                                         ep=self.expert_model_parallel_size)
+
+    def lora_config(self, saved: dict | None = None):
+        """The LoRA settings (train/lora.LoRAConfig), or None for full finetuning. `saved`: the metadata of
+        the adapter being continued (--lora-load, or --load of a LoRA checkpoint): flags left out take its
+        values; flags given must agree with it (ValueError naming the flag)."""
+        from mmtune.train.lora import DEFAULT_ALPHA, DEFAULT_TARGETS, LoRAConfig
+
+        given = {"r": self.lora_r, "alpha": self.lora_alpha, "dropout": self.lora_dropout,
+                 "targets": self.lora_target_modules}
+        if saved is None:
+            if self.lora_r is None:
+                return None
+            return LoRAConfig(r=self.lora_r, alpha=DEFAULT_ALPHA if self.lora_alpha is None else self.lora_alpha,
+                              dropout=self.lora_dropout or 0.0, targets=tuple(self.lora_target_modules or DEFAULT_TARGETS))
+        for key in ("r", "alpha", "targets"):
+            want = tuple(saved[key]) if key == "targets" else saved[key]
+            if given[key] is not None and (tuple(given[key]) if key == "targets" else given[key]) != want:
+                flag = "--lora-target-modules" if key == "targets" else f"--lora-{key}"
+                raise ValueError(f"{flag} {given[key]} disagrees with the adapter being continued ({flag} {want}); "
+                                 "leave it out to take the adapter's")
+        return LoRAConfig(r=int(saved["r"]), alpha=float(saved["alpha"]), targets=tuple(saved["targets"]),
+                          dropout=float(saved["dropout"] if self.lora_dropout is None else self.lora_dropout))
 
     @property
     def dp_size(self) -> int:
@@ -592,6 +633,23 @@ def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, .
         raise ValueError(f"{PROG}: --min-lr {args['min_lr']} is above --lr {args['lr']}")
     if not Path(args["mm_data"]).is_file():
         raise FileNotFoundError(f"--mm-data {args['mm_data']}: no such file")
+    if args.get("lora_target_modules") is not None:
+        args["lora_target_modules"] = tuple(args["lora_target_modules"])
+    r, alpha, drop = args.get("lora_r"), args.get("lora_alpha"), args.get("lora_dropout")
+    if r is not None and r < 1:
+        raise ValueError(f"{PROG}: --lora-r must be an integer >= 1 (the adapter rank), got {r}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"{PROG}: --lora-alpha must be > 0 (the update is scaled by alpha / r), got {alpha}")
+    if drop is not None and not 0.0 <= drop < 1.0:
+        raise ValueError(f"{PROG}: --lora-dropout must be in [0, 1), got {drop}")
+    if args.get("lora_load"):
+        if not Path(args["lora_load"]).exists():
+            raise FileNotFoundError(f"--lora-load {args['lora_load']}: no such directory (a LoRA run's save dir "
+                                    "or one of its iter_XXXXXXX checkpoints)")
+    elif r is None and not args.get("load") and (alpha is not None or drop is not None
+                                                   or args.get("lora_target_modules") is not None):
+        raise ValueError(f"{PROG}: --lora-alpha/--lora-dropout/--lora-target-modules need --lora-r (LoRA is off "
+                         "without it)")
     try:
         return TrainConfig(**args, world_size=world_size, model=model, fsdp2=fsdp2, ignored_flags=ignored)
     except ValidationError as exc:

@@ -9,6 +9,8 @@ Keys inside a training checkpoint (docs/INTERNALS.md; `mmtune convert dcp-to-hf`
     optim.state.<fqn>.<key> / optim.param_groups   AdamW state (unless --no-save-optim)
     train_state                  bytes: step, consumed samples, world size, LR scheduler state
     rank_state.<r>               bytes, one per rank: RNG states (unless --no-save-rng), data-loader state
+    lora                         LoRA runs only: JSON bytes (train/lora.metadata); then `model.` holds only
+                                 the adapters (`...lora_A` / `...lora_B`) — the base comes from the base weights
 A converted weights-only DCP (`mmtune convert hf-to-dcp`) holds plain native names and loads as step 0.
 
 Atomicity: every rank writes into `<save>/.iter_XXXXXXX.tmp`; after a barrier rank 0 renames it to
@@ -36,17 +38,21 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
     get_model_state_dict,
     get_optimizer_state_dict,
     set_model_state_dict,
     set_optimizer_state_dict,
 )
 
+from mmtune.ops.lora import is_adapter_name
+
 from mmtune.convert.dcp_io import LATEST_FILE as POINTER_FILE  # the key/file contract with convert
 from mmtune.convert.dcp_io import resolve_dcp_dir
-from mmtune.convert.dcp_io import MODEL_PREFIX, OPTIM_PREFIX
+from mmtune.convert.dcp_io import LORA_KEY, MODEL_PREFIX, OPTIM_PREFIX
 
 _MODEL_KEY, _OPTIM_KEY = MODEL_PREFIX.rstrip("."), OPTIM_PREFIX.rstrip(".")  # dcp flattens {"model": sd} to "model."
+_ADAPTERS = StateDictOptions(ignore_frozen_params=True, strict=False)  # a LoRA run: the trainable tensors only
 
 
 def iter_dir_name(step: int) -> str:
@@ -149,10 +155,13 @@ def _barrier() -> None:
 class Checkpointer:
     """Saves and loads model, optimizer, scheduler, RNG and data-loader state under one save dir."""
 
-    def __init__(self, save_dir: str | Path | None, *, save_optim: bool = True, save_rng: bool = True):
+    def __init__(self, save_dir: str | Path | None, *, save_optim: bool = True, save_rng: bool = True,
+                 lora: bytes | None = None):
+        """lora: a LoRA run's metadata blob (train/lora.metadata): checkpoints then hold only the adapters."""
         self.save_dir = Path(save_dir) if save_dir else None
         self.save_optim = save_optim
         self.save_rng = save_rng
+        self.lora = lora
 
     def save(self, step: int, model: nn.Module, optimizer=None, scheduler=None, loader=None,
              state: TrainState | None = None) -> Path:
@@ -167,7 +176,9 @@ class Checkpointer:
                 shutil.rmtree(tmp)
         _barrier()
         state = state or TrainState(step=step)
-        sd: dict[str, Any] = {_MODEL_KEY: get_model_state_dict(model)}
+        sd: dict[str, Any] = {_MODEL_KEY: get_model_state_dict(model, options=_ADAPTERS if self.lora else None)}
+        if self.lora is not None:
+            sd[LORA_KEY] = self.lora
         if optimizer is not None and self.save_optim:
             sd[_OPTIM_KEY] = get_optimizer_state_dict(model, optimizer)
         sd["train_state"] = _to_bytes({
@@ -198,7 +209,7 @@ class Checkpointer:
     def load_weights(path: str | Path, model: nn.Module) -> None:
         """A converted weights-only DCP (plain native names) into a (sharded) model."""
         keys = checkpoint_keys(path)
-        sd = get_model_state_dict(model)
+        sd = {k: v for k, v in get_model_state_dict(model).items() if not is_adapter_name(k)}  # base weights
         missing = sorted(k for k in sd if k not in keys)
         if missing:
             raise ValueError(f"{path}: the DCP lacks {len(missing)} model tensors, e.g. {missing[:3]} — "
@@ -206,7 +217,23 @@ class Checkpointer:
         _check_shapes(path, sd, prefix="")
         with _quiet():
             dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
-        set_model_state_dict(model, sd)
+        set_model_state_dict(model, sd, options=StateDictOptions(strict=False))
+
+    @staticmethod
+    def load_adapters(path: str | Path, model: nn.Module) -> None:
+        """The adapters of a LoRA training checkpoint (`--lora-load`) into a model with the same adapters;
+        nothing else (step 0, fresh optimizer). ValueError when they do not fit this model."""
+        path = Path(path)
+        keys = checkpoint_keys(path)
+        sd = get_model_state_dict(model, options=_ADAPTERS)
+        missing = sorted(k for k in sd if MODEL_PREFIX + k not in keys)
+        if missing:
+            raise ValueError(f"--lora-load {path}: the adapter lacks {len(missing)} of this run's adapter tensors, "
+                             f"e.g. {missing[:2]} — it was trained with other --lora-target-modules or for another model")
+        _check_shapes(path, sd, prefix=MODEL_PREFIX, what="--lora-load: the adapter")
+        with _quiet():
+            dcp.load({_MODEL_KEY: sd}, storage_reader=dcp.FileSystemReader(str(path)))
+        set_model_state_dict(model, sd, options=_ADAPTERS)
 
     @staticmethod
     def load(path: str | Path, model: nn.Module, optimizer=None, scheduler=None, loader=None, *,
@@ -216,11 +243,15 @@ class Checkpointer:
         rank, world = _rank_world()
         keys = checkpoint_keys(path)
         train = _from_bytes(_load_bytes(path, "train_state"))
-        model_sd = get_model_state_dict(model)
+        lora = LORA_KEY in keys  # adapters only: the base weights are already in the model
+        model_sd = get_model_state_dict(model, options=_ADAPTERS if lora else None)
+        if lora and not model_sd:
+            raise ValueError(f"{path} is a LoRA checkpoint (adapters only) but this model has no adapters: "
+                             "resume it with the same --lora-* flags")
         missing = sorted(k for k in model_sd if MODEL_PREFIX + k not in keys)
         if missing:
             raise ValueError(f"{path}: the checkpoint lacks {len(missing)} model tensors, e.g. {missing[:3]} "
-                             "— it was saved from another model")
+                             "— it was saved from another model" + (" or with other --lora-* flags" if lora else ""))
         _check_shapes(path, model_sd, prefix=MODEL_PREFIX)
         sd: dict[str, Any] = {_MODEL_KEY: model_sd}
         want_optim = optimizer is not None and load_optim
@@ -231,7 +262,7 @@ class Checkpointer:
             sd[_OPTIM_KEY] = get_optimizer_state_dict(model, optimizer)
         with _quiet():
             dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
-        set_model_state_dict(model, sd[_MODEL_KEY])
+        set_model_state_dict(model, sd[_MODEL_KEY], options=_ADAPTERS if lora else None)
         if want_optim:
             set_optimizer_state_dict(model, optimizer, sd[_OPTIM_KEY])
         step = int(train["step"])
@@ -272,14 +303,15 @@ def _load_bytes(path: Path, key: str) -> bytes:
     return sd[key]
 
 
-def _check_shapes(path: Path, model_sd: dict[str, Any], prefix: str) -> None:
+def _check_shapes(path: Path, model_sd: dict[str, Any], prefix: str, what: str = "") -> None:
     meta = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     for name, tensor in model_sd.items():
         saved = meta[prefix + name]
         size = getattr(saved, "size", None)
         if size is not None and tuple(size) != tuple(tensor.shape):
-            raise ValueError(f"{path}: tensor {prefix + name} has shape {tuple(size)}, the model expects "
-                             f"{tuple(tensor.shape)} — the checkpoint belongs to another model config")
+            raise ValueError(f"{what or path}: tensor {prefix + name} has shape {tuple(size)}, the model expects "
+                             f"{tuple(tensor.shape)} — the checkpoint belongs to another model config"
+                             + (f" ({path})" if what else ""))
 
 
 def fast_forward_scheduler(scheduler, step: int) -> None:
@@ -297,6 +329,11 @@ def _write_atomic(path: Path, text: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def peek_lora(path: str | Path) -> bytes | None:
+    """The `lora` blob of a checkpoint (train/lora.read_metadata decodes it), None for a full checkpoint."""
+    return _load_bytes(Path(path), LORA_KEY) if LORA_KEY in checkpoint_keys(path) else None
 
 
 def peek_train_state(path: str | Path) -> dict[str, Any]:

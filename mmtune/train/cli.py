@@ -55,6 +55,7 @@ def run(cfg, *, print_fn=print) -> dict:
         mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
         env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
         source = resolve_load_path(cfg.load) if cfg.load else None
+        lora, lora_source, weights_dcp = _resolve_lora(cfg, source)
         freeze = FreezeSpec(vision_encoder=cfg.model.freeze_vision_encoder,
                             vision_projector=cfg.model.freeze_vision_projector,
                             text_decoder=cfg.model.freeze_text_decoder)
@@ -67,14 +68,27 @@ def run(cfg, *, print_fn=print) -> dict:
         say(f"{PROG}: world size {env.world_size} on {env.device.type} ({env.dims.describe()}), "
             f"grad-accum {cfg.grad_accum_steps}, "
             f"load {source.kind + ' ' + str(source.path) if source else 'HF ' + hf_path}", flush=True)
+        resume = source is not None and source.kind == "training"
         model = build_model(
             Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, hf_path=hf_path, seed=cfg.seed,
-            weights_dcp=source.path if source and source.kind == "weights" else None,
-            load_weights=not (source and source.kind == "training"))
+            weights_dcp=weights_dcp, load_weights=not resume or lora is not None, lora=lora)
         counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
         say(f"{PROG}: parameters trainable {counts['trainable']:,} frozen {counts['frozen']:,} (global)", flush=True)
+        lora_blob = None
+        if lora is not None:
+            from mmtune.train.lora import lora_modules, metadata
+
+            modules = lora_modules(model)
+            n_exp = sum(kind == "experts" for kind in modules.values())
+            say(f"{PROG}: LoRA r={lora.r} alpha={lora.alpha:g} dropout={lora.dropout:g} on {len(modules) - n_exp} "
+                f"linear modules and {n_exp} routed-expert banks ({' '.join(lora.targets)})", flush=True)
+            base = {"weights_dcp": str(Path(weights_dcp).resolve())} if weights_dcp else {"hf": str(hf_path)}
+            lora_blob = metadata(lora, modules, base)
         optimizer, scheduler = build_optimizer_and_scheduler(model, cfg)
+        if lora_source is not None:
+            Checkpointer.load_adapters(lora_source, model)
+            say(f"{PROG}: adapters from {lora_source} (--lora-load), starting at step 0", flush=True)
 
         from mmtune.data.loader import build_train_loader
 
@@ -115,7 +129,7 @@ def run(cfg, *, print_fn=print) -> dict:
         profiler = Profiler(load_tools_json(cfg.mm_tool), env.rank, env.device, print_fn) if cfg.mm_tool else None
         trainer = Trainer(LoopSettings.from_config(cfg, mcfg), env, model, optimizer, scheduler, loader,
                           checkpointer=Checkpointer(cfg.save, save_optim=not cfg.no_save_optim,
-                                                    save_rng=not cfg.no_save_rng),
+                                                    save_rng=not cfg.no_save_rng, lora=lora_blob),
                           metrics=metrics, profiler=profiler, print_fn=print_fn)
         trainer.epoch = int(state.extra.get("epoch", 0))
         summary = trainer.fit(state)
@@ -129,6 +143,47 @@ def run(cfg, *, print_fn=print) -> dict:
         return summary if env.is_main else {}
     finally:
         shutdown_distributed()
+
+
+def _resolve_lora(cfg, source):
+    """(LoRAConfig or None, the --lora-load checkpoint dir or None, the weights-only DCP the base loads from or
+    None). A LoRA checkpoint given to --load resumes with its own settings and base; --lora-load takes
+    another run's adapters (and their settings, unless flags say otherwise) onto this run's base."""
+    from mmtune.train.checkpoint import peek_lora, resolve_load_path
+    from mmtune.train.lora import read_metadata
+
+    weights_dcp = source.path if source and source.kind == "weights" else None
+    saved = None
+    resume_blob = peek_lora(source.path) if source and source.kind == "training" else None
+    if resume_blob is not None:
+        saved = read_metadata(resume_blob)
+        if cfg.lora_load:
+            raise ValueError(f"{PROG}: --load {cfg.load} resumes a LoRA run and --lora-load {cfg.lora_load} starts "
+                             "from other adapters: give one of them")
+        base = saved.get("base") or {}
+        if base.get("weights_dcp"):
+            weights_dcp = Path(base["weights_dcp"])
+            if not (weights_dcp / ".metadata").is_file():
+                raise FileNotFoundError(f"--load {cfg.load}: the LoRA run's base weights {weights_dcp} (a converted "
+                                        "DCP) are gone; the adapters only make sense on top of them")
+    lora_source = None
+    if cfg.lora_load:
+        try:
+            found = resolve_load_path(cfg.lora_load)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"--lora-load {cfg.lora_load}: not a LoRA checkpoint (a LoRA run's save dir or "
+                                    f"iter_XXXXXXX; a PEFT adapter dir cannot be continued yet): {e}") from None
+        blob = peek_lora(found.path) if found.kind == "training" else None
+        if blob is None:
+            raise ValueError(f"--lora-load {cfg.lora_load}: not a LoRA checkpoint (it has no adapters); pass the save "
+                             "dir or an iter_XXXXXXX of a run trained with --lora-r")
+        saved, lora_source = read_metadata(blob), found.path
+    lora = cfg.lora_config(saved)
+    if lora is not None and source is not None and source.kind == "training" and resume_blob is None:
+        raise ValueError(f"{PROG}: --load {cfg.load} is a full-finetuning checkpoint; LoRA starts from base weights: "
+                         "export it (mmtune convert dcp-to-hf) and point init_from_hf_path at it, or pass a "
+                         "converted weights-only DCP to --load")
+    return lora, lora_source, weights_dcp
 
 
 def main(argv: list[str] | None = None) -> int:

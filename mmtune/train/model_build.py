@@ -1,5 +1,10 @@
-"""Build the training model: meta device -> freeze -> context parallelism + activation checkpointing + FSDP2
-(distributed.parallelize) -> to_empty -> weights. Every rank ends up holding only its shard.
+"""Build the training model: meta device -> freeze (-> LoRA adapters) -> frozen weights to the compute
+dtype -> context parallelism + activation checkpointing + FSDP2 (distributed.parallelize) -> to_empty ->
+weights (-> adapter init). Every rank ends up holding only its shard.
+
+With LoRA (train/lora.py) every base weight is frozen and only the adapters train; frozen weights are stored
+in the compute dtype (FSDP's param_dtype, e.g. bf16) instead of fp32 — they have no gradient or optimizer
+state, so nothing needs their fp32 copy — except the routers, which compute in fp32. The adapters stay fp32.
 
 Weights come from, in order of preference:
   * a converted weights-only DCP (`--load`, from `mmtune convert hf-to-dcp`): each rank reads its shard;
@@ -25,9 +30,10 @@ from torch import nn
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from mmtune.distributed.env import DistEnv
-from mmtune.distributed.parallelize import FSDPOptions, materialize, parallelize
+from mmtune.distributed.parallelize import FSDPOptions, materialize, parallelize, store_frozen_in
 from mmtune.train.checkpoint import Checkpointer
 from mmtune.train.freeze import FreezeSpec, apply_freeze
+from mmtune.train.lora import LoRAConfig, LoRAInfo, apply_lora, init_adapters
 
 
 def _broadcast_buffers(model: nn.Module, env: DistEnv, source: nn.Module | None) -> None:
@@ -53,17 +59,22 @@ def _reset_non_persistent_buffers(model: nn.Module) -> None:
 
 def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: FreezeSpec, *,
                 hf_path: str | Path | None = None, weights_dcp: str | Path | None = None, seed: int = 0,
-                full_model_factory=None, load_weights: bool = True) -> nn.Module:
+                full_model_factory=None, load_weights: bool = True, lora: LoRAConfig | None = None) -> nn.Module:
     """The sharded, loaded training model (see the module docstring).
 
     full_model_factory: () -> full CPU model on rank 0 (default: `model_cls.from_pretrained(hf_path)`
     or `model_cls(config)` + `init_weights(seed)`); for tests with a stand-in model.
     load_weights False: only materialise (a training checkpoint is loaded into it next).
+    lora: put LoRA adapters on the model (the modules the freeze flags leave trainable); the base weights
+    load as without it and the adapters get their seeded init (train/lora.lora_modules lists them).
     """
     with torch.device("meta"):
         model = model_cls(config)
     apply_freeze(model, freeze)
-    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh, expert_mesh=env.dims.expert_mesh)
+    info: LoRAInfo | None = apply_lora(model, lora, freeze) if lora is not None else None
+    store_frozen_in(model, opts.param_dtype)
+    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh,
+                expert_mesh=env.dims.expert_mesh)
     materialize(model, env.device)
     if not load_weights:
         _reset_non_persistent_buffers(model)
@@ -71,6 +82,8 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
     if weights_dcp is not None:
         Checkpointer.load_weights(weights_dcp, model)
         _reset_non_persistent_buffers(model)
+        if info is not None:
+            init_adapters(model, seed)
         return model
     full = None
     if env.rank == 0:
@@ -82,11 +95,15 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
             full = model_cls(config)
             full.init_weights(seed=seed)
     full_sd = full.state_dict() if full is not None else {}
+    strict = info is None  # a base state dict has no adapters: they are initialised below
     if env.distributed:
-        opts_sd = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+        opts_sd = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True, strict=strict)
         set_model_state_dict(model, full_sd, options=opts_sd)
     else:
-        model.load_state_dict(full_sd)
+        result = model.load_state_dict(full_sd, strict=strict)
+        assert not result.unexpected_keys and all("lora_" in k for k in result.missing_keys), result
     _broadcast_buffers(model, env, full)
     del full, full_sd
+    if info is not None:
+        init_adapters(model, seed)
     return model

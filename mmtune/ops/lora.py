@@ -1,0 +1,220 @@
+"""LoRA layers: a trainable low-rank update added to a frozen projection, for `nn.Linear` and for the
+stacked routed experts (`GroupedExperts`).
+
+    y = x W^T + b + s * (dropout(x) A^T) B^T          s = alpha / r,  B = 0 at init (y unchanged)
+
+Linear: `lora_A` [r, in] and `lora_B` [out, r] sit on the Linear beside `weight` / `bias`.
+Experts: for each stacked projection p of `GroupedExperts` (gate_up_proj [E, 2I, H], down_proj [E, H, I])
+`p_lora_A` [E, r, in] and `p_lora_B` [E, out, r]: one adapter per expert. The rows that reach the experts
+are already sorted by expert with per-expert counts, so the update runs as two more grouped matmuls over
+the same rows, (x_R A_e^T) B_e^T: O(rows * r * (in + out)) work, and the [E, out, in] delta is never built.
+It enters the local expert computation (`ops.moe.expert_ffn`) as a `LoRAProjection` in place of the weight.
+The leading expert dim of the adapters is the experts' own, so whatever splits the experts (expert
+parallelism shards dim 0) splits their adapters with them.
+
+Wrapping keeps the base parameter objects and names (`wrap_linear`, `wrap_experts`): a base checkpoint
+loads unchanged, and adapter names are the base module's name + `.lora_A` / `.lora_B` (Linear) or
++ `.{p}_lora_A` / `.{p}_lora_B` (experts); docs/INTERNALS.md "LoRA".
+
+Legend: R rows (sorted by expert), E experts, r rank, In/Out the projection's input/output width.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mmtune.ops.moe import GroupedExperts, grouped_linear
+
+EXPERT_PROJECTIONS = ("gate_up_proj", "down_proj")
+
+
+def is_adapter_name(name: str) -> bool:
+    """True for an adapter parameter name (`...lora_A`, `...lora_B`, `..._lora_A`, `..._lora_B`)."""
+    return name.endswith(("lora_A", "lora_B"))
+
+
+def lora_delta(A: torch.Tensor, B: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense update s * B A: [out, in] for a Linear, [E, out, in] for stacked experts (export, tests)."""
+    return scale * (B @ A)
+
+
+def init_lora_(A: torch.Tensor, B: torch.Tensor, generator: torch.Generator) -> None:
+    """A ~ U(-1/sqrt(in), 1/sqrt(in)) (nn.Linear's and PEFT's kaiming-uniform(a=sqrt(5))), B = 0. Drawn in
+    fp32 on the CPU generator, so every device and rank gets the same numbers."""
+    bound = 1.0 / math.sqrt(A.shape[-1])
+    with torch.no_grad():
+        A.copy_(torch.empty(A.shape, dtype=torch.float32).uniform_(-bound, bound, generator=generator))
+        B.zero_()
+
+
+def _same_module_as(cls: type, module: nn.Module) -> nn.Module:
+    """An instance of `cls` (a subclass of type(module)) with `module`'s plain attributes (sizes, a dispatch
+    hook, ...) but none of its parameters yet: the caller hands over the same Parameter objects."""
+    new = cls.__new__(cls)
+    nn.Module.__init__(new)
+    new.__dict__.update({k: v for k, v in module.__dict__.items() if not k.startswith("_") and k != "training"})
+    new.training = module.training
+    return new
+
+
+def _dropout(p: float) -> nn.Module:
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
+def _adapter(shape: tuple[int, ...], like: torch.Tensor) -> nn.Parameter:
+    """An fp32 adapter parameter on the base weight's device (meta while the model is built on meta)."""
+    return nn.Parameter(torch.zeros(shape, dtype=torch.float32, device=like.device))
+
+
+class LoRALinear(nn.Linear):
+    """An nn.Linear (same `weight`, `bias`) plus `lora_A` [r, in], `lora_B` [out, r] and dropout."""
+
+    r: int
+    scale: float
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.linear(x, self.weight, self.bias)
+        h = self.lora_dropout(x).to(self.lora_A.dtype)
+        # the scale multiplies the narrow [.., r] intermediate, not the [.., out] update
+        return y + F.linear(F.linear(h, self.lora_A) * self.scale, self.lora_B).to(y.dtype)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scale={self.scale:g}"
+
+
+def wrap_linear(linear: nn.Linear, r: int, alpha: float, dropout: float = 0.0) -> LoRALinear:
+    """A LoRALinear holding `linear`'s own weight and bias Parameters (no copy) and fresh adapters
+    (zeros: call `init_lora_` or load them)."""
+    if isinstance(linear, LoRALinear):
+        raise ValueError("this Linear already has a LoRA adapter")
+    new = _same_module_as(LoRALinear, linear)
+    new.weight = linear.weight
+    new.bias = linear.bias
+    new.r, new.scale = r, alpha / r
+    new.lora_A = _adapter((r, linear.in_features), linear.weight)
+    new.lora_B = _adapter((linear.out_features, r), linear.weight)
+    new.lora_dropout = _dropout(dropout)
+    return new
+
+
+@dataclass(frozen=True)
+class LoRAProjection:
+    """A stacked expert weight [E, Out, In] with its per-expert adapters A [E, r, In], B [E, Out, r]: what
+    `ops.moe.project` applies to the sorted rows (the base grouped matmul plus `grouped_lowrank`)."""
+
+    weight: torch.Tensor
+    A: torch.Tensor
+    B: torch.Tensor
+    scale: float
+    dropout: nn.Module
+
+    def project(self, x_RIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+        y_ROut = grouped_linear(x_RIn, self.weight, counts_E)
+        return y_ROut + grouped_lowrank(self.dropout(x_RIn), self.A, self.B, counts_E, self.scale).to(y_ROut.dtype)
+
+    def map(self, fn) -> "LoRAProjection":
+        """The same projection with `fn` applied to its three tensors (e.g. taking a rank's local experts)."""
+        return LoRAProjection(fn(self.weight), fn(self.A), fn(self.B), self.scale, self.dropout)
+
+
+class LoRAGroupedExperts(GroupedExperts):
+    """GroupedExperts (same `gate_up_proj`, `down_proj`) plus one adapter per expert for each projection in
+    `self.adapted`: `{p}_lora_A` [E, r, In], `{p}_lora_B` [E, Out, r]."""
+
+    r: int
+    scale: float
+    adapted: tuple[str, ...]
+
+    def projection(self, name: str):
+        if name not in self.adapted:
+            return getattr(self, name)
+        return LoRAProjection(getattr(self, name), getattr(self, f"{name}_lora_A"), getattr(self, f"{name}_lora_B"),
+                              self.scale, self.lora_dropout)
+
+    def extra_repr(self) -> str:
+        return f"adapted={list(self.adapted)}, r={self.r}, scale={self.scale:g}"
+
+
+def wrap_experts(experts: GroupedExperts, r: int, alpha: float, dropout: float = 0.0,
+                 projections: tuple[str, ...] = EXPERT_PROJECTIONS) -> LoRAGroupedExperts:
+    """A LoRAGroupedExperts holding `experts`' own stacked Parameters and fresh per-expert adapters."""
+    if isinstance(experts, LoRAGroupedExperts):
+        raise ValueError("these experts already have LoRA adapters")
+    unknown = set(projections) - set(EXPERT_PROJECTIONS)
+    if unknown or not projections:
+        raise ValueError(f"expert projections {sorted(unknown) or '()'}: choose from {EXPERT_PROJECTIONS}")
+    new = _same_module_as(LoRAGroupedExperts, experts)
+    new.gate_up_proj, new.down_proj = experts.gate_up_proj, experts.down_proj
+    new.r, new.scale, new.adapted = r, alpha / r, tuple(p for p in EXPERT_PROJECTIONS if p in projections)
+    for p in new.adapted:
+        E, out, inp = getattr(new, p).shape
+        setattr(new, f"{p}_lora_A", _adapter((E, r, inp), getattr(new, p)))
+        setattr(new, f"{p}_lora_B", _adapter((E, out, r), getattr(new, p)))
+    new.lora_dropout = _dropout(dropout)
+    return new
+
+
+def grouped_lowrank(x_RIn: torch.Tensor, A_ErIn: torch.Tensor, B_EOutr: torch.Tensor, counts_E: torch.Tensor,
+                    scale: float = 1.0, padded: bool | None = None) -> torch.Tensor:
+    """s (x A_e^T) B_e^T for each expert's block of the sorted rows: [R, Out] (s scales the [R, r] middle).
+
+    Two grouped matmuls over the rows (`grouped_linear`), or — on the CPU, whose grouped matmul runs each
+    expert's narrow [n_e, r] product as a separate small matmul — the same rows copied into an
+    [E, max n_e, In] buffer and two batched matmuls, when that padding at most doubles the rows (`padded`
+    None decides so; True / False force a path, for tests). Both are O(R * r * (In + Out))."""
+    E, R = counts_E.numel(), x_RIn.shape[0]
+    if padded is None:
+        padded = x_RIn.device.type == "cpu" and R > 0 and int(counts_E.max()) * E <= 2 * R
+    if not padded or R == 0:
+        return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E) * scale, B_EOutr, counts_E)
+    C = int(counts_E.max())
+    start_E = torch.cumsum(counts_E, 0) - counts_E
+    expert_R = torch.repeat_interleave(torch.arange(E, device=x_RIn.device), counts_E)
+    slot_R = expert_R * C + torch.arange(R, device=x_RIn.device) - start_E[expert_R]  # row -> its padded slot
+    x_ECIn = _ToSlots.apply(x_RIn.to(A_ErIn.dtype), slot_R, E * C).view(E, C, -1)
+    y_ECOut = torch.bmm(torch.bmm(x_ECIn, A_ErIn.transpose(1, 2)) * scale, B_EOutr.transpose(1, 2))
+    return _FromSlots.apply(y_ECOut.view(E * C, -1), slot_R)
+
+
+class _ToSlots(torch.autograd.Function):
+    """rows [R, D] -> a zero buffer [S, D] with row i at slot_R[i] (slots distinct); backward: a gather."""
+
+    @staticmethod
+    def forward(ctx, x_RD, slot_R, n_slots):
+        ctx.save_for_backward(slot_R)
+        return x_RD.new_zeros(n_slots, x_RD.shape[1]).index_copy_(0, slot_R, x_RD)
+
+    @staticmethod
+    def backward(ctx, grad_SD):
+        (slot_R,) = ctx.saved_tensors
+        return grad_SD.index_select(0, slot_R), None, None
+
+
+class _FromSlots(torch.autograd.Function):
+    """the rows at slot_R of [S, D]; backward: copied back into zeros (slots distinct: no scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, y_SD, slot_R):
+        ctx.save_for_backward(slot_R)
+        ctx.n_slots = y_SD.shape[0]
+        return y_SD.index_select(0, slot_R)
+
+    @staticmethod
+    def backward(ctx, grad_RD):
+        (slot_R,) = ctx.saved_tensors
+        return grad_RD.new_zeros(ctx.n_slots, grad_RD.shape[1]).index_copy_(0, slot_R, grad_RD), None
+
+
+def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
+    """(base parameter's local name, A, B) of a LoRA module: [("weight", A, B)] for a LoRALinear,
+    [("gate_up_proj", A, B), ...] for LoRAGroupedExperts; [] for anything else."""
+    if isinstance(module, LoRALinear):
+        return [("weight", module.lora_A, module.lora_B)]
+    if isinstance(module, LoRAGroupedExperts):
+        return [(p, getattr(module, f"{p}_lora_A"), getattr(module, f"{p}_lora_B")) for p in module.adapted]
+    return []
