@@ -64,7 +64,7 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
         model = model_cls(config)
     apply_freeze(model, freeze)
     parallelize(model, env.mesh, opts, env.device)
-    materialize(model, env.device)
+    materialize(model, env.device, cpu_offload=opts.cpu_offload)
     if not load_weights:
         _reset_non_persistent_buffers(model)
         return model

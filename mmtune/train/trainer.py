@@ -3,10 +3,11 @@
 One optimizer step ("step") consumes a window of G = global_batch / (micro_batch * dp) micro-batches on
 each rank. The whole window is fetched first (the recipe's PrefetchGradAccDataLoader) so that the loss
 context — the window's valid-token count over all ranks, for per_token_loss — is known before the first
-micro-batch (`LossContext.for_window`, one all-reduce). Gradients are synchronised (FSDP2 reduce-scatter)
-only on the window's last micro-batch. Then: clip (total norm over the DTensor shards), and — unless the
-loss or the norm is not finite, in which case the step is skipped and counted — AdamW and the LR
-scheduler step.
+micro-batch (`LossContext.for_window`, one all-reduce). Each micro-batch's backward reduce-scatters its
+gradients, so only sharded gradients accumulate over the window (under HSDP the all-reduce across
+replicas waits for the last micro-batch; `set_gradient_sync`). Then: clip (total norm over the DTensor
+shards), and — unless the loss or the norm is not finite, in which case the step is skipped and counted —
+AdamW and the LR scheduler step.
 
 Every rank runs the vision tower on every micro-batch (`run_vision_without_images=True`), on a dummy
 image when its batch has none, so FSDP's all-gathers of the vision blocks always match across ranks.
@@ -51,7 +52,7 @@ class LoopSettings:
     log_interval: int = 1
     save_interval: int | None = None
     exit_interval: int | None = None
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = 3  # as --max-nonfinite-steps
     pad_token_id: int | None = None  # tokens equal to it are not counted as throughput or for the aux loss
     num_experts: int | None = None
     top_k: int | None = None
@@ -133,7 +134,7 @@ class Trainer:
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         tokens = samples = 0
         for i, batch in enumerate(window):
-            set_gradient_sync(model, i == len(window) - 1)
+            set_gradient_sync(model, last_micro_batch=i == len(window) - 1)
             out = model(
                 input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"), position_ids=batch.get("position_ids"),

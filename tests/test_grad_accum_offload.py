@@ -1,0 +1,251 @@
+"""Gradient accumulation holds only sharded gradients, and CPU offload trains like no offload — on 2 gloo
+ranks, in one torchrun launch of this file (the worker at the bottom):
+
+- a ~30M-parameter GLM-4.5V-architecture model, grad-accum 1 (micro-batch 4) vs grad-accum 4 (micro-batch 1),
+  same global batch, per_token_loss: the step's peak RSS with grad-accum 4 exceeds grad-accum 1 by well
+  under the full fp32 gradient; the previous schedule (no gradient sync until the window's last micro-batch,
+  `set_requires_gradient_sync(False)`), run in the same launch, does exceed it — so the measurement sees an
+  unsharded gradient when one is held. The losses of all three runs agree (per_token split invariance);
+- FSDP2 `CPUOffloadPolicy` (offload_to_cpu) + clipping + AdamW + save/resume equals the same run without
+  offload, step by step, and the resumed run continues exactly.
+Plus, in one process: the FSDP forward-prefetch chain follows the order forward runs the blocks, and the
+CUDA process group has a CPU backend next to NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from test_train_helpers import ListLoader, make_sample, windows_for  # noqa: E402
+
+
+def big_config():
+    """tiny_config with a wide vocabulary and 32 wide experts: ~30M parameters, most of them in the lm head,
+    the embedding and the experts, while a micro-batch of 24 tokens keeps the compute small."""
+    from dataclasses import replace
+
+    from mmtune.models.glm4v_moe import tiny_config
+
+    cfg = tiny_config()
+    text = replace(cfg.text, vocab_size=8192, hidden_size=256, n_routed_experts=16, moe_intermediate_size=384,
+                   num_hidden_layers=4, num_attention_heads=8)
+    vision = replace(cfg.vision, out_hidden_size=256)
+    return replace(cfg, text=text, vision=vision)
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def dist_result(tmp_path_factory):
+    from dist_utils import torchrun
+
+    root = tmp_path_factory.mktemp("grad_accum_offload")
+    # every allocation >= 1 MiB is its own mmap, returned to the OS when freed: RSS follows live tensors
+    env = {"PYTHONPATH": f"{HERE}:{HERE.parent}", "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+    proc = torchrun([str(Path(__file__)), str(root)], nproc=2, env=env)
+    result = json.loads((root / "result.json").read_text())
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+def test_grad_accum_holds_only_sharded_gradients(dist_result):
+    m = dist_result["memory"]
+    full = 4 * m["trainable_params"]  # bytes of the whole fp32 gradient: what the old schedule held unsharded
+    assert m["trainable_params"] > 15e6, m
+    frac = {k: {run: round(b / full, 3) for run, b in m[k].items()} for k in ("peak", "held")}
+    # between micro-batches a rank holds its gradient shard (1/2 of the gradient on 2 ranks); the old schedule
+    # held the whole unsharded gradient, and the RSS measurement sees it
+    assert frac["held"]["ga4"] < 0.6 and frac["held"]["ga4_no_sync"] > 0.9, frac
+    # the step's peak: grad-accum 4 adds well under the full gradient to grad-accum 1; the old one added more
+    extra_new = (m["peak"]["ga4"] - m["peak"]["ga1"]) / full
+    extra_old = (m["peak"]["ga4_no_sync"] - m["peak"]["ga1"]) / full
+    assert extra_new < 0.4 and extra_old > extra_new + 0.15, frac
+    ga1, ga4 = m["losses"]["ga1"], m["losses"]["ga4"]
+    assert len(ga1) == len(ga4) == 2 and m["losses"]["ga4_no_sync"][0] == ga4[0]
+    for a, b in zip(ga1, ga4):
+        assert abs(a - b) <= 1e-6 * abs(a), (ga1, ga4)
+
+
+def test_cpu_offload_equals_no_offload_with_clip_and_resume(dist_result):
+    o = dist_result["offload"]
+    assert o["offloaded"] == [False, True]  # FSDP2's CPUOffloadPolicy is on in the offload runs only
+    for a, b in zip(o["plain"]["losses"], o["offload"]["losses"]):
+        assert abs(a - b) <= 1e-6 * abs(a), o
+    for a, b in zip(o["plain"]["grad_norms"], o["offload"]["grad_norms"]):
+        assert abs(a - b) <= 1e-5 * abs(a), o
+    assert max(o["plain"]["grad_norms"]) > o["clip"], "clipping must be active in this check"
+    assert o["resumed"]["losses"] == o["offload"]["losses"][2:], o
+    assert o["max_param_diff"] < 1e-6 and o["max_resumed_param_diff"] == 0.0, o
+
+
+def test_forward_prefetch_follows_execution_order():
+    from mmtune.distributed.parallelize import forward_order
+    from test_train_helpers import collate, full_model
+
+    model = full_model(0)
+    order = forward_order(model)
+    seen = []
+    for module in order:
+        module.register_forward_pre_hook(lambda m, a: seen.append(m) if m not in seen else None)
+    batch = collate([make_sample(0)])
+    with torch.no_grad():
+        model(batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    assert [id(m) for m in seen] == [id(m) for m in order]
+    assert order[1] is model.model.visual.blocks[0]  # the vision tower runs between embedding and decoder
+
+
+def test_process_group_backend_has_a_cpu_backend_on_cuda():
+    from mmtune.distributed.env import process_group_backend
+
+    assert process_group_backend("cuda") == "cuda:nccl,cpu:gloo"
+    assert process_group_backend("cuda", "nccl") == "cuda:nccl,cpu:gloo"
+    assert process_group_backend("cuda", "gloo") == "gloo"
+    assert process_group_backend("cpu") == process_group_backend("cpu", "auto") == "gloo"
+    with pytest.raises(ValueError, match="nccl needs CUDA"):
+        process_group_backend("cpu", "nccl")
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def _rss_kib(key: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(key)
+
+
+def _memory_checks(env) -> dict:
+    """Peak RSS added by the first optimizer step, and RSS held at the start of each micro-batch's forward
+    (what the previous micro-batches left: their gradients), for grad-accum 1, 4, and 4 the old way; the
+    losses of two steps of grad-accum 1 and 4 (the old schedule's are today's grad-accum 1 ones: test_train_dist
+    checks that split invariance)."""
+    import gc
+
+    import mmtune.train.trainer as trainer_mod
+    from mmtune.distributed import FSDPOptions
+    from mmtune.distributed.parallelize import set_gradient_sync
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
+    from mmtune.train.trainer import LoopSettings, Trainer
+    from test_train_helpers import adamw
+
+    def no_sync_until_last(model, *, last_micro_batch):  # the schedule before this change
+        model.set_requires_gradient_sync(last_micro_batch)
+
+    samples = [[make_sample(300 + 8 * k + j, with_image=(j % 2 == 0)) for j in range(8)] for k in range(2)]
+    freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
+    out = {"peak": {}, "held": {}, "losses": {}}
+    for name, mbs, steps, sync in (("ga1", 4, 2, set_gradient_sync), ("ga4", 1, 2, set_gradient_sync),
+                                   ("ga4_no_sync", 1, 1, no_sync_until_last)):
+        trainer_mod.set_gradient_sync = sync
+        torch.manual_seed(0)
+        model = build_model(Glm4vMoeForConditionalGeneration, big_config(), env, FSDPOptions(), freeze, seed=0)
+        out["trainable_params"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        opt, sched = adamw(model, sgd=True)
+        batches = [b for k in range(steps) for b in windows_for(samples[k], mbs, env.rank, 2)]
+        ga = 4 // mbs
+        t = Trainer(LoopSettings(train_iters=steps, grad_accum_steps=ga, loss_type="per_token_loss"), env, model,
+                    opt, sched, ListLoader(batches))
+        with torch.no_grad():  # FSDP's lazy init (one-time allocations) before anything is measured
+            b = batches[0]
+            model(input_ids=b["input_ids"], pixel_values=b.get("pixel_values"), image_grid_thw=b.get("image_grid_thw"),
+                  return_logits=False, run_vision_without_images=True)
+        held, base = [], 0
+        hook = model.register_forward_pre_hook(lambda m, a: held.append(_rss_kib("VmRSS") * 1024 - base))
+        for step in range(steps):
+            window = [t._next_batch() for _ in range(ga)]
+            gc.collect()
+            env.barrier()
+            base = _rss_kib("VmRSS") * 1024
+            with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
+                f.write("5")
+            t.losses.append(t.train_step(window).loss)
+            if step == 0:
+                out["peak"][name] = _rss_kib("VmHWM") * 1024 - base
+                out["held"][name] = max(held)
+                hook.remove()
+        out["losses"][name] = t.losses
+        del model, opt, sched, t
+        gc.collect()
+    trainer_mod.set_gradient_sync = set_gradient_sync
+    return out
+
+
+def _offload_checks(env, root: Path) -> dict:
+    """3 steps with clipping and AdamW, with and without CPU offload; the offload run saves after step 2,
+    and a fresh offload model resumes from it for step 3."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mmtune.distributed import FSDPOptions
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+    from mmtune.train.checkpoint import Checkpointer, TrainState
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
+    from mmtune.train.trainer import LoopSettings, Trainer
+    from test_train_helpers import adamw
+
+    clip = 0.5
+    freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
+    steps = [[make_sample(200 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
+    batches = [b for k in range(3) for b in windows_for(steps[k], 1, env.rank, 2)]
+
+    def run(offload: bool, save: Path | None = None, resume: Path | None = None):
+        torch.manual_seed(0)
+        model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env, FSDPOptions(cpu_offload=offload),
+                            freeze, seed=0)
+        opt, sched = adamw(model)
+        s = LoopSettings(train_iters=3, grad_accum_steps=2, loss_type="per_token_loss", clip_grad=clip,
+                         save_interval=2 if save else None)
+        loader = ListLoader(batches)
+        t = Trainer(s, env, model, opt, sched, loader, checkpointer=Checkpointer(save) if save else None)
+        state = TrainState()
+        if resume is not None:
+            state = Checkpointer.load(resume, model, opt, sched, loader)
+        norms = []
+        train_step = t.train_step
+
+        def recording_step(window):
+            r = train_step(window)
+            norms.append(r.grad_norm)
+            return r
+
+        t.train_step = recording_step
+        t.fit(state)
+        offloaded = all(fp.offload_to_cpu for fp in model.lm_head._get_fsdp_state()._fsdp_param_group.fsdp_params)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"losses": t.losses, "grad_norms": norms}, sd, offloaded
+
+    plain, sd_plain, plain_offloaded = run(False)
+    offload, sd_off, offloaded = run(True, save=root / "offload_save")
+    resumed, sd_res, _ = run(True, resume=root / "offload_save" / "iter_0000002")
+    diff = max((float((sd_plain[k] - sd_off[k]).abs().max()) for k in sd_plain), default=0.0)  # {} on rank 1
+    rdiff = max((float((sd_off[k] - sd_res[k]).abs().max()) for k in sd_off), default=0.0)
+    return {"plain": plain, "offload": offload, "resumed": resumed, "clip": clip, "offloaded": [plain_offloaded, offloaded],
+            "max_param_diff": diff, "max_resumed_param_diff": rdiff}
+
+
+def _worker(root: str) -> None:
+    from mmtune.distributed import init_distributed
+
+    env = init_distributed("cpu")
+    result = {"memory": _memory_checks(env), "offload": _offload_checks(env, Path(root))}
+    if env.rank == 0:
+        (Path(root) / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _worker(sys.argv[1])
