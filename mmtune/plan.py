@@ -9,6 +9,12 @@ What mmtune's FSDP2 stores (mmtune/distributed/parallelize.py):
 - AdamW keeps two fp32 moments (m, v) per trainable parameter, sharded like the parameter.
 - Frozen modules (model.json `freeze: true`) hold sharded fp32 parameters only: no gradient, no
   optimizer state, and (nothing upstream of them trains) no saved activations.
+- Gradient accumulation (G micro-batches per step): every micro-batch's backward reduce-scatters its
+  gradients, so between micro-batches only the fp32 gradient shards persist — the same bytes as the
+  gradients row. It costs no memory beyond that (and saves the activations of the micro-batches it
+  replaces) but G reduce-scatters of the gradient per step instead of one: that is its price, and the
+  plan states it. (Syncing only on the last micro-batch would keep every trainable parameter's UNSHARDED
+  fp32 gradient for the whole window: 4 B x trainable per GPU, ~420 GB for GLM-4.5V; mmtune never does.)
 
 So per GPU, for P trainable and F frozen parameters over N GPUs:
   static     = (4 + 4 + 8) B * P / N + 4 B * F / N
@@ -33,12 +39,13 @@ from pathlib import Path
 
 import torch
 
+from mmtune.config_files import DTYPE_NAMES
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, TextConfig, VisionConfig, glm45v_config, tiny_config
 from mmtune.train.freeze import MODULES, module_of
 
 PRESETS = {"glm4.5v": glm45v_config, "tiny": tiny_config}
 GiB = 1024**3
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_DTYPE_BYTES = {name: getattr(torch, attr).itemsize for name, attr in DTYPE_NAMES.items()}
 
 def build_meta_model(config: Glm4vMoeConfig) -> torch.nn.Module:
     """mmtune's GLM-4.5V model on the meta device: shapes only, no memory."""
@@ -123,6 +130,13 @@ class Plan:
     frozen: list[str]
     rows: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     notes: list[str] = field(default_factory=list)
+    grad_accum_steps: int = 1
+    trainable: int = 0  # trainable parameters
+
+    @property
+    def reduce_scatter_bytes_per_step(self) -> float:
+        """fp32 gradient bytes each GPU sends per optimizer step: one reduce-scatter per micro-batch."""
+        return self.grad_accum_steps * 4.0 * self.trainable * (self.gpus - 1) / self.gpus
 
     @property
     def total_bytes(self) -> float:
@@ -137,14 +151,16 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
-             config_name: str = "model", params: ParamCounts | None = None) -> Plan:
+             grad_accum_steps: int = 1, config_name: str = "model", params: ParamCounts | None = None) -> Plan:
     """Per-GPU memory of one training step under FSDP2 sharding over `gpus` ranks (see module docstring).
+    `grad_accum_steps`: micro-batches per optimizer step (memory as one micro-batch; the gradient shards
+    persist between them, counted in the gradients row).
 
     `image_patches`: vision patches per micro-batch (default: one image per sample of the recipe's
     image_max_pixels 262144, i.e. 512x512 -> 36x36 patches, or of the config's image_size if smaller). `frozen`: model.json modules with freeze true.
     """
-    if gpus < 1 or micro_batch_size < 1 or seq_length < 1:
-        raise ValueError("--gpus, --micro-batch-size and --seq-length must be >= 1")
+    if gpus < 1 or micro_batch_size < 1 or seq_length < 1 or grad_accum_steps < 1:
+        raise ValueError("--gpus, --micro-batch-size, --seq-length and the grad-accum steps must be >= 1")
     if recompute not in ("full", "none"):
         raise ValueError(f"--recompute {recompute!r}: use 'full' or 'none'")
     if compute_dtype not in _DTYPE_BYTES:
@@ -164,7 +180,7 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     tokens = micro_batch_size * seq_length
     rows: dict[str, float] = {}
     rows["parameters (fp32 shards)"] = 4.0 * params.total / n
-    rows["gradients (fp32 shards)"] = 4.0 * trainable / n
+    rows["gradients (fp32 shards)"] = 4.0 * trainable / n  # also all a grad-accum window keeps between micro-batches
     rows["AdamW m+v (fp32 shards)"] = 8.0 * trainable / n
 
     # transient FSDP buffers: all-gathered block params (current + prefetched) in the compute dtype; in
@@ -183,8 +199,10 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     # loss runs; with full recompute only each layer's input is kept, and in backward one layer at a time
     # is recomputed -- after the loss's own tensors are gone -- so the peak is the larger of the two.
     per_layer = [decoder_layer_bytes_per_token(t, i, c) for i in range(t.num_hidden_layers)]
-    chunk = tokens if loss_chunk_size <= 0 else min(loss_chunk_size, tokens)
-    loss_act = chunk * t.vocab_size * 4.0 * 3  # fp32 logits, softmax, their gradient
+    if loss_chunk_size <= 0:  # plain: fp32 logits, log-softmax and their gradient over all tokens
+        loss_act = tokens * t.vocab_size * 4.0 * 3
+    else:  # chunked (train/loss.py): one fp32 [chunk, V] buffer, plus its copy in a narrower compute dtype
+        loss_act = min(loss_chunk_size, tokens) * t.vocab_size * (4.0 + (c if c < 4 else 0))
     final = tokens * t.hidden_size * (c + 4)  # final norm output (kept for the loss) + its fp32 input
     text_trains = "text_decoder" not in frozen
     if not text_trains:
@@ -210,8 +228,18 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     if step_temp > fwd_bwd:
         rows["optimizer step temporaries (foreach AdamW)"] = step_temp - fwd_bwd
     plan = Plan(config_name, gpus, gpu_mem_gib, seq_length, micro_batch_size, recompute, compute_dtype,
-                image_patches, params, sorted(frozen), rows, notes)
-    plan.notes.extend(_advice(plan))
+                image_patches, params, sorted(frozen), rows, notes, grad_accum_steps=grad_accum_steps,
+                trainable=trainable)
+    fewer_rows = None
+    if micro_batch_size > 1 and not plan.fits:
+        # what grad accumulation would really give: micro-batch 1, the same global batch
+        fewer_rows = estimate(config, gpus=gpus, gpu_mem_gib=gpu_mem_gib, seq_length=seq_length, micro_batch_size=1,
+                              recompute=recompute, compute_dtype=compute_dtype, frozen=frozen,
+                              image_patches=None if image_patches is None else max(1, image_patches // micro_batch_size),
+                              loss_chunk_size=loss_chunk_size, forward_prefetch=forward_prefetch,
+                              fused_adamw=fused_adamw, grad_accum_steps=grad_accum_steps * micro_batch_size,
+                              config_name=config_name, params=params)
+    plan.notes.extend(_advice(plan, fewer_rows))
     return plan
 
 
@@ -219,12 +247,22 @@ def _human(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 1024**2:.1f} MiB"
 
 
-def _advice(plan: Plan) -> list[str]:
+def _grad_accum_note(plan: Plan) -> str:
+    g = plan.grad_accum_steps
+    return (f"grad accumulation x{g}: gradients stay sharded between micro-batches (the gradients row); "
+            f"{g} reduce-scatter{'s' if g > 1 else ''} of the fp32 gradient per step, "
+            f"{_human(plan.reduce_scatter_bytes_per_step)} sent per GPU")
+
+
+def _advice(plan: Plan, fewer_rows: Plan | None = None) -> list[str]:
+    """What the plan says: fits or not, and what to change. `fewer_rows`: the same step as micro-batch 1 with
+    proportionally more grad accumulation (estimated), when the micro-batch is larger than 1."""
     budget = 0.9 * plan.gpu_mem_gib * GiB
     total = plan.total_bytes
+    accum = [_grad_accum_note(plan)] if plan.grad_accum_steps > 1 else []
     if total <= budget:
-        return [f"fits: {_human(total)} of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
-    out = [f"does NOT fit: {total / GiB:.1f} GiB > {budget / GiB:.1f} GiB usable of {plan.gpu_mem_gib:g} GiB"]
+        return accum + [f"fits: {_human(total)} of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
+    out = accum + [f"does NOT fit: {total / GiB:.1f} GiB > {budget / GiB:.1f} GiB usable of {plan.gpu_mem_gib:g} GiB"]
     r = plan.rows
     static = r["parameters (fp32 shards)"] + r["gradients (fp32 shards)"] + r["AdamW m+v (fp32 shards)"]
     other = total - static
@@ -235,8 +273,16 @@ def _advice(plan: Plan) -> list[str]:
     act = sum(b for k, b in r.items() if k.startswith("activations"))
     if plan.recompute == "none":
         out.append("turn on activation recompute (--recompute-granularity full) to keep one layer's activations")
-    if plan.micro_batch_size > 1 or act > 0.3 * total:
-        out.append("lower --micro-batch-size / --seq-length (raise --global-batch-size via grad accumulation instead)")
+    if fewer_rows is not None:
+        verdict = "fits" if fewer_rows.fits else "still does not fit on its own"
+        out.append(f"--micro-batch-size 1 with grad accumulation x{fewer_rows.grad_accum_steps} keeps the global "
+                   f"batch: {_human(fewer_rows.total_bytes)} per GPU ({verdict}; saves "
+                   f"{_human(total - fewer_rows.total_bytes)} of activations, costs "
+                   f"{_human(fewer_rows.reduce_scatter_bytes_per_step - plan.reduce_scatter_bytes_per_step)} more "
+                   "reduce-scatter traffic per GPU per step)")
+    elif act > 0.3 * total:
+        out.append("lower --seq-length: one sample's activations are a large share, and at micro-batch 1 more "
+                   "accumulation steps cannot lower them")
     if "vision_encoder" not in plan.frozen:
         out.append("freeze the vision encoder (model.json image_encoder.vision_encoder.freeze true)")
     out.append("CPU offload (fsdp2 yaml offload_to_cpu: True) moves the sharded params, grads and AdamW state "
@@ -249,7 +295,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"memory plan: {plan.config_name}, FSDP2 over {plan.gpus} GPU(s) of {plan.gpu_mem_gib:g} GiB, "
         f"micro-batch {plan.micro_batch_size} x {plan.seq_length} tokens (+{plan.image_patches} vision patches), "
-        f"recompute {plan.recompute}, compute {plan.compute_dtype}",
+        f"recompute {plan.recompute}, compute {plan.compute_dtype}, grad-accum {plan.grad_accum_steps}",
         f"parameters: {p.total:,} total (meta-device model)",
     ]
     for m, cnt in p.by_module.items():
@@ -387,6 +433,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     ap.add_argument("--seq-length", type=int, default=4096, help="tokens per sample (--seq-length of train)")
     ap.add_argument("--micro-batch-size", type=int, default=1, help="samples per GPU per forward")
+    ap.add_argument("--global-batch-size", type=int, default=None,
+                    help="samples per optimizer step over all GPUs (train's flag); grad accumulation = GBS / "
+                         "(micro-batch x GPUs), must divide (default: micro-batch x GPUs, no accumulation)")
     ap.add_argument("--recompute", choices=["full", "none"], default="full",
                     help="activation recompute of every block (train's --recompute-granularity full) or none")
     ap.add_argument("--compute-dtype", choices=sorted(_DTYPE_BYTES), default="bf16",
@@ -405,6 +454,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--forward-prefetch", type=int, default=1, help="blocks all-gathered ahead (fsdp2 yaml)")
     args = ap.parse_args(argv)
     config, name = load_config(args.model)
+    per_step = args.micro_batch_size * args.gpus
+    gbs = args.global_batch_size or per_step
+    if gbs % per_step:
+        ap.error(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size x --gpus = {per_step}")
     if args.freeze is not None:
         frozen = tuple(s for s in args.freeze.split(",") if s)
     elif args.mm_model:
@@ -415,6 +468,6 @@ def main(argv: list[str] | None = None) -> int:
                     micro_batch_size=args.micro_batch_size, recompute=args.recompute,
                     compute_dtype=args.compute_dtype, frozen=frozen, image_patches=args.image_patches,
                     loss_chunk_size=args.loss_chunk_size, forward_prefetch=args.forward_prefetch,
-                    config_name=name)
+                    grad_accum_steps=gbs // per_step, config_name=name)
     print(format_plan(plan))
     return 0

@@ -90,3 +90,29 @@ def test_tiny_estimate_within_25_percent_of_measured_peak(recompute):
                      frozen=(), image_patches=16 * B, loss_chunk_size=0)
     assert measured["peak"] > 20e6  # activations dominate: the check is about them, not the parameters
     assert abs(est.total_bytes / measured["peak"] - 1) < 0.25, (est.rows, measured)
+
+
+def test_grad_accumulation_is_costed_before_it_is_recommended(capsys):
+    config = glm45v_config()
+    params = P.count_params(P.build_meta_model(config))
+    # a window of 4 micro-batches keeps only the gradient shards between them: the same bytes as one
+    one = P.estimate(config, gpus=64, seq_length=8192, params=params)
+    four = P.estimate(config, gpus=64, seq_length=8192, grad_accum_steps=4, params=params)
+    assert four.rows == one.rows
+    assert four.reduce_scatter_bytes_per_step == pytest.approx(4 * one.reduce_scatter_bytes_per_step)
+    assert one.reduce_scatter_bytes_per_step == pytest.approx(4 * one.trainable * 63 / 64)
+    assert any("grad accumulation x4" in n and "4 reduce-scatters" in n for n in four.notes)
+    # micro-batch 4 does not fit: the advice quotes micro-batch 1 x grad-accum 4, estimated
+    big = P.estimate(config, gpus=16, seq_length=8192, micro_batch_size=4, params=params)
+    alt = P.estimate(config, gpus=16, seq_length=8192, micro_batch_size=1, grad_accum_steps=4, params=params)
+    assert not big.fits and alt.total_bytes < big.total_bytes
+    (note,) = [n for n in big.notes if "grad accumulation" in n]
+    assert f"x4 keeps the global batch: {P._human(alt.total_bytes)}" in note and "still does not fit" in note
+    # at micro-batch 1 grad accumulation cannot lower memory: it is not recommended
+    one_sample = P.estimate(config, gpus=128, seq_length=65536, params=params)
+    assert not one_sample.fits and any("lower --seq-length" in n for n in one_sample.notes)
+    assert not any("grad accumulation" in n for n in one_sample.notes), one_sample.notes
+    assert P.main(["--model", "glm4.5v", "--gpus", "64", "--global-batch-size", "256"]) == 0
+    assert "grad-accum 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        P.main(["--model", "tiny", "--gpus", "3", "--global-batch-size", "4"])
