@@ -210,6 +210,10 @@ def test_derived_values(recipe):
     assert c.param_dtype("cpu") == torch.float32
     assert parse_train_args(base(recipe, "--bf16")).param_dtype("cuda") == torch.bfloat16
     assert parse_train_args(base(recipe)).param_dtype("cuda") == torch.float32
+    # the loop's own default (tests build LoopSettings directly) is the flag's default
+    from mmtune.train.trainer import LoopSettings
+
+    assert LoopSettings(train_iters=1, grad_accum_steps=1).max_nonfinite_steps == c.max_nonfinite_steps == 3
 
 
 def test_saved_config_reproduces_the_run(recipe, tmp_path):

@@ -114,6 +114,15 @@ def test_forward_prefetch_follows_execution_order():
     assert order[1] is model.model.visual.blocks[0]  # the vision tower runs between embedding and decoder
 
 
+def test_parallelize_prefetches_in_execution_order(dist_result):
+    fwd, bwd = dist_result["prefetch"]["forward"], dist_result["prefetch"]["backward"]
+    embed, vision, layers = "model.language_model.embed_tokens", "model.visual.blocks.", "model.language_model.layers."
+    order = [embed, vision + "0", vision + "1", layers + "0", layers + "1", layers + "2"]
+    assert fwd == [[a, [b]] for a, b in zip(order, order[1:])]  # embedding -> vision tower -> decoder
+    assert bwd == [[vision + "1", [vision + "0"]], [layers + "0", [embed]], [layers + "1", [layers + "0"]],
+                   [layers + "2", [layers + "1"]]]
+
+
 def test_process_group_backend_has_a_cpu_backend_on_cuda():
     from mmtune.distributed.env import process_group_backend
 
@@ -188,12 +197,44 @@ def _offload_checks(env, root: Path) -> dict:
             "max_param_diff": diff, "max_resumed_param_diff": rdiff, "hsdp": hsdp, "max_hsdp_param_diff": hdiff}
 
 
+def _prefetch_chains(env) -> dict:
+    """The forward/backward prefetch targets parallelize sets (num_to_*_prefetch 1), by module name."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from mmtune.distributed import FSDPOptions
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
+
+    calls = {"forward": [], "backward": []}
+    originals = {k: getattr(FSDPModule, f"set_modules_to_{k}_prefetch") for k in calls}
+
+    def recorder(kind):
+        def record(self, modules):
+            calls[kind].append((self, list(modules)))
+            return originals[kind](self, modules)
+        return record
+
+    for kind in calls:
+        setattr(FSDPModule, f"set_modules_to_{kind}_prefetch", recorder(kind))
+    try:
+        model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env,
+                            FSDPOptions(forward_prefetch=1, backward_prefetch=1),
+                            FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False), seed=0)
+    finally:
+        for kind, fn in originals.items():
+            setattr(FSDPModule, f"set_modules_to_{kind}_prefetch", fn)
+    names = {id(m): n for n, m in model.named_modules()}
+    return {kind: [[names[id(m)], [names[id(t)] for t in targets]] for m, targets in c] for kind, c in calls.items()}
+
+
 def _worker(root: str) -> None:
     from mmtune.distributed import init_distributed
 
     env = init_distributed("cpu")
     bench = _bench()
-    result = {"memory": bench.measure(env, bench.model_config()), "offload": _offload_checks(env, Path(root))}
+    result = {"memory": bench.measure(env, bench.model_config()), "offload": _offload_checks(env, Path(root)),
+              "prefetch": _prefetch_chains(env)}
     if env.rank == 0:
         (Path(root) / "result.json").write_text(json.dumps(result))
 

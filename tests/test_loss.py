@@ -125,6 +125,27 @@ def test_chunked_bf16_has_no_weight_sized_temporaries():
     assert (gw.double() - ref.double()).abs().max() <= 2 ** -7 * ref.double().abs().max()
 
 
+def test_cuda_weight_grad_accumulation_dry_run(monkeypatch):
+    """The CUDA branch (bf16 operands, fp32 out, in place) on meta tensors: the call exists in this torch and
+    writes into the fp32 accumulator itself (a CPU has no such kernel; bench/gpu_train.py runs it on a GPU)."""
+    import mmtune.train.loss as L
+
+    assert L._fp32_out_addmm(torch.device("cpu")) is False
+    monkeypatch.setattr(L, "_fp32_out_addmm", lambda device: True)
+    acc = torch.empty(7, 5, device="meta")
+    g = torch.empty(3, 7, device="meta")
+    L._accumulate_grad_w(acc, g, g.bfloat16(), torch.empty(3, 5, device="meta", dtype=torch.bfloat16))
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(k)
+        return k["out"]
+
+    monkeypatch.setattr(L.torch, "addmm", spy)
+    L._accumulate_grad_w(acc, g, g.bfloat16(), torch.empty(3, 5, device="meta", dtype=torch.bfloat16))
+    assert calls[0]["out"] is acc and calls[0]["out_dtype"] == torch.float32
+
+
 # --------------------------------------------------------------------------- loss types over a window
 
 
