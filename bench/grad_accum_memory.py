@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SCHEDULES = (("ga1", 4, "now"), ("ga4", 1, "now"), ("ga4_no_sync", 1, "old"))  # name, micro-batch size, schedule
-STEPS = 2
+# name, micro-batch size, schedule, optimizer steps (the old one: one step, its gradient is compared)
+SCHEDULES = (("ga1", 4, "now", 2), ("ga4", 1, "now", 2), ("ga4_no_sync", 1, "old", 1))
 
 
 def model_config(vocab: int = 8192, hidden: int = 256, experts: int = 16, moe_intermediate: int = 384,
@@ -55,7 +55,7 @@ def _rss_bytes(key: str) -> int:
 
 def measure(env, config) -> dict:
     """Run the three schedules on this rank (collective: every rank calls it). Returns bytes per schedule
-    ("peak", "held"), the losses of each step and the trainable parameter count."""
+    ("peak", "held"), the losses and gradient norms of each step and the trainable parameter count."""
     sys.path.insert(0, str(REPO / "tests"))
     import mmtune.train.trainer as trainer_mod
     from mmtune.distributed import FSDPOptions
@@ -71,10 +71,9 @@ def measure(env, config) -> dict:
 
     samples = [[make_sample(300 + 8 * k + j, with_image=(j % 2 == 0)) for j in range(8)] for k in range(2)]
     freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
-    out = {"peak": {}, "held": {}, "losses": {}}
+    out = {"peak": {}, "held": {}, "losses": {}, "grad_norms": {}}
     try:
-        steps = STEPS
-        for name, mbs, schedule in SCHEDULES:
+        for name, mbs, schedule, steps in SCHEDULES:
             trainer_mod.set_gradient_sync = set_gradient_sync if schedule == "now" else no_sync_until_last
             torch.manual_seed(0)
             model = build_model(Glm4vMoeForConditionalGeneration, config, env, FSDPOptions(), freeze, seed=0)
@@ -88,7 +87,7 @@ def measure(env, config) -> dict:
                 b = batches[0]
                 model(input_ids=b["input_ids"], pixel_values=b.get("pixel_values"),
                       image_grid_thw=b.get("image_grid_thw"), return_logits=False, run_vision_without_images=True)
-            held, base = [], 0
+            held, base, norms = [], 0, []
             hook = model.register_forward_pre_hook(lambda m, a: held.append(_rss_bytes("VmRSS") - base))
             for step in range(steps):
                 window = [t._next_batch() for _ in range(ga)]
@@ -97,12 +96,15 @@ def measure(env, config) -> dict:
                 base = _rss_bytes("VmRSS")
                 with open("/proc/self/clear_refs", "w") as f:  # reset the peak (VmHWM) to the current RSS
                     f.write("5")
-                t.losses.append(t.train_step(window).loss)
+                r = t.train_step(window)
+                t.losses.append(r.loss)
+                norms.append(r.grad_norm)
                 if step == 0:
                     out["peak"][name] = _rss_bytes("VmHWM") - base
                     out["held"][name] = max(held)
                     hook.remove()
             out["losses"][name] = t.losses
+            out["grad_norms"][name] = norms
             del model, opt, sched, t
             gc.collect()
     finally:
@@ -166,7 +168,8 @@ def main() -> int:
               f"{r['held'][k] / 2**20:14.1f} MiB {r['held'][k] / full:5.2f}x")
     print(f"peak over grad-accum 1: now {(r['peak']['ga4'] - r['peak']['ga1']) / full:.2f}x the gradient, "
           f"old {(r['peak']['ga4_no_sync'] - r['peak']['ga1']) / full:.2f}x")
-    print("losses of the 2 steps: " + "; ".join(f"{k} {v}" for k, v in r["losses"].items()))
+    print("losses: " + "; ".join(f"{k} {v}" for k, v in r["losses"].items()))
+    print("gradient norms: " + "; ".join(f"{k} {v}" for k, v in r["grad_norms"].items()))
     return 0
 
 
