@@ -160,11 +160,11 @@ def main() -> int:
     full = 4 * r["trainable_params"]
     print(f"FSDP2 on 2 gloo ranks, {r['trainable_params'] / 1e6:.1f}M trainable parameters, fp32; whole fp32 "
           f"gradient {full / 2**20:.1f} MiB; global batch 4 samples x 24 tokens")
-    print(f"  {'schedule':<44} {'peak step RSS':>18} {'held between micro-batches':>30}")
+    print(f"  {'schedule':<47} {'peak step RSS':>18} {'held between micro-batches':>30}")
     names = {"ga1": "grad-accum 1 (micro-batch 4)", "ga4": "grad-accum 4, reduce-scatter every micro-batch",
              "ga4_no_sync": "grad-accum 4, old: no sync until the last"}
     for k, label in names.items():
-        print(f"  {label:<44} {r['peak'][k] / 2**20:8.1f} MiB {r['peak'][k] / full:5.2f}x "
+        print(f"  {label:<47} {r['peak'][k] / 2**20:8.1f} MiB {r['peak'][k] / full:5.2f}x "
               f"{r['held'][k] / 2**20:14.1f} MiB {r['held'][k] / full:5.2f}x")
     print(f"peak over grad-accum 1: now {(r['peak']['ga4'] - r['peak']['ga1']) / full:.2f}x the gradient, "
           f"old {(r['peak']['ga4_no_sync'] - r['peak']['ga1']) / full:.2f}x")

@@ -36,7 +36,6 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from mmtune.config_files import DTYPE_NAMES
 
 
-
 def parse_dtype(name: str | torch.dtype | None, where: str = "the fsdp2 config") -> torch.dtype | None:
     """A config file's dtype spelling (mmtune.config_files.DTYPE_NAMES: bf16, fp32, ...) as a torch.dtype."""
     if name is None or isinstance(name, torch.dtype):
@@ -163,7 +162,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
 def forward_order(model: nn.Module) -> list[nn.Module]:
     """The FSDP units of the blocks in the order forward runs them: the token embedding, then the vision
     tower (the image features are scattered into the embedded tokens, model `_embed`), then the decoder
-    layers. tests/test_parallel_memory.py checks this against a recorded forward."""
+    layers. tests/test_grad_accum_offload.py checks this against a recorded forward."""
     vision_blocks, text_blocks = blocks_of(model)
     return [model.model.language_model.embed_tokens, *vision_blocks, *text_blocks]
 
@@ -211,9 +210,9 @@ def unshard_lm_head(model: nn.Module) -> torch.Tensor:
 def set_gradient_sync(model: nn.Module, *, last_micro_batch: bool) -> None:
     """Gradient reduction for the next micro-batch of a grad-accum window: the reduce-scatter always runs
     (sharded gradients accumulate, never unsharded ones); under HSDP the all-reduce across replicas runs
-    only on the window's last micro-batch. Every FSDP unit must take part in every micro-batch's backward
-    (the trainer runs the vision tower on every rank and micro-batch), so no reduce-scatter output is left
-    waiting for an all-reduce."""
+    only on the window's last micro-batch. So every FSDP unit with trainable parameters must get a gradient
+    in every micro-batch (the trainer runs the vision tower on every rank and micro-batch), or under HSDP
+    its summed reduce-scatter output would wait for an all-reduce that never comes."""
     if isinstance(model, FSDPModule):
         model.set_requires_gradient_sync(True)
         model.set_requires_all_reduce(last_micro_batch)
