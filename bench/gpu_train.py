@@ -10,7 +10,10 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
   * fwd+bwd seconds, tokens/s and MFU for both (MFU = 6*N_active*tokens + causal attention FLOPs, over
     the card's measured bf16 matmul ceiling and over the nominal 989 TFLOP/s of an H100/H200 SXM);
   * mmtune's full optimizer step (fwd+bwd + clip + fused AdamW) seconds;
-  * peak memory of each, and both losses on the first batch (same weights: they must agree to bf16 noise).
+  * peak memory of each, and both losses on the first batch (same weights: they must agree to bf16 noise);
+  * the lm-head + cross-entropy alone in bf16 at GLM-4.5V's vocab 151552 x 8192 tokens, hidden 4096:
+    peak memory added by the chunked loss (fp32 weight-gradient accumulation in place) and by the plain one,
+    and whether the chunked loss used the fp32-output addmm (`loss_chunked_fp32_out_addmm`).
 
     python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
     python bench/gpu_train.py --moe-layers 2 --seq 8192
@@ -251,6 +254,34 @@ def run_mmtune(cfg, args, device, batch, res, ep: int = 1, key: str = "mmtune"):
     return full_sd
 
 
+def run_loss_memory(args, device, res):
+    """Peak memory added by lm_loss forward+backward, chunked vs plain, bf16 hidden states and weight."""
+    from mmtune.train.loss import LossContext, _fp32_out_addmm, lm_loss
+
+    vocab, tokens, hidden = (151552, 8192, 4096) if device.type == "cuda" else (1000, 256, 64)
+    dtype = torch.bfloat16
+    g = torch.Generator(device=device).manual_seed(0)
+    h = (torch.randn(1, tokens, hidden, device=device, generator=g) * 0.5).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden, device=device, generator=g) * 0.02).to(dtype).requires_grad_()
+    y = torch.randint(0, vocab, (1, tokens), device=device, generator=g)
+    for mode in ("chunk", "default"):
+        h.grad = w.grad = None
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            base = torch.cuda.memory_allocated(device)
+            torch.cuda.reset_peak_memory_stats(device)
+        out = lm_loss(h, w, y, LossContext("default"), compute_mode=mode, chunk_size=1024)
+        out.loss_for_backward.backward()
+        res[f"loss_{mode}_value"] = float(out.loss_value)
+        if device.type == "cuda":
+            res[f"loss_{mode}_peak_added_gib"] = (torch.cuda.max_memory_allocated(device) - base) / 2**30
+    if device.type == "cuda":
+        res["loss_chunk_over_plain_memory"] = res["loss_chunk_peak_added_gib"] / res["loss_default_peak_added_gib"]
+    res["loss_chunked_fp32_out_addmm"] = _fp32_out_addmm(device)
+    del h, w, y
+
+
 def run_hf(cfg, args, device, batch, full_sd, res):
     import transformers
 
@@ -328,6 +359,8 @@ def main(argv=None) -> int:
         run_mmtune(cfg, args, device, batch, res, ep=ep, key=f"mmtune_ep{ep}")
     if own_group:
         torch.distributed.destroy_process_group()
+    if rank0:
+        run_loss_memory(args, device, res)
     if not args.skip_hf and rank0 and not args.lora_r:
         run_hf(cfg, args, device, batch, full_sd, res)
     world = res["world_size"]

@@ -17,6 +17,11 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 M = TypeVar("M", bound=BaseModel)
 
+# The dtype spellings config files and flags accept -> the torch.dtype attribute (one table for the fsdp2
+# yaml, mmtune.distributed.parallelize.parse_dtype and `mmtune plan`; kept here so parsing needs no torch).
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
+               "fp32": "float32", "float32": "float32"}
+
 
 class StrictModel(BaseModel):
     """A config section: unknown keys are errors."""

@@ -9,6 +9,12 @@ What mmtune's FSDP2 stores (mmtune/distributed/parallelize.py):
 - AdamW keeps two fp32 moments (m, v) per trainable parameter, sharded like the parameter.
 - Frozen modules (model.json `freeze: true`) hold sharded fp32 parameters only: no gradient, no
   optimizer state, and (nothing upstream of them trains) no saved activations.
+- Gradient accumulation (G micro-batches per step): every micro-batch's backward reduce-scatters its
+  gradients, so between micro-batches only the fp32 gradient shards persist — the same bytes as the
+  gradients row. It costs no memory beyond that (and saves the activations of the micro-batches it
+  replaces) but G reduce-scatters of the gradient per step instead of one: that is its price, and the
+  plan states it. (Syncing only on the last micro-batch would keep every trainable parameter's UNSHARDED
+  fp32 gradient for the whole window: 4 B x trainable per GPU, ~420 GB for GLM-4.5V; mmtune never does.)
 
 So per GPU, for P trainable and F frozen parameters over N GPUs:
   static     = (4 + 4 + 8) B * P / N + 4 B * F / N
@@ -60,12 +66,13 @@ from pathlib import Path
 
 import torch
 
+from mmtune.config_files import DTYPE_NAMES
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, TextConfig, VisionConfig, glm45v_config, tiny_config
 from mmtune.train.freeze import MODULES, module_of
 
 PRESETS = {"glm4.5v": glm45v_config, "tiny": tiny_config}
 GiB = 1024**3
-_DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
+_DTYPE_BYTES = {name: getattr(torch, attr).itemsize for name, attr in DTYPE_NAMES.items()}
 
 def build_meta_model(config: Glm4vMoeConfig) -> torch.nn.Module:
     """mmtune's GLM-4.5V model on the meta device: shapes only, no memory."""
@@ -158,9 +165,17 @@ class Plan:
     rows: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     notes: list[str] = field(default_factory=list)
     adapters: AdapterCounts | None = None
+    grad_accum_steps: int = 1
+    trainable: int = 0  # trainable parameters
     context_parallel_size: int = 1
     ep: int = 1  # --expert-model-parallel-size
     comm: dict[int, dict[str, float]] = field(default_factory=dict)  # communication() by ep size: 1 and ep
+    reduce_scatter_bytes: float = 0.0  # fp32 gradient bytes one GPU sends in one micro-batch's reduce-scatters
+
+    @property
+    def reduce_scatter_bytes_per_step(self) -> float:
+        """Gradient bytes each GPU sends per optimizer step: one reduce-scatter per micro-batch."""
+        return self.grad_accum_steps * self.reduce_scatter_bytes
 
     @property
     def total_bytes(self) -> float:
@@ -209,16 +224,18 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
-             config_name: str = "model", params: ParamCounts | None = None,
+             grad_accum_steps: int = 1, config_name: str = "model", params: ParamCounts | None = None,
              adapters: AdapterCounts | None = None, context_parallel_size: int = 1, ep: int = 1) -> Plan:
     """Per-GPU memory of one training step under FSDP2 sharding over `gpus` ranks (see module docstring).
+    `grad_accum_steps`: micro-batches per optimizer step (memory as one micro-batch; the gradient shards
+    persist between them, counted in the gradients row).
 
     `image_patches`: vision patches per micro-batch (default: one image per sample of the recipe's
     image_max_pixels 262144, i.e. 512x512 -> 36x36 patches, or of the config's image_size if smaller). `frozen`: model.json modules with freeze true.
     `context_parallel_size`: GPUs that split each sequence (Ulysses; S/cp tokens per GPU).
     """
-    if gpus < 1 or micro_batch_size < 1 or seq_length < 1:
-        raise ValueError("--gpus, --micro-batch-size and --seq-length must be >= 1")
+    if gpus < 1 or micro_batch_size < 1 or seq_length < 1 or grad_accum_steps < 1:
+        raise ValueError("--gpus, --micro-batch-size, --seq-length and the grad-accum steps must be >= 1")
     cp = context_parallel_size
     if cp < 1 or gpus % cp:
         raise ValueError(f"--context-parallel-size {cp} must be >= 1 and divide --gpus {gpus}")
@@ -257,7 +274,7 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
         rows["adapters (fp32 shards)"] = 4.0 * trainable / n
     else:
         rows["parameters (fp32 shards)"] = 4.0 * params.total / n
-    rows["gradients (fp32 shards)"] = 4.0 * trainable / n
+    rows["gradients (fp32 shards)"] = 4.0 * trainable / n  # also all a grad-accum window keeps between micro-batches
     rows["AdamW m+v (fp32 shards)"] = 8.0 * trainable / n
 
     # transient FSDP buffers: all-gathered block params (current + prefetched) in the compute dtype; in
@@ -287,8 +304,10 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
         extra = c * adapters.r * (adapters.linear_modules_per_layer + 2 * adapters.expert_banks_per_layer
                                   * t.num_experts_per_tok)
         per_layer = [b + extra for b in per_layer]
-    chunk = tokens if loss_chunk_size <= 0 else min(loss_chunk_size, tokens)
-    loss_act = chunk * t.vocab_size * 4.0 * 3  # fp32 logits, softmax, their gradient
+    if loss_chunk_size <= 0:  # plain: fp32 logits, log-softmax and their gradient over all tokens
+        loss_act = tokens * t.vocab_size * 4.0 * 3
+    else:  # chunked (train/loss.py): one fp32 [chunk, V] buffer, plus its copy in a narrower compute dtype
+        loss_act = min(loss_chunk_size, tokens) * t.vocab_size * (4.0 + (c if c < 4 else 0))
     final = tokens * t.hidden_size * (c + 4)  # final norm output (kept for the loss) + its fp32 input
     # cp: the token embeddings, the image features merged into them and the merged result of the whole
     # sequence exist on every GPU before the split (at most S image tokens)
@@ -317,16 +336,34 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     if step_temp > fwd_bwd:
         rows["optimizer step temporaries (foreach AdamW)"] = step_temp - fwd_bwd
     plan = Plan(config_name, gpus, gpu_mem_gib, seq_length, micro_batch_size, recompute, compute_dtype,
-                image_patches, params, sorted(frozen), rows, notes, adapters, context_parallel_size=cp,
-                ep=ep)
+                image_patches, params, sorted(frozen), rows, notes, adapters, grad_accum_steps=grad_accum_steps,
+                trainable=trainable, context_parallel_size=cp, ep=ep)
     for e in sorted({1, ep}):
         plan.comm[e] = communication(config, params, gpus=gpus, ep=e, tokens=tokens, compute_dtype=compute_dtype,
                                      recompute=recompute, frozen=frozen)
+    # one reduce-scatter of the fp32 gradients per micro-batch: the dense ones over all GPUs, the experts'
+    # over their efsdp ranks (communication())
+    if adapters is not None:  # LoRA: only the fp32 adapters have gradients, all reduce-scattered over all GPUs
+        plan.reduce_scatter_bytes = 4.0 * trainable * (gpus - 1) / gpus
+    else:
+        trainable_experts = params.experts if "text_decoder" not in frozen else 0
+        plan.reduce_scatter_bytes = (4.0 * (trainable - trainable_experts) * (gpus - 1) / gpus
+                                     + plan.comm[ep]["experts reduce-scatter (per micro-batch)"])
     if ep > 1:
         plan.notes.append("EP: the activation rows assume balanced routing; each rank's experts process the tokens "
                           "routed to them, so a layer whose busiest rank gets r x the mean load needs about r x its "
                           "expert activations there (metrics.jsonl logs the load max/mean per step)")
-    plan.notes.extend(_advice(plan))
+    fewer_rows = None
+    if micro_batch_size > 1 and not plan.fits:
+        # what grad accumulation would really give: micro-batch 1, the same global batch
+        fewer_rows = estimate(config, gpus=gpus, gpu_mem_gib=gpu_mem_gib, seq_length=seq_length, micro_batch_size=1,
+                              recompute=recompute, compute_dtype=compute_dtype, frozen=frozen,
+                              image_patches=None if image_patches is None else max(1, image_patches // micro_batch_size),
+                              loss_chunk_size=loss_chunk_size, forward_prefetch=forward_prefetch,
+                              fused_adamw=fused_adamw, grad_accum_steps=grad_accum_steps * micro_batch_size,
+                              config_name=config_name, params=params, adapters=adapters, context_parallel_size=cp,
+                              ep=ep)
+    plan.notes.extend(_advice(plan, fewer_rows))
     return plan
 
 
@@ -334,8 +371,8 @@ def communication(config: Glm4vMoeConfig, params: ParamCounts, *, gpus: int, ep:
                   compute_dtype: str = "bf16", recompute: str = "full", reduce_bytes: int = 4,
                   frozen: tuple[str, ...] = ()) -> dict[str, float]:
     """Bytes one GPU sends for the routed experts (see the module docstring): per micro-batch of `tokens`
-    tokens their all-gathers (forward + backward) and, with ep > 1, the token all-to-all; per optimizer
-    step the reduce-scatter of their gradients (`reduce_bytes` per value)."""
+    tokens their all-gathers (forward + backward), with ep > 1 the token all-to-all, and the reduce-scatter
+    of their gradients (`reduce_bytes` per value; every micro-batch reduce-scatters, see grad accumulation)."""
     t = config.text
     c = _DTYPE_BYTES[compute_dtype]
     moe_layers = sum(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
@@ -345,7 +382,7 @@ def communication(config: Glm4vMoeConfig, params: ParamCounts, *, gpus: int, ep:
     backward = any(m not in frozen for m in MODULES)  # something trains: backward runs through the decoder
     out = {"experts all-gather (per micro-batch)": local * c * ring * (1 + backward),
            "token all-to-all (per micro-batch)": 0.0,
-           "experts reduce-scatter (per step)": local * reduce_bytes * ring if "text_decoder" not in frozen else 0.0}
+           "experts reduce-scatter (per micro-batch)": local * reduce_bytes * ring if "text_decoder" not in frozen else 0.0}
     if ep > 1:
         rows = tokens * t.num_experts_per_tok * (ep - 1) / ep  # rows leaving this GPU in one dispatch
         row = 2 * t.hidden_size * c + 4  # the row there and its output back, plus its fp32 routing weight
@@ -358,12 +395,22 @@ def _human(nbytes: float) -> str:
     return f"{nbytes / GiB:.1f} GiB" if nbytes >= GiB else f"{nbytes / 1024**2:.1f} MiB"
 
 
-def _advice(plan: Plan) -> list[str]:
+def _grad_accum_note(plan: Plan) -> str:
+    g = plan.grad_accum_steps
+    return (f"grad accumulation x{g}: gradients stay sharded between micro-batches (the gradients row); "
+            f"{g} reduce-scatter{'s' if g > 1 else ''} of the fp32 gradient per step, "
+            f"{_human(plan.reduce_scatter_bytes_per_step)} sent per GPU")
+
+
+def _advice(plan: Plan, fewer_rows: Plan | None = None) -> list[str]:
+    """What the plan says: fits or not, and what to change. `fewer_rows`: the same step as micro-batch 1 with
+    proportionally more grad accumulation (estimated), when the micro-batch is larger than 1."""
     budget = 0.9 * plan.gpu_mem_gib * GiB
     total = plan.total_bytes
+    accum = [_grad_accum_note(plan)] if plan.grad_accum_steps > 1 else []
     if total <= budget:
-        return [f"fits: {_human(total)} of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
-    out = [f"does NOT fit: {total / GiB:.1f} GiB > {budget / GiB:.1f} GiB usable of {plan.gpu_mem_gib:g} GiB"]
+        return accum + [f"fits: {_human(total)} of {plan.gpu_mem_gib:g} GiB (10% kept for the allocator, CUDA, NCCL)"]
+    out = accum + [f"does NOT fit: {total / GiB:.1f} GiB > {budget / GiB:.1f} GiB usable of {plan.gpu_mem_gib:g} GiB"]
     r = plan.rows
     static = sum(b for k, b in r.items() if "shards" in k)
     other = total - static
@@ -374,8 +421,17 @@ def _advice(plan: Plan) -> list[str]:
     act = sum(b for k, b in r.items() if k.startswith("activations"))
     if plan.recompute == "none":
         out.append("turn on activation recompute (--recompute-granularity full) to keep one layer's activations")
+    if fewer_rows is not None:
+        verdict = "fits" if fewer_rows.fits else "still does not fit on its own"
+        out.append(f"--micro-batch-size 1 with grad accumulation x{fewer_rows.grad_accum_steps} keeps the global "
+                   f"batch: {_human(fewer_rows.total_bytes)} per GPU ({verdict}; saves "
+                   f"{_human(total - fewer_rows.total_bytes)} of activations, costs "
+                   f"{_human(fewer_rows.reduce_scatter_bytes_per_step - plan.reduce_scatter_bytes_per_step)} more "
+                   "reduce-scatter traffic per GPU per step)")
+    elif act > 0.3 * total:
+        out.append("lower --seq-length: one sample's activations are a large share, and at micro-batch 1 more "
+                   "accumulation steps cannot lower them")
     if plan.micro_batch_size > 1 or act > 0.3 * total:
-        out.append("lower --micro-batch-size / --seq-length (raise --global-batch-size via grad accumulation instead)")
         out.append("split each sequence over more GPUs (--context-parallel-size; S/cp tokens per GPU)")
     if "vision_encoder" not in plan.frozen:
         out.append("freeze the vision encoder (model.json image_encoder.vision_encoder.freeze true)")
@@ -389,7 +445,7 @@ def format_plan(plan: Plan) -> str:
     lines = [
         f"memory plan: {plan.config_name}, FSDP2 over {plan.gpus} GPU(s) of {plan.gpu_mem_gib:g} GiB, "
         f"micro-batch {plan.micro_batch_size} x {plan.seq_length} tokens (+{plan.image_patches} vision patches), "
-        f"recompute {plan.recompute}, compute {plan.compute_dtype}",
+        f"recompute {plan.recompute}, compute {plan.compute_dtype}, grad-accum {plan.grad_accum_steps}",
         f"parameters: {p.total:,} total (meta-device model)",
     ]
     if plan.context_parallel_size > 1:
@@ -542,6 +598,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gpu-mem", type=float, default=80.0, help="memory of one GPU in GiB (default 80)")
     ap.add_argument("--seq-length", type=int, default=4096, help="tokens per sample (--seq-length of train)")
     ap.add_argument("--micro-batch-size", type=int, default=1, help="samples per GPU per forward")
+    ap.add_argument("--global-batch-size", type=int, default=None,
+                    help="samples per optimizer step over all GPUs (train's flag); grad accumulation = GBS / "
+                         "(micro-batch x GPUs / context-parallel size), must divide (default: no accumulation)")
     ap.add_argument("--recompute", choices=["full", "none"], default="full",
                     help="activation recompute of every block (train's --recompute-granularity full) or none")
     ap.add_argument("--compute-dtype", choices=sorted(_DTYPE_BYTES), default="bf16",
@@ -572,6 +631,14 @@ def main(argv: list[str] | None = None) -> int:
                          "FSDP only (default 1)")
     args = ap.parse_args(argv)
     config, name = load_config(args.model)
+    if args.context_parallel_size < 1 or args.gpus % args.context_parallel_size:
+        ap.error(f"--context-parallel-size {args.context_parallel_size} must be >= 1 and divide --gpus {args.gpus}")
+    # the data-parallel ranks read different samples: GPUs / cp (the cp ranks of a group share one sample)
+    per_step = args.micro_batch_size * args.gpus // args.context_parallel_size
+    gbs = args.global_batch_size or per_step
+    if gbs % per_step:
+        ap.error(f"--global-batch-size {gbs} must be a multiple of --micro-batch-size x data-parallel GPUs "
+                 f"(--gpus / --context-parallel-size) = {per_step}")
     if args.freeze is not None:
         frozen = tuple(s for s in args.freeze.split(",") if s)
     elif args.mm_model:
@@ -591,8 +658,8 @@ def main(argv: list[str] | None = None) -> int:
                         micro_batch_size=args.micro_batch_size, recompute=args.recompute,
                         compute_dtype=args.compute_dtype, frozen=frozen, image_patches=args.image_patches,
                         loss_chunk_size=args.loss_chunk_size, forward_prefetch=args.forward_prefetch,
-                        config_name=name, adapters=adapters, context_parallel_size=args.context_parallel_size,
-                        ep=args.expert_model_parallel_size)
+                        grad_accum_steps=gbs // per_step, config_name=name, adapters=adapters,
+                        context_parallel_size=args.context_parallel_size, ep=args.expert_model_parallel_size)
     except ValueError as e:
         print(f"mmtune plan: error: {e}", file=sys.stderr)
         return 2

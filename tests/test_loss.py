@@ -15,7 +15,6 @@ from mmtune.train.loss import (
     IGNORE_INDEX,
     LossContext,
     chunked_linear_cross_entropy,
-    global_loss,
     linear_cross_entropy,
     lm_loss,
     router_aux_loss,
@@ -87,6 +86,64 @@ def test_chunked_bf16_close_to_fp32():
     assert gh.dtype == torch.bfloat16 and gw.dtype == torch.bfloat16
     ref = linear_cross_entropy(h, w, y, wt)
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_chunked_bf16_has_no_weight_sized_temporaries():
+    """bf16 chunked CE over 6 chunks: only two [V, H]-sized storages are ever allocated — the fp32 weight-
+    gradient accumulator and, in backward, its one cast to bf16 (a per-chunk `g.T @ h` would add one per
+    chunk) — and that gradient is the fp32-accumulated one, rounded once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    Vb, Hb, N, C = 300, 24, 60, 10
+    g = torch.Generator().manual_seed(6)
+    h = (torch.randn(N, Hb, generator=g) * 0.5).bfloat16().requires_grad_()
+    w = (torch.randn(Vb, Hb, generator=g) * 0.3).bfloat16().requires_grad_()
+    y = torch.randint(0, Vb, (N,), generator=g)
+    wt = torch.full((N,), 1 / N)
+    big: dict[int, tuple] = {}
+    inputs = {h.untyped_storage().data_ptr(), w.untyped_storage().data_ptr()}
+
+    class Record(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if (isinstance(t, torch.Tensor) and t.untyped_storage().nbytes() >= Vb * Hb * 2
+                        and t.untyped_storage().data_ptr() not in inputs):
+                    big.setdefault(t.untyped_storage().data_ptr(), (str(func), t.dtype, t.untyped_storage()))
+            return out
+
+    with Record():
+        out = chunked_linear_cross_entropy(h, w, y, wt, C)
+        gh, gw = _grads(out, (h, w))
+    assert sorted(str(d) for _, d, _ in big.values()) == ["torch.bfloat16", "torch.float32"], [(f, d, s.nbytes()) for f, d, s in big.values()]
+    # reference: the same per-token gradients, accumulated over all tokens in float64, rounded to bf16 once
+    logits = h.double() @ w.double().t()
+    g_NV = (torch.softmax(logits, -1) - F.one_hot(y, Vb).double()) * wt.double()[:, None]
+    ref = (g_NV.t() @ h.double()).bfloat16()
+    assert gw.dtype == torch.bfloat16
+    assert (gw.double() - ref.double()).abs().max() <= 2 ** -7 * ref.double().abs().max()
+
+
+def test_cuda_weight_grad_accumulation_dry_run(monkeypatch):
+    """The CUDA branch (bf16 operands, fp32 out, in place) on meta tensors: the call exists in this torch and
+    writes into the fp32 accumulator itself (a CPU has no such kernel; bench/gpu_train.py runs it on a GPU)."""
+    import mmtune.train.loss as L
+
+    assert L._fp32_out_addmm(torch.device("cpu")) is False
+    monkeypatch.setattr(L, "_fp32_out_addmm", lambda device: True)
+    acc = torch.empty(7, 5, device="meta")
+    g = torch.empty(3, 7, device="meta")
+    L._accumulate_grad_w(acc, g, g.bfloat16(), torch.empty(3, 5, device="meta", dtype=torch.bfloat16))
+    calls = []
+
+    def spy(*a, **k):
+        calls.append(k)
+        return k["out"]
+
+    monkeypatch.setattr(L.torch, "addmm", spy)
+    L._accumulate_grad_w(acc, g, g.bfloat16(), torch.empty(3, 5, device="meta", dtype=torch.bfloat16))
+    assert calls[0]["out"] is acc and calls[0]["out_dtype"] == torch.float32
 
 
 # --------------------------------------------------------------------------- loss types over a window
@@ -275,7 +332,6 @@ def test_context_errors_and_empty_micro_batch():
         LossContext("mean")
     with pytest.raises(ValueError, match="cu_seqlens must run from 0 to B\\*S=6"):
         token_weights(torch.zeros(1, 6, dtype=torch.long), LossContext("per_sample_loss"), torch.tensor([0, 4]))
-    assert global_loss(torch.tensor(1.25)) == 1.25  # single process: nothing to reduce
 
 
 # --------------------------------------------------------------------------- router aux loss
@@ -320,7 +376,7 @@ def test_aux_loss_added_once_per_step():
 # --------------------------------------------------------------------------- 2 gloo ranks
 
 
-def test_for_window_and_global_loss_on_two_ranks(tmp_path):
+def test_for_window_on_two_ranks(tmp_path):
     """LossContext.for_window all-reduces the window's counts; per_token_loss on 2 gloo ranks (grads averaged as
     FSDP does) equals the single-process loss over the same 4 samples. Two plain processes (no launcher)."""
     import os
@@ -334,7 +390,7 @@ def test_for_window_and_global_loss_on_two_ranks(tmp_path):
         import sys, torch, torch.distributed as dist
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         import test_loss as T
-        from mmtune.train.loss import LossContext, lm_loss, global_loss
+        from mmtune.train.loss import LossContext, lm_loss
         dist.init_process_group("gloo")
         rank = dist.get_rank()
         s = T._samples()
@@ -347,7 +403,9 @@ def test_for_window_and_global_loss_on_two_ranks(tmp_path):
             out = lm_loss(model(ids), model.head, y, ctx, cu_seqlens=cu, micro_step=m, compute_mode="chunk")
             out.loss_for_backward.backward()
             local += float(out.loss_value)
-        loss = global_loss(local)
+        total = torch.tensor(local, dtype=torch.float64)
+        dist.all_reduce(total)  # the step's loss: the sum over ranks (the trainer's one all-reduce)
+        loss = float(total)
         for p in model.parameters():
             dist.all_reduce(p.grad)
             p.grad /= 2

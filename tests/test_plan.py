@@ -92,6 +92,32 @@ def test_tiny_estimate_within_25_percent_of_measured_peak(recompute):
     assert abs(est.total_bytes / measured["peak"] - 1) < 0.25, (est.rows, measured)
 
 
+def test_grad_accumulation_is_costed_before_it_is_recommended(capsys):
+    config = glm45v_config()
+    params = P.count_params(P.build_meta_model(config))
+    # a window of 4 micro-batches keeps only the gradient shards between them: the same bytes as one
+    one = P.estimate(config, gpus=64, seq_length=8192, params=params)
+    four = P.estimate(config, gpus=64, seq_length=8192, grad_accum_steps=4, params=params)
+    assert four.rows == one.rows
+    assert four.reduce_scatter_bytes_per_step == pytest.approx(4 * one.reduce_scatter_bytes_per_step)
+    assert one.reduce_scatter_bytes_per_step == pytest.approx(4 * one.trainable * 63 / 64)
+    assert any("grad accumulation x4" in n and "4 reduce-scatters" in n for n in four.notes)
+    # micro-batch 4 does not fit: the advice quotes micro-batch 1 x grad-accum 4, estimated
+    big = P.estimate(config, gpus=16, seq_length=8192, micro_batch_size=4, params=params)
+    alt = P.estimate(config, gpus=16, seq_length=8192, micro_batch_size=1, grad_accum_steps=4, params=params)
+    assert not big.fits and alt.total_bytes < big.total_bytes
+    (note,) = [n for n in big.notes if "grad accumulation" in n]
+    assert f"x4 keeps the global batch: {P._human(alt.total_bytes)}" in note and "still does not fit" in note
+    # at micro-batch 1 grad accumulation cannot lower memory: it is not recommended
+    one_sample = P.estimate(config, gpus=128, seq_length=65536, params=params)
+    assert not one_sample.fits and any("lower --seq-length" in n for n in one_sample.notes)
+    assert not any("grad accumulation" in n for n in one_sample.notes), one_sample.notes
+    assert P.main(["--model", "glm4.5v", "--gpus", "64", "--global-batch-size", "256"]) == 0
+    assert "grad-accum 4" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        P.main(["--model", "tiny", "--gpus", "3", "--global-batch-size", "4"])
+
+
 def test_expert_parallel_plan_memory_and_communication(capsys):
     """GLM-4.5V on 64 GPUs, EP=8: the same sharded state, a MoE layer gathers 1/8 of its experts, and the
     experts' traffic per GPU (bytes sent) side by side with FSDP only, from the config's numbers."""
@@ -109,7 +135,7 @@ def test_expert_parallel_plan_memory_and_communication(capsys):
     assert fsdp.rows[buffers] - ep.rows[buffers] == pytest.approx(saved)
     no_ep, with_ep = ep.comm[1], ep.comm[8]
     assert no_ep["experts all-gather (per micro-batch)"] == pytest.approx(experts * 2 * 63 / 64 * 2)  # fwd + bwd
-    assert no_ep["experts reduce-scatter (per step)"] == pytest.approx(experts * 4 * 63 / 64)  # fp32 gradients
+    assert no_ep["experts reduce-scatter (per micro-batch)"] == pytest.approx(experts * 4 * 63 / 64)  # fp32 gradients
     assert with_ep["experts all-gather (per micro-batch)"] == pytest.approx(experts / 8 * 2 * 7 / 8 * 2)
     # 4096 tokens x top-8 rows, 7/8 of them remote: the row out and its output back (bf16) + the fp32 weight,
     # in forward, recomputed forward and backward, in each of the 45 MoE layers

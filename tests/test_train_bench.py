@@ -22,3 +22,6 @@ def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
     res = json.loads((tmp_path / "gpu_train.json").read_text())
     assert res["backend"] == "gloo" and res["mmtune_step_s"] > 0 and res["hf_missing_keys"] == 0
     assert abs(res["mmtune_first_loss"] - res["hf_first_loss"]) < 1e-4 * res["hf_first_loss"]
+    # the bf16 loss-memory part ran (chunked == plain up to bf16 rounding; no fp32-out addmm on the CPU)
+    assert abs(res["loss_chunk_value"] - res["loss_default_value"]) < 1e-2 * res["loss_default_value"]
+    assert res["loss_chunked_fp32_out_addmm"] is False

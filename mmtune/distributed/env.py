@@ -2,9 +2,10 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT). A plain `mmtune train`
 has none of them: it runs as rank 0 of 1 without a process group, and every collective in the trainer
-is skipped. With WORLD_SIZE set (even to 1) a process group is created — gloo on CPU, nccl on CUDA — so
-that the same code path that runs on many GPUs can be tested on one CPU. The parallel layout and its meshes
-belong to `ParallelDims` (parallel_dims.py); `DistEnv` carries it.
+is skipped. With WORLD_SIZE set (even to 1) a process group is created — gloo on CPU; on CUDA nccl for
+CUDA tensors with gloo next to it for CPU tensors (`process_group_backend`) — so that the same code path
+that runs on many GPUs can be tested on one CPU. The parallel layout and its meshes belong to
+`ParallelDims` (parallel_dims.py); `DistEnv` carries it.
 """
 
 from __future__ import annotations
@@ -69,11 +70,25 @@ def _env_int(name: str, default: int) -> int:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
 
 
+def process_group_backend(device_type: str, requested: str | None = None) -> str:
+    """The process-group backend string. On CUDA: "cuda:nccl,cpu:gloo" — NCCL runs the collectives on GPU
+    tensors and gloo those on CPU tensors, which FSDP2's CPU offload (offload_to_cpu) creates: with it the
+    gradients are CPU DTensors, and gradient clipping's norm and its full_tensor() all-reduce on the CPU.
+    On the CPU: gloo. `requested` "gloo" forces gloo for every tensor; "nccl" is the CUDA default."""
+    if requested not in (None, "auto", "nccl", "gloo"):
+        raise ValueError(f"--distributed-backend {requested!r}: use auto, nccl or gloo")
+    if requested == "gloo" or device_type != "cuda":
+        if requested == "nccl":
+            raise ValueError("--distributed-backend nccl needs CUDA; use gloo (or auto) on the CPU")
+        return "gloo"
+    return "cuda:nccl,cpu:gloo"
+
+
 def init_distributed(device: str | None = None, backend: str | None = None, timeout_s: float = 1800,
                      shard_size: int | str | None = None, cp: int = 1, ep: int = 1) -> DistEnv:
     """Set the device and, under torchrun (WORLD_SIZE set), the process group and every mesh.
 
-    device: "cuda" | "cpu" | None (cuda when available). backend: None picks nccl on CUDA, gloo on CPU.
+    device: "cuda" | "cpu" | None (cuda when available). backend: see `process_group_backend`.
     shard_size: the fsdp2 yaml's sharding_size (None/"auto": shard over every rank; n: HSDP with shard groups
     of n ranks); cp, ep: context- and expert-parallel sizes. See `ParallelDims`.
     """
@@ -93,7 +108,7 @@ def init_distributed(device: str | None = None, backend: str | None = None, time
     dims = ParallelDims.from_config(world_size, shard_size, cp=cp, ep=ep)
     if "WORLD_SIZE" in os.environ:
         if not dist.is_initialized():
-            backend = backend or ("nccl" if dev.type == "cuda" else "gloo")
+            backend = process_group_backend(dev.type, backend)
             kwargs = {"device_id": dev} if dev.type == "cuda" else {}
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
         dims.build_meshes(dev.type)

@@ -20,6 +20,14 @@ stays fp32 whatever param_dtype is, as transformers keeps them.
 
 The lm head is used by the chunked loss outside any module forward: `unshard_lm_head(model)` gathers its
 full weight before the loss; FSDP's end-of-backward callback reduce-scatters its gradient and reshards it.
+
+Gradient accumulation (`set_gradient_sync`): every micro-batch's backward reduce-scatters each block's
+gradient as soon as the block is done, so only sharded gradients accumulate across the micro-batches of a
+step; an unsharded gradient never outlives its block's backward. Under HSDP the all-reduce across replicas
+is deferred to the step's last micro-batch (FSDP2 sums the reduce-scatter outputs in the meantime).
+
+Prefetch (`num_to_forward_prefetch` / `num_to_backward_prefetch`) follows the order the blocks run in:
+`forward_order(model)`.
 """
 
 from __future__ import annotations
@@ -32,20 +40,19 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import Shard
 
+from mmtune.config_files import DTYPE_NAMES
 from mmtune.distributed.context_parallel import apply_context_parallel
 from mmtune.distributed.expert_parallel import apply_expert_parallel, expert_modules
 
-_DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
-           "fp32": torch.float32, "float32": torch.float32}
 
-
-def parse_dtype(name: str | torch.dtype | None) -> torch.dtype | None:
+def parse_dtype(name: str | torch.dtype | None, where: str = "the fsdp2 config") -> torch.dtype | None:
+    """A config file's dtype spelling (mmtune.config_files.DTYPE_NAMES: bf16, fp32, ...) as a torch.dtype."""
     if name is None or isinstance(name, torch.dtype):
         return name
     try:
-        return _DTYPES[str(name).lower()]
+        return getattr(torch, DTYPE_NAMES[str(name).lower()])
     except KeyError:
-        raise ValueError(f"unknown dtype {name!r} in the fsdp2 config: use one of {sorted(_DTYPES)}") from None
+        raise ValueError(f"unknown dtype {name!r} in {where}: use one of {sorted(DTYPE_NAMES)}") from None
 
 
 @dataclass
@@ -184,8 +191,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
     # they are small, backward needs them at once, and it does not depend on FSDP finding tensors in
     # the model's output object to hook the root's pre-backward.
     fully_shard(model, reshard_after_forward=False, **common)
-    _set_prefetch(vision_blocks, opts)
-    _set_prefetch([embed, *text_blocks], opts)
+    _set_prefetch(forward_order(model), [vision_blocks, [embed, *text_blocks]], opts)
     return model
 
 
@@ -215,24 +221,43 @@ def _shard_experts(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: Device
             experts.set_force_sum_reduction_for_comms(True)
 
 
-def _set_prefetch(order: list[nn.Module], opts: FSDPOptions) -> None:
-    """Explicit prefetch: each module all-gathers the next `forward_prefetch` modules in forward and the
-    previous `backward_prefetch` in backward (0 keeps FSDP2's default of one implicit prefetch)."""
-    for i, module in enumerate(order):
-        if opts.forward_prefetch > 0:
-            nxt = order[i + 1 : i + 1 + opts.forward_prefetch]
+def forward_order(model: nn.Module) -> list[nn.Module]:
+    """The FSDP units of the blocks in the order forward runs them: the token embedding, then the vision
+    tower (the image features are scattered into the embedded tokens, model `_embed`), then the decoder
+    layers. tests/test_grad_accum_offload.py checks this against a recorded forward."""
+    vision_blocks, text_blocks = blocks_of(model)
+    return [model.model.language_model.embed_tokens, *vision_blocks, *text_blocks]
+
+
+def _set_prefetch(forward: list[nn.Module], backward_chains: list[list[nn.Module]], opts: FSDPOptions) -> None:
+    """Explicit prefetch: each module all-gathers the next `forward_prefetch` modules of `forward` (the
+    execution order) in forward, and the previous `backward_prefetch` of its chain in backward (0 keeps
+    FSDP2's default of one implicit prefetch). Backward runs each chain in reverse and only where gradients
+    flow: the vision tower is its own branch (no backward when it is frozen), so it is a chain of its own."""
+    if opts.forward_prefetch > 0:
+        for i, module in enumerate(forward):
+            nxt = forward[i + 1 : i + 1 + opts.forward_prefetch]
             if nxt:
                 module.set_modules_to_forward_prefetch(nxt)
-        if opts.backward_prefetch > 0:
-            prev = order[max(0, i - opts.backward_prefetch) : i][::-1]
-            if prev:
-                module.set_modules_to_backward_prefetch(prev)
+    if opts.backward_prefetch > 0:
+        for chain in backward_chains:
+            for i, module in enumerate(chain):
+                prev = chain[max(0, i - opts.backward_prefetch) : i][::-1]
+                if prev:
+                    module.set_modules_to_backward_prefetch(prev)
 
 
-def materialize(model: nn.Module, device: torch.device) -> nn.Module:
+def materialize(model: nn.Module, device: torch.device, cpu_offload: bool = False) -> nn.Module:
     """Allocate a meta-device (possibly sharded) model on `device`; values are garbage until loaded or
-    initialised (`model.init_weights`)."""
-    model.to_empty(device=device)
+    initialised (`model.init_weights`). With CPU offload the (sharded) parameters are allocated in host
+    memory and only the buffers, which FSDP does not manage, on `device`."""
+    if not cpu_offload:
+        model.to_empty(device=device)
+        return model
+    model.to_empty(device="cpu")
+    for module in model.modules():
+        for name, buf in module.named_buffers(recurse=False):
+            module._buffers[name] = buf.to(device)
     return model
 
 
@@ -244,7 +269,12 @@ def unshard_lm_head(model: nn.Module) -> torch.Tensor:
     return head.weight
 
 
-def set_gradient_sync(model: nn.Module, enabled: bool) -> None:
-    """Off for all but the last micro-batch of a grad-accum window (no reduce-scatter until then)."""
+def set_gradient_sync(model: nn.Module, *, last_micro_batch: bool) -> None:
+    """Gradient reduction for the next micro-batch of a grad-accum window: the reduce-scatter always runs
+    (sharded gradients accumulate, never unsharded ones); under HSDP the all-reduce across replicas runs
+    only on the window's last micro-batch. So every FSDP unit with trainable parameters must get a gradient
+    in every micro-batch (the trainer runs the vision tower on every rank and micro-batch), or under HSDP
+    its summed reduce-scatter output would wait for an all-reduce that never comes."""
     if isinstance(model, FSDPModule):
-        model.set_requires_gradient_sync(enabled)
+        model.set_requires_gradient_sync(True)
+        model.set_requires_all_reduce(last_micro_batch)

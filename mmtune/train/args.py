@@ -25,7 +25,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from mmtune.config_files import StrictModel, read_mapping, suggest, validate
+from mmtune.config_files import DTYPE_NAMES, StrictModel, read_mapping, suggest, validate
 
 log = logging.getLogger(__name__)
 PROG = "mmtune train"
@@ -57,9 +57,8 @@ IGNORED_OPTIONS = (
 )
 
 CP_ALGOS = ("ulysses_cp_algo",)
+# model.json loss_cfg.loss_type (semantics: mmtune/train/loss.py, which checks against this list)
 LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss")
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
-          "fp32": "float32", "float32": "float32"}
 
 
 # --------------------------------------------------------------------------- model.json
@@ -114,7 +113,7 @@ class LossConfig(_Strict):
 
     compute_mode: Literal["default", "chunk"] = "default"
     chunk_size: int = Field(1024, gt=0)
-    loss_type: Literal["default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss"] = "default"
+    loss_type: Literal[LOSS_TYPES] = "default"
     router_aux_loss_coef: float = Field(0.0, ge=0.0)
 
 
@@ -199,20 +198,20 @@ class Fsdp2Config(_Strict):
     def param_torch_dtype(self):
         import torch
 
-        return getattr(torch, DTYPES[self.param_dtype])
+        return getattr(torch, DTYPE_NAMES[self.param_dtype])
 
     @property
     def reduce_torch_dtype(self):
         import torch
 
-        return getattr(torch, DTYPES[self.reduce_dtype])
+        return getattr(torch, DTYPE_NAMES[self.reduce_dtype])
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Fsdp2Config":
         cfg = validate(cls, read_mapping(path, "yaml"), path)
         for key in ("param_dtype", "reduce_dtype"):
-            if getattr(cfg, key) not in DTYPES:
-                raise ValueError(f"{path}: {key} {getattr(cfg, key)!r} is not one of {sorted(DTYPES)}")
+            if getattr(cfg, key) not in DTYPE_NAMES:
+                raise ValueError(f"{path}: {key} {getattr(cfg, key)!r} is not one of {sorted(DTYPE_NAMES)}")
         if isinstance(cfg.sharding_size, int) and cfg.sharding_size < 1:
             raise ValueError(f"{path}: sharding_size must be 'auto' or a positive int, got {cfg.sharding_size}")
         if cfg.align_fsdp_param_groups:
@@ -301,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--fp16", action="store_true", help="not supported (needs loss scaling): use --bf16")
     a("--use-torch-fsdp2", action="store_true", help="accepted for the recipe: mmtune always shards with FSDP2")
     a("--distributed-backend", choices=["auto", "nccl", "gloo"], default="auto",
-      help="process-group backend (default auto: nccl on CUDA, gloo on CPU)")
+      help="process-group backend (default auto: on CUDA nccl for GPU tensors plus gloo for CPU tensors, which "
+           "offload_to_cpu needs; gloo on the CPU)")
     a("--distributed-timeout-minutes", type=int, default=10, help="collective timeout (default 10)")
     a("--num-workers", type=int, default=2, help="data-loader worker processes per rank (default 2)")
     a("--recompute-granularity", choices=["full", "selective"],
@@ -478,14 +478,6 @@ class TrainConfig(BaseModel):
         if self.fsdp2_config_path:
             return self.fsdp2.param_torch_dtype
         return torch.bfloat16 if self.bf16 else torch.float32
-
-    def checkpointed_blocks(self, num_blocks: int) -> list[int]:
-        """Indices of the blocks (of one tower) to wrap in activation checkpointing."""
-        if self.recompute_granularity is None:
-            return []
-        if self.recompute_method == "block":
-            return list(range(min(self.recompute_num_layers, num_blocks)))
-        return list(range(num_blocks))
 
     # output --------------------------------------------------------------
     def flag_values(self) -> dict[str, Any]:

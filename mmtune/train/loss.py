@@ -29,8 +29,8 @@ With n_i the valid tokens of sample i, K the samples of the micro-batch, n its v
 How the trainer combines micro-batches: call `loss_for_backward.backward()` for each micro-batch of
 the window (the gradients add up), and let FSDP2 AVERAGE the gradients over the D data-parallel
 ranks (its default reduce-scatter). `loss_for_backward` is contribution * D, so the result is the
-gradient of the global loss. The value to log is `global_loss(sum of loss_value over the window)`,
-an all-reduce SUM across ranks (identical for every split with per_token_loss).
+gradient of the global loss. The value logged is the sum of `loss_value` over the window and over the
+ranks (the trainer's one all-reduce SUM per step; identical for every split with per_token_loss).
 
 Context parallelism (cp ranks share one micro-batch, each holding S/cp tokens of every row): the weights
 above are computed on the WHOLE micro-batch (every cp rank has its labels) and cut to the rank's tokens,
@@ -48,14 +48,20 @@ Chunked mode (`compute_mode: chunk`): `chunked_linear_cross_entropy` never holds
 it computes each chunk's loss and its gradients (w.r.t. hidden and lm-head weight) in forward, one
 chunk of `chunk_size` tokens at a time, and backward only scales them in place and hands them over
 (3 matmuls per chunk, like the plain path; so its backward runs once: no retain_graph through it).
-Peak extra memory: one [chunk x V] fp32 buffer + the [V x H] weight gradient. Both paths first drop
-tokens without a label, so prompt and image tokens cost nothing. Sources of the definitions:
+Peak extra memory, for C = chunk_size and a weight in dtype d (bf16 or fp32): one fp32 [C x V] buffer
+(logits -> probabilities -> their gradient, in place) and its [C x V] copy in d when d is narrower, the
+fp32 [V x H] weight-gradient accumulator, and at the very end that gradient cast to d; plus the [N x H]
+hidden gradient in d. No [V x H] temporary per chunk: the weight gradient accumulates in place, in fp32
+(`addmm` with bf16 operands into the fp32 buffer where the device has it — CUDA's out_dtype — else fp32
+operands, i.e. a [C x H] fp32 copy of the chunk's hidden states). Both paths first drop tokens without a
+label, so prompt and image tokens cost nothing. Sources of the definitions:
 MindSpeed-MM mindspeed_mm/models/transformers_model.py and models/common/chunkloss.py (fixed_cross_entropy
 alphas), its PR !1990 table; InternVL / xtuner `len2weight` for square.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -65,9 +71,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmtune.distributed.context_parallel import ContextParallel, all_reduce_sum
+from mmtune.train.args import LOSS_TYPES  # the one list (model.json loss_cfg.loss_type)
 
 IGNORE_INDEX = -100
-LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss")
 
 
 # --------------------------------------------------------------------------- samples and the window
@@ -170,6 +176,32 @@ def token_weights(labels_BS: Tensor, ctx: LossContext, cu_seqlens: Tensor | None
 # --------------------------------------------------------------------------- lm head + cross-entropy
 
 
+@functools.cache
+def _fp32_out_addmm(device: torch.device) -> bool:
+    """Whether `torch.addmm(acc_fp32, a_bf16, b_bf16, out_dtype=torch.float32, out=acc_fp32)` works on this
+    device (CUDA: the GEMM accumulates in fp32 and adds into the fp32 buffer; the CPU has no such kernel)."""
+    if device.type != "cuda":
+        return False
+    a = torch.ones(2, 2, dtype=torch.bfloat16, device=device)
+    acc = torch.ones(2, 2, dtype=torch.float32, device=device)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return bool((acc == 3).all())
+
+
+def _accumulate_grad_w(grad_w_VH: Tensor, g_CV: Tensor, g_low_CV: Tensor | None, h_CH: Tensor) -> None:
+    """grad_w += g^T @ h in place, in grad_w's dtype (fp32). g_CV is the fp32 logit gradient, g_low_CV the
+    same in h's (narrower) dtype or None when h is fp32 already. No [V, H] temporary."""
+    if g_low_CV is None:
+        grad_w_VH.addmm_(g_CV.t(), h_CH)
+    elif _fp32_out_addmm(h_CH.device):
+        torch.addmm(grad_w_VH, g_low_CV.t(), h_CH, out_dtype=grad_w_VH.dtype, out=grad_w_VH)
+    else:
+        grad_w_VH.addmm_(g_CV.t(), h_CH.to(grad_w_VH.dtype))
+
+
 class _ChunkedLinearCE(torch.autograd.Function):
     """sum_t w_t * CE(h_t @ W^T, y_t) computed chunk by chunk; gradients computed in forward."""
 
@@ -189,19 +221,17 @@ class _ChunkedLinearCE(torch.autograd.Function):
             max_C = buf_CV.amax(dim=-1)
             sum_C = buf_CV.sub_(max_C[:, None]).exp_().sum(dim=-1)
             total += (w_C * (sum_C.log() + max_C - target_C)).sum()
-            g_CV = None
             if need_h or need_w:
                 # d(sum w*ce)/d logits = w * (softmax - onehot)
                 g_CV = buf_CV.mul_((w_C / sum_C)[:, None])
                 g_CV[torch.arange(end - start, device=g_CV.device), y_C] -= w_C
-                g_CV = g_CV.to(hidden_NH.dtype)
+                g_low_CV = g_CV.to(hidden_NH.dtype) if hidden_NH.dtype != acc else None
                 if need_h:
-                    torch.matmul(g_CV, weight_VH, out=grad_h[start:end])
-                if need_w and grad_w.dtype == h_CH.dtype:
-                    grad_w.addmm_(g_CV.t(), h_CH)  # in place: no [V, H] temporary per chunk
-                elif need_w:
-                    grad_w.add_(g_CV.t() @ h_CH)
-            del buf_CV, g_CV  # free this chunk's buffer before the next chunk allocates its own
+                    torch.matmul(g_CV if g_low_CV is None else g_low_CV, weight_VH, out=grad_h[start:end])
+                if need_w:
+                    _accumulate_grad_w(grad_w, g_CV, g_low_CV, h_CH)
+                del g_CV, g_low_CV
+            del buf_CV  # free this chunk's buffers before the next chunk allocates its own
         # kept on ctx (not save_for_backward) so backward can hand them over without a copy
         ctx.grads = (grad_h, grad_w)
         ctx.weight_dtype = weight_VH.dtype
@@ -213,9 +243,12 @@ class _ChunkedLinearCE(torch.autograd.Function):
             raise RuntimeError("chunked cross-entropy computes its gradients in forward and hands them over in its "
                                "one backward; do not backward through it twice (retain_graph)")
         grad_h, grad_w = ctx.grads
-        ctx.grads = None  # scaled in place and returned: the weight grad is never copied ([V x H])
+        ctx.grads = None  # scaled in place and returned: the fp32 weight grad is only cast (once) to the weight dtype
         gh = grad_h.mul_(grad_out.to(grad_h.dtype)) if grad_h is not None else None
-        gw = grad_w.mul_(grad_out).to(ctx.weight_dtype) if grad_w is not None else None
+        gw = None
+        if grad_w is not None:
+            gw = grad_w.mul_(grad_out).to(ctx.weight_dtype)
+            del grad_w  # the fp32 accumulator goes as soon as the cast exists
         return gh, gw, None, None, None
 
 
@@ -321,14 +354,3 @@ def lm_loss(hidden_BSH: Tensor, lm_head_weight_VH: Tensor, labels_BS: Tensor, ct
         aux = router_aux_loss_coef * aux_mb.to(loss.device) / (ctx.grad_accum_steps * ranks)
     return LossOutput(loss_for_backward=(loss + aux) * ranks, loss_value=loss.detach(),
                       aux_value=aux.detach(), num_tokens=int(keep_N.numel()))
-
-
-def global_loss(window_sum: Tensor | float, group: dist.ProcessGroup | None = None) -> float:
-    """The step's global loss for logging: the sum over ranks of each rank's summed `loss_value`s
-    (all-reduce SUM when torch.distributed is initialised; every rank must call it)."""
-    t = torch.as_tensor(window_sum, dtype=torch.float64).detach().reshape(())
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-        device = "cuda" if dist.get_backend(group) == "nccl" else "cpu"
-        t = t.to(device)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
-    return float(t)

@@ -107,8 +107,9 @@ class MetricsLogger:
                 from torch.utils.tensorboard import SummaryWriter
 
                 self.tb = SummaryWriter(str(tensorboard_dir))
-            except ImportError:  # tensorboard is optional at run time
-                self.tb = None
+            except ImportError:  # the `tensorboard` extra is not installed
+                self.print("tensorboard is not installed: no TensorBoard events are written (metrics.jsonl has every "
+                           "logged step; pip install 'mmtune[tensorboard]' for the events)", flush=True)
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.samples: list[int] = []

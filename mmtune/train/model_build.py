@@ -75,7 +75,7 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
     store_frozen_in(model, opts.param_dtype)
     parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh,
                 expert_mesh=env.dims.expert_mesh)
-    materialize(model, env.device)
+    materialize(model, env.device, cpu_offload=opts.cpu_offload)
     if not load_weights:
         _reset_non_persistent_buffers(model)
         return model

@@ -3,11 +3,13 @@
 One optimizer step ("step") consumes a window of G = global_batch / (micro_batch * dp) micro-batches on
 each rank. The whole window is fetched first (the recipe's PrefetchGradAccDataLoader) so that the loss
 context — the window's valid-token count over all ranks, for per_token_loss — is known before the first
-micro-batch (`LossContext.for_window`, one all-reduce). Gradients are synchronised (FSDP2 reduce-scatter)
-only on the window's last micro-batch. Then: clip (the total norm over every parameter's shards, dense and
-expert: distributed/grad_norm.py), and — unless the loss or the norm is not finite, in which case the step
-is skipped and counted — AdamW, the LR scheduler step and (with --moe-router-bias-update-rate) the router
-bias update from the step's expert loads (train/moe_balance.py), which are also logged.
+micro-batch (`LossContext.for_window`, one all-reduce). Each micro-batch's backward reduce-scatters its
+gradients, so only sharded gradients accumulate over the window (under HSDP the all-reduce across
+replicas waits for the last micro-batch; `set_gradient_sync`). Then: clip (the total norm over every
+parameter's shards, dense and expert: distributed/grad_norm.py), and — unless the loss or the norm is not
+finite, in which case the step is skipped and counted — AdamW, the LR scheduler step and (with
+--moe-router-bias-update-rate) the router bias update from the step's expert loads (train/moe_balance.py),
+which are also logged.
 
 Every rank runs the vision tower on every micro-batch (`run_vision_without_images=True`), on a dummy
 image when its batch has none, so FSDP's all-gathers of the vision blocks always match across ranks.
@@ -61,7 +63,7 @@ class LoopSettings:
     log_interval: int = 1
     save_interval: int | None = None
     exit_interval: int | None = None
-    max_nonfinite_steps: int = 10
+    max_nonfinite_steps: int = 3  # as --max-nonfinite-steps
     pad_token_id: int | None = None  # tokens equal to it are not counted as throughput or for the aux loss
     num_experts: int | None = None
     top_k: int | None = None
@@ -152,7 +154,7 @@ class Trainer:
         tokens = samples = 0
         loads = None
         for i, batch in enumerate(window):
-            set_gradient_sync(model, i == len(window) - 1)
+            set_gradient_sync(model, last_micro_batch=i == len(window) - 1)
             token_mask = None
             if s.pad_token_id is not None:
                 token_mask = batch["input_ids"] != s.pad_token_id

@@ -1,0 +1,248 @@
+"""Gradient accumulation holds only sharded gradients, and CPU offload trains like no offload — on 2 gloo
+ranks, in one torchrun launch of this file (the worker at the bottom):
+
+- a ~20M-parameter GLM-4.5V-architecture model (bench/grad_accum_memory.py measures), grad-accum 1
+  (micro-batch 4) vs grad-accum 4 (micro-batch 1), same global batch, per_token_loss: between micro-batches a
+  rank holds half the fp32 gradient (its shard) and the step's peak RSS exceeds grad-accum 1 by well under
+  the full gradient; the previous schedule (no gradient sync until the window's last micro-batch), run in
+  the same launch, holds the whole gradient and peaks higher — the measurement sees an unsharded gradient
+  when one is held. Gradients and losses agree with the old schedule and with grad-accum 1 (per_token
+  split invariance);
+- FSDP2 `CPUOffloadPolicy` (offload_to_cpu) + clipping + AdamW + save/resume equals the same run without
+  offload, step by step, and the resumed run continues exactly; HSDP with grad-accum 2 (all-reduce deferred to
+  the last micro-batch) equals FSDP.
+Plus, in one process: the FSDP forward-prefetch chain follows the order forward runs the blocks, and the
+CUDA process group has a CPU backend next to NCCL.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE))
+
+from test_train_helpers import ListLoader, make_sample, windows_for  # noqa: E402
+
+# (the worker at the bottom runs under torchrun; pytest collects only the test_ functions)
+
+
+def _bench():
+    """bench/grad_accum_memory.py (the measurement lives there, so the benchmark and this test agree)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("grad_accum_memory", HERE.parent / "bench" / "grad_accum_memory.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# ------------------------------------------------------------------------------------------- tests
+
+
+@pytest.fixture(scope="module")
+def dist_result(tmp_path_factory):
+    from dist_utils import torchrun
+
+    root = tmp_path_factory.mktemp("grad_accum_offload")
+    # every allocation >= 1 MiB is its own mmap, returned to the OS when freed: RSS follows live tensors
+    env = {"PYTHONPATH": f"{HERE}:{HERE.parent}", "MALLOC_MMAP_THRESHOLD_": str(2**20)}  # as the bench's launch
+    proc = torchrun([str(Path(__file__)), str(root)], nproc=2, env=env)
+    result = json.loads((root / "result.json").read_text())
+    result["log"] = proc.stdout + proc.stderr
+    return result
+
+
+def test_grad_accum_holds_only_sharded_gradients(dist_result):
+    m = dist_result["memory"]
+    full = 4 * m["trainable_params"]  # bytes of the whole fp32 gradient: what the old schedule held unsharded
+    assert m["trainable_params"] > 15e6, m
+    frac = {k: {run: round(b / full, 3) for run, b in m[k].items()} for k in ("peak", "held")}
+    # between micro-batches a rank holds its gradient shard (1/2 of the gradient on 2 ranks); the old schedule
+    # held the whole unsharded gradient, and the RSS measurement sees it
+    assert frac["held"]["ga4"] < 0.7 and frac["held"]["ga4_no_sync"] > 0.85, frac
+    # the step's peak: grad-accum 4 adds well under the full gradient to grad-accum 1; the old one added more
+    extra_new = (m["peak"]["ga4"] - m["peak"]["ga1"]) / full
+    extra_old = (m["peak"]["ga4_no_sync"] - m["peak"]["ga1"]) / full
+    assert extra_new < 0.4 and extra_old > extra_new + 0.15, frac
+    # the same numbers as today: the first step's gradient (norm) as the old schedule's, and two steps'
+    # losses and gradient norms as grad-accum 1's (the update of step 1 shows in step 2's loss)
+    assert len(m["losses"]["ga1"]) == len(m["losses"]["ga4"]) == 2
+    close = lambda a, b: abs(a - b) <= 1e-6 * abs(a)  # noqa: E731
+    assert close(m["grad_norms"]["ga4_no_sync"][0], m["grad_norms"]["ga4"][0]), m["grad_norms"]
+    assert close(m["losses"]["ga4_no_sync"][0], m["losses"]["ga4"][0]), m["losses"]
+    for key in ("losses", "grad_norms"):
+        assert all(close(a, b) for a, b in zip(m[key]["ga1"], m[key]["ga4"])), m[key]
+
+
+def test_cpu_offload_equals_no_offload_with_clip_and_resume(dist_result):
+    o = dist_result["offload"]
+    assert o["offloaded"] == [False, True]  # FSDP2's CPUOffloadPolicy is on in the offload runs only
+    for a, b in zip(o["plain"]["losses"], o["offload"]["losses"]):
+        assert abs(a - b) <= 1e-6 * abs(a), o
+    for a, b in zip(o["plain"]["grad_norms"], o["offload"]["grad_norms"]):
+        assert abs(a - b) <= 1e-5 * abs(a), o
+    assert max(o["plain"]["grad_norms"]) > o["clip"], "clipping must be active in this check"
+    assert o["resumed"]["losses"] == o["offload"]["losses"][2:], o
+    assert o["max_param_diff"] < 1e-6 and o["max_resumed_param_diff"] == 0.0, o
+
+
+def test_hsdp_grad_accum_defers_only_the_all_reduce(dist_result):
+    o = dist_result["offload"]
+    for key in ("losses", "grad_norms"):
+        for a, b in zip(o["plain"][key], o["hsdp"][key]):
+            assert abs(a - b) <= 1e-6 * abs(a), o
+    # AdamW (lr 1e-2) turns the last-bit differences of the summation order into ~1e-5 parameter differences
+    assert o["max_hsdp_param_diff"] < 2e-4, o
+
+
+def test_forward_prefetch_follows_execution_order():
+    from mmtune.distributed.parallelize import forward_order
+    from test_train_helpers import collate, full_model
+
+    model = full_model(0)
+    order = forward_order(model)
+    seen = []
+    for module in order:
+        module.register_forward_pre_hook(lambda m, a: seen.append(m) if m not in seen else None)
+    batch = collate([make_sample(0)])
+    with torch.no_grad():
+        model(batch["input_ids"], pixel_values=batch["pixel_values"], image_grid_thw=batch["image_grid_thw"])
+    assert [id(m) for m in seen] == [id(m) for m in order]
+    assert order[1] is model.model.visual.blocks[0]  # the vision tower runs between embedding and decoder
+
+
+def test_parallelize_prefetches_in_execution_order(dist_result):
+    fwd, bwd = dist_result["prefetch"]["forward"], dist_result["prefetch"]["backward"]
+    embed, vision, layers = "model.language_model.embed_tokens", "model.visual.blocks.", "model.language_model.layers."
+    order = [embed, vision + "0", vision + "1", layers + "0", layers + "1", layers + "2"]
+    assert fwd == [[a, [b]] for a, b in zip(order, order[1:])]  # embedding -> vision tower -> decoder
+    assert bwd == [[vision + "1", [vision + "0"]], [layers + "0", [embed]], [layers + "1", [layers + "0"]],
+                   [layers + "2", [layers + "1"]]]
+
+
+def test_process_group_backend_has_a_cpu_backend_on_cuda():
+    from mmtune.distributed.env import process_group_backend
+
+    assert process_group_backend("cuda") == "cuda:nccl,cpu:gloo"
+    assert process_group_backend("cuda", "nccl") == "cuda:nccl,cpu:gloo"
+    assert process_group_backend("cuda", "gloo") == "gloo"
+    assert process_group_backend("cpu") == process_group_backend("cpu", "auto") == "gloo"
+    with pytest.raises(ValueError, match="nccl needs CUDA"):
+        process_group_backend("cpu", "nccl")
+
+
+# ------------------------------------------------------------------------------------------- worker
+
+
+def _offload_checks(env, root: Path) -> dict:
+    """3 steps of 2 micro-batches with clipping and AdamW, with and without CPU offload; the offload run saves
+    after step 2, and a fresh offload model resumes from it for step 3. And the plain run again as HSDP."""
+    from dataclasses import replace
+
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    from mmtune.distributed import FSDPOptions
+    from mmtune.distributed.parallel_dims import ParallelDims
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+    from mmtune.train.checkpoint import Checkpointer, TrainState
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
+    from mmtune.train.trainer import LoopSettings, Trainer
+    from test_train_helpers import adamw
+
+    clip = 0.5
+    freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
+    steps = [[make_sample(200 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
+    batches = [b for k in range(3) for b in windows_for(steps[k], 1, env.rank, 2)]
+
+    def run(offload: bool, save: Path | None = None, resume: Path | None = None, run_env=env):
+        torch.manual_seed(0)
+        model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), run_env,
+                            FSDPOptions(cpu_offload=offload), freeze, seed=0)
+        opt, sched = adamw(model)
+        s = LoopSettings(train_iters=3, grad_accum_steps=2, loss_type="per_token_loss", clip_grad=clip,
+                         save_interval=2 if save else None)
+        loader = ListLoader(batches)
+        t = Trainer(s, run_env, model, opt, sched, loader, checkpointer=Checkpointer(save) if save else None)
+        state = TrainState()
+        if resume is not None:
+            state = Checkpointer.load(resume, model, opt, sched, loader)
+        norms = []
+        train_step = t.train_step
+
+        def recording_step(window):
+            r = train_step(window)
+            norms.append(r.grad_norm)
+            return r
+
+        t.train_step = recording_step
+        t.fit(state)
+        offloaded = all(fp.offload_to_cpu for fp in model.lm_head._get_fsdp_state()._fsdp_param_group.fsdp_params)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {"losses": t.losses, "grad_norms": norms}, sd, offloaded
+
+    plain, sd_plain, plain_offloaded = run(False)
+    offload, sd_off, offloaded = run(True, save=root / "offload_save")
+    resumed, sd_res, _ = run(True, resume=root / "offload_save" / "iter_0000002")
+    # HSDP (2 replicas of 1-rank shard groups): the all-reduce across replicas waits for the last micro-batch
+    hsdp_env = replace(env, dims=ParallelDims.from_config(env.world_size, 1).build_meshes("cpu"))
+    hsdp, sd_hsdp, _ = run(False, run_env=hsdp_env)
+    hdiff = max((float((sd_plain[k] - sd_hsdp[k]).abs().max()) for k in sd_plain), default=0.0)
+    diff = max((float((sd_plain[k] - sd_off[k]).abs().max()) for k in sd_plain), default=0.0)  # {} on rank 1
+    rdiff = max((float((sd_off[k] - sd_res[k]).abs().max()) for k in sd_off), default=0.0)
+    return {"plain": plain, "offload": offload, "resumed": resumed, "clip": clip, "offloaded": [plain_offloaded, offloaded],
+            "max_param_diff": diff, "max_resumed_param_diff": rdiff, "hsdp": hsdp, "max_hsdp_param_diff": hdiff}
+
+
+def _prefetch_chains(env) -> dict:
+    """The forward/backward prefetch targets parallelize sets (num_to_*_prefetch 1), by module name."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from mmtune.distributed import FSDPOptions
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.model_build import build_model
+
+    calls = {"forward": [], "backward": []}
+    originals = {k: getattr(FSDPModule, f"set_modules_to_{k}_prefetch") for k in calls}
+
+    def recorder(kind):
+        def record(self, modules):
+            calls[kind].append((self, list(modules)))
+            return originals[kind](self, modules)
+        return record
+
+    for kind in calls:
+        setattr(FSDPModule, f"set_modules_to_{kind}_prefetch", recorder(kind))
+    try:
+        model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env,
+                            FSDPOptions(forward_prefetch=1, backward_prefetch=1),
+                            FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False), seed=0)
+    finally:
+        for kind, fn in originals.items():
+            setattr(FSDPModule, f"set_modules_to_{kind}_prefetch", fn)
+    names = {id(m): n for n, m in model.named_modules()}
+    return {kind: [[names[id(m)], [names[id(t)] for t in targets]] for m, targets in c] for kind, c in calls.items()}
+
+
+def _worker(root: str) -> None:
+    from mmtune.distributed import init_distributed
+
+    env = init_distributed("cpu")
+    bench = _bench()
+    result = {"memory": bench.measure(env, bench.model_config()), "offload": _offload_checks(env, Path(root)),
+              "prefetch": _prefetch_chains(env)}
+    if env.rank == 0:
+        (Path(root) / "result.json").write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    _worker(sys.argv[1])
