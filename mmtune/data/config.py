@@ -6,7 +6,9 @@ of the comma-separated `dataset` list is looked up under `dataset_dir` first, th
 inside the data files are relative to `dataset_dir`.
 
 mmtune extras (all optional, in `basic_parameters`):
-- `packing` (bool, default true): pack samples into rows of <= seq_length tokens; false pads each sample.
+- `packing` (bool, default false, as the recipe): false = one sample a row, each micro-batch padded to its
+  longest sample (so --global-batch-size counts samples); true = samples packed into rows of <= seq_length
+  tokens (the batch sizes then count rows).
 - `on_bad_sample` ("skip" | "error", default "skip"): a sample that cannot be trained on (see
   `mmtune data check`) is skipped and counted, or stops the run with file:index: reason.
 - `too_long` ("truncate" | "drop", default "drop"): a sample longer than seq_length is cut (never
@@ -70,7 +72,7 @@ class BasicParameters(_Strict):
     tool_format: str | None = None
     streaming: bool = False
     # mmtune extras
-    packing: bool = True
+    packing: bool = False
     on_bad_sample: Literal["skip", "error"] = "skip"
     too_long: Literal["truncate", "drop"] = "drop"
     allow_absolute_image_paths: bool = False

@@ -8,7 +8,8 @@ of the chosen experts, optionally normalised to sum 1, times `routed_scaling_fac
 Experts: one tensor per projection, `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj`
 [E, H, I], as transformers>=5 keeps them in memory. The forward sorts the (token, slot) pairs by expert
 once and runs each projection as one grouped matmul over the sorted rows (`grouped_mm`); where the
-platform has no grouped matmul for the dtype it loops over the experts that got tokens.
+platform has no grouped matmul for the dtype, or `use_grouped_mm` is off (model.json use_npu_fused_moe:
+false), it loops over the experts that got tokens.
 
 Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size, R = T*K rows.
 """
@@ -74,6 +75,7 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.use_grouped_mm = True  # False: a loop over experts (training sets model.json's use_npu_fused_moe)
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         T, K = experts_TK.shape
@@ -81,22 +83,24 @@ class GroupedExperts(nn.Module):
         order_R = experts_TK.view(-1).argsort(stable=True)
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
-        h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
+        h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E, self.use_grouped_mm)
         gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
         # the routing weight scales the (narrower) down-projection input: the same as scaling its output
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
+        y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E,
+                              self.use_grouped_mm)
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
 
 
-def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor,
+                   grouped: bool = True) -> torch.Tensor:
     """`x @ w[e].T` for consecutive row blocks of `x` (block e has counts_E[e] rows). One grouped matmul
-    where `torch` has one for this device/dtype/layout; otherwise a loop over experts with rows."""
+    where `torch` has one for this device/dtype/layout (and `grouped`); otherwise a loop over experts with rows."""
     x_RIn = x_RIn.to(w_EOutIn.dtype)
-    if _grouped_mm_ok(x_RIn, w_EOutIn):
+    if grouped and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return _GROUPED_MM(x_RIn, w_EOutIn.transpose(1, 2), offs=offs_E)
     outs, start = [], 0
