@@ -85,7 +85,7 @@ def test_mmtune_train_two_ranks_then_resume_on_one(dist):
 
 
 def test_sharding_size_must_divide_the_world():
-    from mmtune.distributed.env import make_mesh
+    from mmtune.distributed.parallel_dims import ParallelDims
 
     with pytest.raises(ValueError, match="sharding_size 3 must divide the world size 4"):
-        make_mesh("cpu", 4, shard_size=3)
+        ParallelDims.from_config(4, 3)
