@@ -60,7 +60,10 @@ def _together(n: int, fn) -> list:
     return out
 
 
-def test_one_builder_the_others_wait_then_read_the_published_cache(tmp_path):
+@pytest.mark.parametrize("hard_links", [True, False])
+def test_one_builder_the_others_wait_then_read_the_published_cache(tmp_path, monkeypatch, hard_links):
+    if not hard_links:  # a file system without them: the lock falls back to O_EXCL creation
+        monkeypatch.setattr(C.os, "link", lambda *a: (_ for _ in ()).throw(PermissionError("no hard links")))
     calls: list = []
     results = _together(4, lambda: C.get_or_build(tmp_path, "mmtune-x", _builder(calls), progress=False))
     assert len(calls) == 1 and all(isinstance(r, C.CacheResult) for r in results), results

@@ -292,7 +292,8 @@ def test_check_names_each_bad_sample(env, tmp_path, capsys):
     src = (tmp_path / "ds" / "mllm.json").resolve()
     for i, why in reasons.items():
         assert f"{src}:{i}: " in out and why in [l for l in out.splitlines() if l.startswith(f"{src}:{i}: ")][0], (i, out)
-    assert f"{src}:0:" not in out and "1 good, 9 bad" in out
+    assert f"{src}:0:" not in out and out.strip().splitlines()[-1] == "checked 10 samples: 1 good, 9 bad"
+    assert data_main(["check", "--mm-data", str(tmp_path / "missing.json")]) == 2  # could not check: not "bad"
     # training: skip (default) counts and goes on; error stops naming the samples
     cfg = load_data_config(data_json)
     prepared = build_dataset(cfg, env / "tok", progress=False)

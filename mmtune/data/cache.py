@@ -106,6 +106,13 @@ class BuildLock:
             os.link(tmp, path)
         except FileExistsError:
             return None
+        except OSError:  # a file system without hard links: O_EXCL creation, then the contents
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                return None
+            with os.fdopen(fd, "w") as f:
+                f.write(tmp.read_text())
         finally:
             tmp.unlink()
         lock = cls(path, status)

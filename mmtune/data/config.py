@@ -16,12 +16,12 @@ mmtune extras (all optional, in `basic_parameters`):
 - `allow_absolute_image_paths` (bool, default false): accept absolute or `..` image paths that leave
   dataset_dir.
 - `streaming` (bool, default false): read the files lazily (no preprocessing pass, no cache); resumable.
-- `dataloader_param.num_workers` (int, default 2): loader worker processes (image decoding happens there).
+- `dataloader_param.num_workers` (int, default 2): loader worker processes (image decoding happens there);
+  `mmtune train --num-workers` overrides it.
 
-Accepted and not used yet: video_* (videos are rejected as bad samples), use_fast_tokenizer (always
-fast), preprocessing_batch_size, tool_format (must be null), observation/function tags,
-sampler_type/dataloader_mode (mmtune's sampler is always distributed, seeded and resumable),
-pin_memory, collate_param.
+Every other key is the recipe's; docs/RECIPE.md says what mmtune does with each. Keys accepted for
+compatibility without effect (video_*, observation/function tags, a sampler_type other than the recipe's,
+...) are named when training starts (mmtune/train/compat.py).
 """
 
 from __future__ import annotations
