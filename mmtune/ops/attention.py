@@ -23,9 +23,8 @@ D head dim, T flattened tokens, N segments.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
