@@ -172,3 +172,17 @@ def test_seq_length_default_is_real():
     help_text = " ".join(build_parser().format_help().split())
     assert "(default 4096)" in help_text
     assert TrainConfig.model_fields["seq_length"].default == 4096
+
+
+def test_flash_attention_that_cannot_run_is_named():
+    from mmtune.train.compat import runtime_items
+
+    recipe = Path(__file__).parent / "recipe"
+    argv = ["--mm-data", str(recipe / "data_106B.json"), "--mm-model", str(recipe / "model_106B.json"),
+            "--train-iters", "10", "--lr", "1e-5", "--use-flash-attn"]
+    fp32 = parse_train_args(argv, world_size=1)  # no --bf16, no fsdp2 yaml: fp32 parameters on CUDA
+    names = [n for n, _ in runtime_items(fp32, device_type="cuda", load_kind=None, flash=True)]
+    assert any(n.startswith("flash attention") for n in names)
+    names = [n for n, _ in runtime_items(fp32, device_type="cpu", load_kind=None, flash=True)]
+    assert any(n.startswith("flash attention") for n in names)
+    assert not runtime_items(fp32, device_type="cpu", load_kind=None, flash=False)

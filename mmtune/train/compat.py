@@ -124,6 +124,12 @@ def runtime_items(cfg, *, device_type: str, load_kind: str | None, flash: bool) 
                           "it needs a CUDA GPU and bf16/fp16; SDPA runs"))
         if cfg.model.text_decoder.activation_offload:
             items.append(("model.json text_decoder.activation_offload", "the activations are in host memory already"))
+    elif flash:
+        import torch
+
+        if cfg.param_dtype("cuda") == torch.float32 or torch.cuda.get_device_capability() < (8, 0):
+            items.append(("flash attention: --use-flash-attn / attn_implementation flash_attention_*",
+                          "it needs bf16/fp16 parameters (--bf16 or the fsdp2 yaml) and an SM80+ GPU; SDPA runs"))
     if load_kind != "training":
         for flag, on in (("--no-load-optim", cfg.no_load_optim), ("--no-load-rng", cfg.no_load_rng)):
             if on:
