@@ -159,7 +159,6 @@ def test_the_line_names_what_has_no_effect_and_why(traced_run):
                       ("--init-model-with-meta-device", "meta device"),
                       ("--bf16", "the CPU trains in fp32"),
                       ("--no-load-optim", "not a training checkpoint"),
-                      ("preprocess_parameters.video_fps", "videos are not supported yet"),
                       ("text_decoder.num_layers=46 (config.json: 3)", "config.json")):
         assert name in line and why in line, (name, line)
     # honoured settings are not listed: the recipe's fast tokenizer, drop_last, sampler, uniform recompute of 1

@@ -82,18 +82,11 @@ def static_items(cfg, data_cfg, hf_config: dict | None) -> list[tuple[str, str]]
 
 
 def _data_items(d) -> list[tuple[str, str]]:
-    p, a, dl = d.preprocess, d.attr, d.dataloader_param
+    p, dl = d.preprocess, d.dataloader_param
     items = []
     if not p.use_fast_tokenizer:
         items.append(("data.json preprocess_parameters.use_fast_tokenizer=false",
                       "mmtune always uses the fast tokenizer, tokenizer.json"))
-    for key in ("video_max_pixels", "video_min_pixels", "video_fps", "video_maxlen"):
-        if getattr(p, key) is not None:
-            items.append((f"data.json preprocess_parameters.{key}",
-                          "videos are not supported yet: samples with videos are skipped as bad"))
-    for key in ("observation_tag", "function_tag"):
-        if getattr(a, key) is not None:
-            items.append((f"data.json attr.{key}", "tool calls are not supported yet"))
     if dl.dataloader_mode != "sampler":
         items.append((f"data.json dataloader_param.dataloader_mode={dl.dataloader_mode}",
                       "mmtune's loader always takes batches from its sampler"))
