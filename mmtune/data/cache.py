@@ -91,6 +91,7 @@ class BuildLock:
     def __init__(self, path: Path, status: Path):
         self.path, self.status = path, status
         self.progress = {"done": 0, "total": None, "phase": "starting"}
+        self.id = ""  # this build's id, also in the lock file
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, daemon=True, name="mmtune-cache-lock")
 
@@ -147,7 +148,8 @@ class BuildLock:
     def release(self) -> None:
         self._stop.set()
         self._thread.join()
-        for p in (self.status, self.path):
+        mine = _read_json(self.path).get("id") in (self.id, None)  # not a lock a waiter made after taking ours over
+        for p in ([self.status, self.path] if mine else []):
             try:
                 p.unlink()
             except FileNotFoundError:
