@@ -6,7 +6,7 @@ Stages (each printed with its time), the recipe's steps on a tiny GLM-4.5V-archi
   3. llava-to-mllm   the recipe's data conversion
   4. hf-to-dcp       expert merge into a DCP checkpoint (what --load reads)
   5. train           `mmtune train` (FSDP2; torchrun with --nproc > 1) on data.json / model.json written
-                     into the workdir like the recipe's (examples/tiny/)
+                     into the workdir like the recipe's (the package's mmtune/examples/tiny/)
   6. dcp-to-hf       export of the last checkpoint into WORKDIR/export
   7. evaluate        greedy answers of the exported model on held-out questions (images drawn from a
                      stream the training set never used), accuracy against chance
@@ -35,7 +35,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "tiny"
+EXAMPLES = Path(__file__).resolve().parent / "examples" / "tiny"  # shipped in the wheel (package data)
 MARKER = ".mmtune_demo"
 EVAL_SEED = 10_000  # held-out questions: eval_questions() draws from its own stream, with this seed
 LORA_R, LORA_LR = 16, 2e-3  # demo --lora: rank and default lr (docs/PERFORMANCE.md "LoRA")
@@ -87,7 +87,7 @@ def _prepare_workdir(workdir: Path, overwrite: bool) -> None:
 
 
 def write_recipe_configs(workdir: Path, hf_dir: Path, data_dir: Path, dataset: str) -> tuple[Path, Path]:
-    """data.json and model.json of the recipe (examples/tiny/) with this workdir's absolute paths."""
+    """data.json and model.json of the recipe (mmtune/examples/tiny/) with this workdir's absolute paths."""
     data = json.loads((EXAMPLES / "data.json").read_text())
     dp = data["dataset_param"]
     dp["preprocess_parameters"]["model_name_or_path"] = str(hf_dir)

@@ -277,16 +277,46 @@ def load_dcp_weights(model: torch.nn.Module, ckpt: Path) -> None:
     model.load_state_dict({k: flat[prefix + k] for k in sd})
 
 
+def cuda_devices(config: Glm4vMoeConfig, dtype: torch.dtype, free: list[int] | None = None) -> list[str]:
+    """The CUDA device of each placement unit (mmtune/placement.py): all "cuda:0" when the model fits one
+    GPU, else its layers over the visible GPUs in order; ValueError before loading when it does not fit.
+    `free`: free bytes per GPU (default: what CUDA reports)."""
+    from mmtune.placement import cuda_free_memory, plan_devices, unit_bytes
+
+    with torch.device("meta"):
+        model = Glm4vMoeForConditionalGeneration(config)
+    _cast(model, dtype)
+    gpus = plan_devices(unit_bytes(model), cuda_free_memory() if free is None else free,
+                        what=f"the model in {str(dtype).removeprefix('torch.')}")
+    return [f"cuda:{i}" for i in gpus]
+
+
+def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
+    model.to(dtype)
+    for name, module in model.named_modules():  # the router stays fp32, as from_pretrained keeps it
+        if name.endswith("mlp.gate"):
+            module.float()
+
+
 def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, device: str = "cpu",
                dtype: torch.dtype = torch.float32) -> tuple[Glm4vMoeForConditionalGeneration, Path]:
     """(model in eval mode, the HF dir holding its tokenizer and processor) from an HF dir or a training
-    checkpoint (see the module docstring)."""
+    checkpoint (see the module docstring). `device="cuda"`: one GPU, or the layers over all visible GPUs
+    when it needs more (`cuda_devices`)."""
+    from mmtune.models.glm4v_moe.loading import load_pretrained
+    from mmtune.placement import place
+
     path = Path(model_path)
     if not path.exists():
         raise FileNotFoundError(f"--model {path}: no such file or directory")
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
-        model = Glm4vMoeForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device)
+        devices = cuda_devices(Glm4vMoeConfig.from_pretrained(path), dtype) if device == "cuda" else [device]
+        if len(set(devices)) > 1:
+            model = load_pretrained(Glm4vMoeForConditionalGeneration, path, dtype=dtype,
+                                    place=lambda m: place(m, devices, materialize=True))
+        else:
+            model = Glm4vMoeForConditionalGeneration.from_pretrained(path, dtype=dtype, device=devices[0])
         return model.eval(), path
     hf = Path(hf_dir) if hf_dir else _hf_dir_of_run(ckpt)
     if hf is None or not (hf / "config.json").is_file():
@@ -303,15 +333,15 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
                 module.to(dtype)
         return model.to(device).eval(), hf
     config = Glm4vMoeConfig.from_pretrained(hf)
+    devices = cuda_devices(config, dtype) if device == "cuda" else [device]
     with torch.device("meta"):
         model = Glm4vMoeForConditionalGeneration(config)
     model.to_empty(device="cpu")
     load_dcp_weights(model, ckpt)
-    model.to(dtype)
-    for name, module in model.named_modules():  # the router stays fp32, as from_pretrained keeps it
-        if name.endswith("mlp.gate"):
-            module.float()
-    return model.to(device).eval(), hf
+    _cast(model, dtype)
+    if len(set(devices)) > 1:
+        return place(model, devices).eval(), hf
+    return model.to(devices[0]).eval(), hf
 
 
 @torch.no_grad()
@@ -379,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--video-max-pixels", type=int, default=None,
                     help="pre-resize video frames above this many pixels, as data.json's video_max_pixels")
     ap.add_argument("--video-min-pixels", type=int, default=None, help="as data.json's video_min_pixels")
-    ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default=None,
+                    help="default: cuda when available. cuda: one GPU when the model fits, else its layers in order "
+                         "over all visible GPUs (one process); when they cannot hold it, an error says how much "
+                         "memory it needs before anything is loaded")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
@@ -393,7 +426,11 @@ def main(argv: list[str] | None = None) -> int:
     from mmtune.data.video import VideoProcessor
 
     t0 = time.perf_counter()
-    model, hf = load_model(args.model, hf_dir=args.hf_dir, device=device, dtype=dtype)
+    try:
+        model, hf = load_model(args.model, hf_dir=args.hf_dir, device=device, dtype=dtype)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"mmtune generate: error: {e}", file=sys.stderr)
+        return 2
     tokenizer = load_tokenizer(hf)
     images = [open_image(p).convert("RGB") for p in args.image]
     improc = ImageProcessor.from_pretrained(hf, image_min_pixels=args.image_min_pixels,
@@ -413,5 +450,5 @@ def main(argv: list[str] | None = None) -> int:
     print(result.text)
     print(f"[{len(result.prompt_ids)} prompt + {len(result.token_ids)} new tokens, "
           f"{'eos' if result.stopped_on_eos else 'max-new-tokens'}; load {t1 - t0:.1f}s, generate {t2 - t1:.2f}s "
-          f"on {device}]", file=sys.stderr)
+          f"on {', '.join(sorted({str(p.device) for p in model.parameters()}))}]", file=sys.stderr)
     return 0

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import pytest
 import yaml
 
+from mmtune.train.compat import format_line
 from mmtune.train.args import (
     IGNORED_OPTIONS,
     IGNORED_SWITCHES,
@@ -71,7 +71,7 @@ def test_cli_surface_is_pinned():
             assert act.help, act.option_strings
 
 
-def test_recipe_launch_flags_parse(recipe, caplog):
+def test_recipe_launch_flags_parse(recipe):
     """The recipe's GPT_ARGS / OUTPUT_ARGS (finetune_glm4_5v_106B.sh) with mmtune's two json files."""
     argv = base(recipe, "--use-mcore-models", "--tensor-model-parallel-size", "1", "--pipeline-model-parallel-size",
                 "1", "--context-parallel-size", "1", "--context-parallel-algo", "ulysses_cp_algo",
@@ -88,25 +88,23 @@ def test_recipe_launch_flags_parse(recipe, caplog):
                 "--init-model-with-meta-device", "--log-tps", "--log-interval", "1", "--save-interval", "10000",
                 "--eval-interval", "10000", "--eval-iters", "5000", "--save", "save_dir",
                 "--distributed-backend", "nccl")
-    with caplog.at_level(logging.WARNING):
-        cfg = parse_train_args(argv, world_size=2)
+    cfg = parse_train_args(argv, world_size=2)
     assert cfg.grad_accum_steps == 2 and cfg.dp_size == 2
     assert cfg.lr_warmup_iters == 10 and cfg.lr_decay_style == "cosine" and cfg.seed == 42
     assert cfg.model.loss_cfg.loss_type == "per_token_loss" and cfg.model.freeze_vision_encoder
     assert cfg.fsdp2.param_dtype == "bf16" and cfg.fsdp2.reshard_after_forward
-    ignored = [r for r in caplog.records if "no effect" in r.getMessage()]
-    assert len(ignored) == 1  # ONE line listing all of them
-    msg = ignored[0].getMessage()
-    for flag in ("--use-mcore-models", "--tokenizer-type", "--optimizer-selection", "--eval-iters"):
+    msg = format_line(cfg.no_effect)  # `mmtune train` prints this ONE line (rank 0) when it starts
+    assert "\n" not in msg and msg.startswith("mmtune train: accepted for compatibility, no effect here: ")
+    for flag in ("--use-mcore-models", "--tokenizer-type", "--optimizer-selection", "--eval-iters", "--use-torch-fsdp2",
+                 "--init-model-with-meta-device", "model.json patch.clip_grad_async"):
         assert flag in msg
-    assert "--seed" not in msg and "--load " not in msg
+    assert "--seed" not in msg and "--load " not in msg and "--use-flash-attn" not in msg
     assert cfg.ignored_flags and "--swiglu" in cfg.ignored_flags
 
 
-def test_seed_model_json_and_fsdp2_yaml(recipe, caplog):
-    with caplog.at_level(logging.WARNING):
-        m = ModelJsonConfig.load(recipe / "model_106B.json")
-    assert any("patch" in r.getMessage() for r in caplog.records)  # patch keys: accepted, warned
+def test_seed_model_json_and_fsdp2_yaml(recipe):
+    m = ModelJsonConfig.load(recipe / "model_106B.json")
+    assert sorted(m.patch) == ["clip_grad_async", "scale_grad"]  # accepted; named in the no-effect line
     assert m.init_from_hf_path == "./ckpt/hf_path/GLM-4.5V"
     assert (m.freeze_vision_encoder, m.freeze_vision_projector, m.freeze_text_decoder) == (True, True, False)
     assert m.grouped_gemm and m.attn_implementation == "sdpa" and not m.text_decoder.activation_offload
@@ -158,17 +156,16 @@ def test_unknown_flag_and_yaml_key_are_named(recipe):
         parse_train_args(base(recipe, "--config", str(cfg)))
 
 
-def test_yaml_config_and_precedence(recipe, caplog):
+def test_yaml_config_and_precedence(recipe):
     cfg = recipe / "train.yaml"
     cfg.write_text(yaml.safe_dump({"lr": "3e-5", "micro-batch-size": 2, "global_batch_size": 8, "log_tps": True,
                                    "lr_decay_style": "cosine", "use_mcore_models": True}))
     argv = ["--config", str(cfg), "--mm-data", str(recipe / "data_106B.json"), "--mm-model",
             str(recipe / "model_106B.json"), "--train-iters", "10", "--micro-batch-size", "4"]
-    with caplog.at_level(logging.WARNING):
-        c = parse_train_args(argv, world_size=1)
+    c = parse_train_args(argv, world_size=1)
     assert c.lr == 3e-5 and c.log_tps and c.lr_decay_style == "cosine"
     assert c.micro_batch_size == 4 and c.grad_accum_steps == 2  # the flag wins over the yaml
-    assert "--use-mcore-models" in " ".join(r.getMessage() for r in caplog.records)
+    assert "--use-mcore-models" in format_line(c.no_effect)
 
 
 def test_batch_and_parallel_errors(recipe):
@@ -203,6 +200,11 @@ def test_batch_and_parallel_errors(recipe):
         parse_train_args(base(recipe, "--recompute-granularity", "selective"))
 
 
+def test_num_workers_comes_from_data_json_unless_given(recipe):
+    assert parse_train_args(base(recipe)).num_workers is None  # the loader then takes data.json's
+    assert parse_train_args(base(recipe, "--num-workers", "3")).num_workers == 3
+
+
 def test_derived_values(recipe):
     c = parse_train_args(base(recipe, "--recompute-granularity", "full", "--recompute-method", "block",
                               "--recompute-num-layers", "2", "--save", str(recipe / "run")))
@@ -231,10 +233,3 @@ def test_saved_config_reproduces_the_run(recipe, tmp_path):
             "lr_decay_iters", "seed", "save", "model", "fsdp2")
     assert {k: getattr(again, k) for k in same} == {k: getattr(c, k) for k in same}
     assert Path(again.mm_model) == (tmp_path / "run" / "model.json").resolve()
-
-
-def test_warnings_come_from_rank_zero_only(recipe, caplog, monkeypatch):
-    monkeypatch.setenv("RANK", "1")
-    with caplog.at_level(logging.WARNING):
-        parse_train_args(base(recipe, "--use-mcore-models"))
-    assert not caplog.records

@@ -112,6 +112,32 @@ def test_batch_format(env, packing):
         assert batch["pixel_values"].shape == (int(grids.prod(-1).sum()), 1176)
 
 
+def test_recipe_data_json_trains_one_sample_a_row_padded_to_the_longest(env):
+    """The recipe's data.json has no `packing` key: one sample per row (a global batch counts samples) and
+    each micro-batch padded to its longest sample, not to --seq-length."""
+    raw = _raw_cfg(env)
+    assert "packing" not in raw["dataset_param"]["basic_parameters"]
+    raw["dataloader_param"].update(shuffle=False, num_workers=0)
+    loader = build_train_loader(parse_data_config(raw), seq_length=512, micro_batch_size=4, seed=0, progress=False)
+    lengths = loader.prepared.ds["length"]
+    assert loader.pack_stats.rows == loader.pack_stats.samples == len(lengths)
+    for k, batch in enumerate(_take(loader, 3)):
+        want = lengths[4 * k: 4 * k + 4]
+        assert batch["num_samples"] == 4 and batch["input_ids"].shape == (4, max(want)) and max(want) < 100
+        real = [b - a for a, b in _segments(batch) if (batch["labels"].flatten()[a:b] != -100).any()]
+        assert real == want
+
+
+def test_loader_takes_num_workers_and_pin_memory_from_data_json(env):
+    cfg = _cfg(env, num_workers=1)
+    cfg.dataloader_param.pin_memory = True
+    kw = dict(seq_length=96, micro_batch_size=1, seed=0, progress=False)
+    loader = build_train_loader(cfg, **kw)  # no --num-workers: data.json's; pinning only where CUDA is
+    assert loader.num_workers == 1 and loader.pin_memory == torch.cuda.is_available()
+    loader = build_train_loader(cfg, num_workers=0, pin_memory=True, **kw)  # what `mmtune train` passes on CUDA
+    assert loader.num_workers == 0 and loader.pin_memory
+
+
 def test_pixels_in_token_order(env):
     cfg = _cfg(env, packing=True, shuffle=False)
     loader = build_train_loader(cfg, seq_length=96, micro_batch_size=1, seed=0, num_workers=0, progress=False)
@@ -220,8 +246,8 @@ def test_truncate_never_splits_an_image(env):
     cut = build_train_loader(_cfg(env, too_long="truncate"), seq_length=24, micro_batch_size=1, num_workers=0, progress=False)
     assert drop.pack_stats.dropped_too_long > 0 and drop.pack_stats.truncated == 0
     assert cut.pack_stats.truncated > 0 and cut.pack_stats.samples > drop.pack_stats.samples
-    for batch in _take(cut, 4):
-        assert batch["input_ids"].shape[1] == 24
+    for batch in _take(cut, 4):  # one sample a row (packing off), so no padding at micro-batch size 1
+        assert batch["input_ids"].shape[1] <= 24 and batch["cu_seqlens"].tolist() == [0, batch["input_ids"].shape[1]]
 
 
 def _bad_dataset(env, root):
@@ -266,7 +292,8 @@ def test_check_names_each_bad_sample(env, tmp_path, capsys):
     src = (tmp_path / "ds" / "mllm.json").resolve()
     for i, why in reasons.items():
         assert f"{src}:{i}: " in out and why in [l for l in out.splitlines() if l.startswith(f"{src}:{i}: ")][0], (i, out)
-    assert f"{src}:0:" not in out and "1 good, 9 bad" in out
+    assert f"{src}:0:" not in out and out.strip().splitlines()[-1] == "checked 10 samples: 1 good, 9 bad"
+    assert data_main(["check", "--mm-data", str(tmp_path / "missing.json")]) == 2  # could not check: not "bad"
     # training: skip (default) counts and goes on; error stops naming the samples
     cfg = load_data_config(data_json)
     prepared = build_dataset(cfg, env / "tok", progress=False)
@@ -290,13 +317,15 @@ def test_data_cli_help(capsys):
 def test_loader_skips_or_stops_on_undecodable_image(env, tmp_path):
     data_json, _ = _bad_dataset(env, tmp_path / "ds")
     cfg = load_data_config(data_json)
+    cfg.basic.packing = True  # the three samples share one row
     loader = build_train_loader(cfg, seq_length=512, micro_batch_size=1, num_workers=0, progress=False, seed=0)
     assert loader.pack_stats.samples == 3  # 0, 2 (pixels broken) and 6 (long) pass preprocessing
     batch = next(iter(loader))
     assert batch["num_samples"] == 2  # the truncated png was skipped
     samples = json.loads((tmp_path / "ds" / "mllm.json").read_text())
     (tmp_path / "ds" / "two.json").write_text(json.dumps([samples[0], samples[2]]))
-    cfg = parse_data_config(_raw_cfg(env, dataset_dir=str(tmp_path / "ds"), dataset="two.json", on_bad_sample="error"))
+    cfg = parse_data_config(_raw_cfg(env, dataset_dir=str(tmp_path / "ds"), dataset="two.json", on_bad_sample="error",
+                                      packing=True))
     loader = build_train_loader(cfg, seq_length=512, micro_batch_size=1, num_workers=0, progress=False, seed=0)
     src = (tmp_path / "ds" / "two.json").resolve()
     with pytest.raises(ValueError, match=rf"{src}:1: unreadable or corrupt image"):
@@ -346,19 +375,3 @@ def test_streaming_resume_rebuilds_open_rows(env):
                 break
         assert sum(len(s.input_ids) for s in expected) <= 96
     assert checked == 4
-
-
-def test_distributed_local_rank0_builds_cache_others_read(env, tmp_path, monkeypatch):
-    import torch.distributed as dist
-
-    from mmtune.data.loader import _build_dataset_once_per_node
-
-    cfg = _cfg(env, cache_dir=str(tmp_path / "cache"))
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        monkeypatch.setenv("LOCAL_RANK", "0")
-        assert not _build_dataset_once_per_node(cfg, env / "tok", False).from_cache  # writes the cache
-        monkeypatch.setenv("LOCAL_RANK", "1")
-        assert _build_dataset_once_per_node(cfg, env / "tok", False).from_cache  # waits, then reads it
-    finally:
-        dist.destroy_process_group()

@@ -134,7 +134,7 @@ def test_two_training_steps_on_mixed_data(mixed, tmp_path, tiny_hf_dir):
                                num_workers=0, progress=False).pack_stats
     assert (stats.samples, stats.rows, stats.dropped_too_long) == (7, 2, 0), stats.summary()
     repo = Path(__file__).resolve().parents[1]
-    model = json.loads((repo / "examples/tiny/model.json").read_text())
+    model = json.loads((repo / "mmtune/examples/tiny/model.json").read_text())
     model["init_from_hf_path"] = str(tiny_hf_dir)
     model["image_encoder"]["vision_encoder"]["freeze"] = True
     (tmp_path / "model.json").write_text(json.dumps(model))

@@ -110,7 +110,7 @@ def test_from_train_config(tmp_path):
     from mmtune.train.args import parse_train_args
 
     (tmp_path / "model.json").write_text("{}")
-    (tmp_path / "data.json").write_text("{}")
+    (tmp_path / "data.json").write_text('{"dataset_param": {"basic_parameters": {"dataset": "d.json"}}}')  # validated
     cfg = parse_train_args(["--mm-data", str(tmp_path / "data.json"), "--mm-model", str(tmp_path / "model.json"),
                             "--train-iters", "100", "--lr", "2e-4", "--min-lr", "2e-5", "--lr-warmup-fraction", "0.1",
                             "--lr-decay-style", "cosine", "--weight-decay", "0.05", "--adam-beta2", "0.95"])

@@ -104,14 +104,14 @@ def make_workdir(root, tiny_hf_dir, shapes_dir, max_samples: int = 24):
     if not (shapes_dir / "mllm_train.json").exists():
         llava_to_mllm(shapes_dir / "llava_format.json", shapes_dir / "mllm_train.json")
     repo = Path(__file__).resolve().parents[1]
-    data = json.loads((repo / "examples/tiny/data.json").read_text())
+    data = json.loads((repo / "mmtune/examples/tiny/data.json").read_text())
     data["dataset_param"]["preprocess_parameters"]["model_name_or_path"] = str(tiny_hf_dir)
     data["dataset_param"]["basic_parameters"].update(dataset_dir=str(shapes_dir), dataset="mllm_train.json",
                                                      cache_dir=None, preprocessing_num_workers=None,
                                                      max_samples=max_samples)
     data["dataloader_param"]["num_workers"] = 0
     (root / "data.json").write_text(json.dumps(data))
-    model = json.loads((repo / "examples/tiny/model.json").read_text())
+    model = json.loads((repo / "mmtune/examples/tiny/model.json").read_text())
     model["init_from_hf_path"] = str(tiny_hf_dir)
     model["image_encoder"]["vision_encoder"]["freeze"] = True
     model["loss_cfg"]["loss_type"] = "per_token_loss"

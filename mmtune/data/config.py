@@ -6,7 +6,9 @@ of the comma-separated `dataset` list is looked up under `dataset_dir` first, th
 inside the data files are relative to `dataset_dir`.
 
 mmtune extras (all optional, in `basic_parameters`):
-- `packing` (bool, default true): pack samples into rows of <= seq_length tokens; false pads each sample.
+- `packing` (bool, default false, as the recipe): false = one sample a row, each micro-batch padded to its
+  longest sample (so --global-batch-size counts samples); true = samples packed into rows of <= seq_length
+  tokens (the batch sizes then count rows).
 - `on_bad_sample` ("skip" | "error", default "skip"): a sample that cannot be trained on (see
   `mmtune data check`) is skipped and counted, or stops the run with file:index: reason.
 - `too_long` ("truncate" | "drop", default "drop"): a sample longer than seq_length is cut (never
@@ -14,7 +16,8 @@ mmtune extras (all optional, in `basic_parameters`):
 - `allow_absolute_image_paths` (bool, default false): accept absolute or `..` image paths that leave
   dataset_dir.
 - `streaming` (bool, default false): read the files lazily (no preprocessing pass, no cache); resumable.
-- `dataloader_param.num_workers` (int, default 2): loader worker processes (image decoding happens there).
+- `dataloader_param.num_workers` (int, default 2): loader worker processes (image decoding happens there);
+  `mmtune train --num-workers` overrides it.
 
 Videos (docs/GLM45V.md section 7): the `attr.videos` column (default "videos") lists video files, placed
 at the `<video>` tags; `video_fps` (default: the processor's, 2), `video_maxlen` (frames per video),
@@ -24,9 +27,9 @@ tool calls (`attr.function_tag` messages, default "function_call", or OpenAI `to
 results (`attr.observation_tag`, default "observation", or role "tool") as the official template does;
 with null a sample that uses them is a bad sample.
 
-Accepted and not used yet: use_fast_tokenizer (always fast), preprocessing_batch_size,
-sampler_type/dataloader_mode (mmtune's sampler is always distributed, seeded and resumable),
-pin_memory, collate_param.
+Every other key is the recipe's; docs/RECIPE.md says what mmtune does with each. Keys accepted for
+compatibility that have no effect (e.g. a sampler_type other than the recipe's, use_fast_tokenizer: false)
+are named when training starts (mmtune/train/compat.py).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ class BasicParameters(_Strict):
     tool_format: str | None = None
     streaming: bool = False
     # mmtune extras
-    packing: bool = True
+    packing: bool = False
     on_bad_sample: Literal["skip", "error"] = "skip"
     too_long: Literal["truncate", "drop"] = "drop"
     allow_absolute_image_paths: bool = False

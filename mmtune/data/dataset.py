@@ -7,10 +7,12 @@ paths), `grids` ([t, h, w] per image), `videos` (absolute paths), `video_grids` 
 and timestamps follow from them) and the loader workers decode pixels.
 
 The cached path (`streaming: false`) runs this through `datasets.Dataset.map` (num_proc =
-`preprocessing_num_workers`) and saves the result under `cache_dir/mmtune-<fingerprint>`; the
-fingerprint covers the data files' bytes, every config key that changes preprocessing, the tokenizer
-and preprocessor files, and a format version, so a second run reuses it and any change rebuilds it
-(`overwrite_cache: true` forces a rebuild). Without `cache_dir` the result stays in memory.
+`preprocessing_num_workers`, `preprocessing_batch_size` samples per call, in chunks that feed one
+progress bar) and saves the result under `cache_dir/mmtune-<fingerprint>`; the fingerprint covers the
+data files' bytes, every config key that changes preprocessing, the tokenizer and preprocessor files,
+and a format version, so a second run reuses it and any change rebuilds it (`overwrite_cache: true`
+forces a rebuild). On many processes and nodes one of them builds the cache and the others wait for it
+(data/cache.py). Without `cache_dir` the result stays in memory.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ import hashlib
 import json
 import logging
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -236,11 +237,10 @@ class SamplePreprocessor:
         if self._template is None:
             from transformers import AutoTokenizer
 
-            b = self.cfg.basic
-            tok = AutoTokenizer.from_pretrained(self.tokenizer_dir)
+            b, p = self.cfg.basic, self.cfg.preprocess
+            tok = AutoTokenizer.from_pretrained(self.tokenizer_dir, split_special_tokens=p.split_special_tokens)
             self._template = GlmTemplate(tok, enable_thinking=b.enable_thinking,
                                          train_on_prompt=b.train_on_prompt, mask_history=b.mask_history)
-            p = self.cfg.preprocess
             self._images = ImageProcessor.from_pretrained(self.tokenizer_dir, image_min_pixels=p.image_min_pixels,
                                                           image_max_pixels=p.image_max_pixels)
             self._videos = VideoProcessor.from_pretrained(self.tokenizer_dir, video_fps=p.video_fps,
@@ -298,7 +298,8 @@ class PreparedData:
     good: list[int]
     bad: list[tuple[str, str]]
     cache_path: Path | None = None
-    from_cache: bool = False
+    from_cache: bool = False  # read a cache this process did not build
+    note: str = ""  # what happened to the cache (built / reused / waited), one line
 
 
 def _sha256_file(path: Path) -> str:
@@ -348,49 +349,84 @@ def raw_samples(cfg: DataConfig) -> Iterator[tuple[object, str]]:
             yield rec, f"{path}:{k}"
 
 
+def _preprocess(cfg: DataConfig, tokenizer_dir: Path, num_proc: int | None, progress: bool, lock=None):
+    """Every sample -> columns (a datasets.Dataset, bad samples as rows with `error`), in chunks so that
+    the progress bar (and the waiters of a cache build, through `lock`) see samples done."""
+    import datasets
+    from tqdm import tqdm
+
+    b = cfg.basic
+    raws, srcs = [], []
+    for rec, src in raw_samples(cfg):
+        raws.append(json.dumps(rec, ensure_ascii=False))
+        srcs.append(src)
+    raw_ds = datasets.Dataset.from_dict({"raw": raws, "src": srcs})
+    del raws
+    n = len(raw_ds)
+    nproc = num_proc if num_proc is not None else b.preprocessing_num_workers
+    nproc = nproc if nproc and nproc > 1 else None
+    batch = b.preprocessing_batch_size
+    chunk = batch * (nproc or 1) * 4
+    if lock is not None:
+        lock.update(0, n, "preprocessing")
+    fn = SamplePreprocessor(cfg, tokenizer_dir)
+    was = datasets.is_progress_bar_enabled()
+    datasets.disable_progress_bars()  # ours counts samples over the chunks
+    parts = []
+    try:
+        with tqdm(total=n, desc="preprocess samples", unit="sample", disable=not progress) as bar:
+            for lo in range(0, max(n, 1), chunk):
+                part = raw_ds.select(range(lo, min(n, lo + chunk)))
+                procs = nproc if nproc and len(part) >= 2 * nproc else None
+                parts.append(part.map(_map_batch, batched=True, batch_size=batch, fn_kwargs={"fn": fn},
+                                      remove_columns=["raw"], num_proc=procs, load_from_cache_file=False,
+                                      features=_features()))
+                bar.update(len(part))
+                if lock is not None:
+                    lock.update(bar.n)
+    finally:
+        if was:
+            datasets.enable_progress_bars()
+    return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
 def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc: int | None = None,
-                  progress: bool = True) -> PreparedData:
+                  progress: bool = True, token: str | None = None) -> PreparedData:
     """Preprocess (or load from the cache) every sample of the data.json's files.
 
-    Bad samples are kept as rows with `error` set; with on_bad_sample=error this raises ValueError
-    naming the first ones (file:index: reason), with skip they are counted and logged."""
+    With `cache_dir` the cache is built by one process and read by all (data/cache.py); `token`
+    (default: a fresh one, `cache.rebuild_token()` under torch.distributed) is what overwrite_cache
+    rebuilds under. Bad samples are kept as rows with `error` set; with on_bad_sample=error this raises
+    ValueError naming the first ones (file:index: reason), with skip they are counted and logged."""
     import datasets
+
+    from mmtune.data.cache import get_or_build, rebuild_token
 
     tokenizer_dir = Path(tokenizer_dir)
     files = cfg.dataset_files()
     b = cfg.basic
-    cache_path = None
+    cache_path, from_cache, note = None, False, ""
     if b.cache_dir:
-        cache_path = Path(b.cache_dir).resolve() / f"mmtune-{fingerprint(cfg, tokenizer_dir, files)}"
-    ds, from_cache = None, False
-    if cache_path is not None and cache_path.is_dir() and not b.overwrite_cache:
-        ds, from_cache = datasets.load_from_disk(str(cache_path)), True
-    if ds is None:
-        raws, srcs = [], []
-        for rec, src in raw_samples(cfg):
-            raws.append(json.dumps(rec, ensure_ascii=False))
-            srcs.append(src)
-        raw_ds = datasets.Dataset.from_dict({"raw": raws, "src": srcs})
-        del raws
-        nproc = num_proc if num_proc is not None else b.preprocessing_num_workers
-        nproc = nproc if nproc and nproc > 1 and len(raw_ds) >= 2 * nproc else None
-        was = datasets.is_progress_bar_enabled()
-        if not progress:
-            datasets.disable_progress_bars()
-        try:
-            ds = raw_ds.map(_map_batch, batched=True, batch_size=256, fn_kwargs={"fn": SamplePreprocessor(cfg, tokenizer_dir)},
-                            remove_columns=["raw"], num_proc=nproc, desc="preprocess samples", load_from_cache_file=False,
-                            features=_features())
-        finally:
-            if was and not progress:
-                datasets.enable_progress_bars()
-        if cache_path is not None:
-            tmp = cache_path.with_name(cache_path.name + f".tmp{os.getpid()}")
-            shutil.rmtree(tmp, ignore_errors=True)
-            ds.save_to_disk(str(tmp))
-            shutil.rmtree(cache_path, ignore_errors=True)
-            os.replace(tmp, cache_path)
-            ds = datasets.load_from_disk(str(cache_path))
+        name = f"mmtune-{fingerprint(cfg, tokenizer_dir, files)}"
+        if b.overwrite_cache and token is None:
+            token = rebuild_token()
+
+        def build(staging: Path, lock) -> None:
+            _preprocess(cfg, tokenizer_dir, num_proc, progress, lock).save_to_disk(str(staging))
+
+        res = get_or_build(Path(b.cache_dir).resolve(), name, build, token=token if b.overwrite_cache else None,
+                           progress=progress)
+        cache_path, from_cache = res.path, not res.built
+        ds = datasets.load_from_disk(str(res.path))
+        if res.built:
+            note = f"data cache: built {res.path} ({len(ds)} samples)"
+        elif res.waited_s:
+            note = f"data cache: waited {res.waited_s:.0f}s for {res.builder} to build it, then reused {res.path}"
+        else:
+            note = f"data cache: reused {res.path} ({len(ds)} samples, built by {res.builder})"
+        (log.info if res.built else log.debug)("%s", note)  # the one builder says so, whatever its rank
+    else:
+        ds = _preprocess(cfg, tokenizer_dir, num_proc, progress)
     errors = ds["error"] if len(ds) else []
     good = [i for i, e in enumerate(errors) if not e]
     bad = [(ds[i]["src"], e) for i, e in enumerate(errors) if e]
@@ -402,4 +438,4 @@ def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc
         log.warning("skipping %d bad samples (on_bad_sample: skip):\n%s%s", len(bad), listing, more)
     if not good:
         raise ValueError(f"no good samples in {', '.join(map(str, files))}")
-    return PreparedData(ds, good, bad, cache_path, from_cache)
+    return PreparedData(ds, good, bad, cache_path, from_cache, note)

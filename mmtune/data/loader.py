@@ -18,7 +18,6 @@ The loader is endless (epochs follow each other); the trainer stops after its it
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -213,17 +212,28 @@ class StreamingRows(IterableDataset):
             yield [x for _, x, _ in row]
 
 
-def _build_dataset_once_per_node(cfg: DataConfig, tokenizer_dir, progress: bool) -> PreparedData:
-    """Under torch.distributed with a cache_dir, local rank 0 preprocesses and writes the cache while
-    the other ranks wait at a barrier, then read it; otherwise every process builds its own."""
-    import torch.distributed as dist
+def plan_cached_rows(prepared: PreparedData, mat: _Materialiser, cfg: DataConfig) -> tuple[list, PackStats]:
+    """The rows of the cached path: too-long samples dropped or cut (too_long), then packed or one a row;
+    each row a list of (dataset row, kept length)."""
+    seq_length = mat.seq_length
+    stats = PackStats(seq_length=seq_length, packed=cfg.basic.packing)
+    items, lengths = [], []
+    all_lengths = prepared.ds["length"]
+    for i in prepared.good:
+        keep = mat.keep_len(prepared.ds[i] if all_lengths[i] > seq_length else {"length": all_lengths[i]}, stats)
+        if keep is not None:
+            items.append(i)
+            lengths.append(keep)
+    if not items:
+        raise ValueError(f"every sample is longer than seq_length {seq_length} (too_long: {cfg.basic.too_long})")
+    rows = [[(items[k], lengths[k]) for k in row] for row in plan_rows(lengths, seq_length, pack=cfg.basic.packing)]
+    stats.samples, stats.rows, stats.tokens = len(items), len(rows), sum(lengths)
+    return rows, stats
 
-    if not (cfg.basic.cache_dir and dist.is_available() and dist.is_initialized()):
-        return build_dataset(cfg, tokenizer_dir, progress=progress)
-    local_rank = int(os.environ.get("LOCAL_RANK", dist.get_rank()))
-    prepared = build_dataset(cfg, tokenizer_dir, progress=progress) if local_rank == 0 else None
-    dist.barrier()
-    return prepared or build_dataset(cfg, tokenizer_dir, progress=False)
+
+def preview_rows(cfg: DataConfig, prepared: PreparedData, tokenizer_dir, seq_length: int) -> PackStats:
+    """What training with `seq_length` would make of these samples (rows, too-long counts), without a loader."""
+    return plan_cached_rows(prepared, _Materialiser(cfg, str(tokenizer_dir), seq_length), cfg)[1]
 
 
 class _Collate:
@@ -236,7 +246,7 @@ class _Collate:
 
 def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
                        dp_size: int = 1, seed: int = 1234, num_workers: int | None = None,
-                       consumed_samples: int = 0, progress: bool = True):
+                       consumed_samples: int = 0, progress: bool = True, pin_memory: bool | None = None):
     """The training loader of one data-parallel rank.
 
     Args:
@@ -247,6 +257,8 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
         dp_rank, dp_size: this rank and the data-parallel world size; every rank gets a disjoint share.
         seed: shuffle seed (dataloader_param.shuffle switches shuffling; epoch e uses seed + e).
         num_workers: loader worker processes (default: dataloader_param.num_workers).
+        pin_memory: pinned host memory for batches (default: dataloader_param.pin_memory where CUDA is
+            available; pinning without a GPU does nothing).
         consumed_samples: rows already consumed by all ranks together (global_batch_size * steps); the
             loader starts after them. For exact resume prefer `loader.load_state_dict(saved)`.
 
@@ -270,7 +282,9 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
     workers = cfg.dataloader_param.num_workers if num_workers is None else num_workers
     mat = _Materialiser(cfg, str(tokenizer_dir), seq_length)
     pad_to = seq_length if cfg.basic.packing else None
-    common = dict(batch_size=micro_batch_size, num_workers=workers,
+    if pin_memory is None:
+        pin_memory = cfg.dataloader_param.pin_memory and torch.cuda.is_available()
+    common = dict(batch_size=micro_batch_size, num_workers=workers, pin_memory=pin_memory,
                   collate_fn=_Collate(mat.ids.pad, pad_to))
     start = consumed_samples // dp_size
     if cfg.basic.streaming:
@@ -278,19 +292,8 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
         loader = StatefulDataLoader(ds, **common)
         loader.pack_stats, loader.prepared = ds.stats, None
         return loader
-    prepared = _build_dataset_once_per_node(cfg, tokenizer_dir, progress)
-    stats = PackStats(seq_length=seq_length)
-    items, lengths = [], []
-    all_lengths = prepared.ds["length"]
-    for i in prepared.good:
-        keep = mat.keep_len(prepared.ds[i] if all_lengths[i] > seq_length else {"length": all_lengths[i]}, stats)
-        if keep is not None:
-            items.append(i)
-            lengths.append(keep)
-    if not items:
-        raise ValueError(f"every sample is longer than seq_length {seq_length} (too_long: {cfg.basic.too_long})")
-    rows = [[(items[k], lengths[k]) for k in row] for row in plan_rows(lengths, seq_length, pack=cfg.basic.packing)]
-    stats.samples, stats.rows, stats.tokens = len(items), len(rows), sum(lengths)
+    prepared = build_dataset(cfg, tokenizer_dir, progress=progress)
+    rows, stats = plan_cached_rows(prepared, mat, cfg)
     log.info("data: %s", stats.summary())
     sampler = DistributedRowSampler(len(rows), rank=dp_rank, world=dp_size, shuffle=cfg.dataloader_param.shuffle,
                                     seed=seed, start=start)

@@ -27,6 +27,7 @@ class PackStats:
     seq_length: int = 0
     dropped_too_long: int = 0
     truncated: int = 0
+    packed: bool = True  # False: one sample a row (efficiency is then not a property of the rows)
 
     @property
     def efficiency(self) -> float:
@@ -34,8 +35,12 @@ class PackStats:
         return self.tokens / max(1, self.rows * self.seq_length)
 
     def summary(self) -> str:
-        return (f"{self.samples} samples in {self.rows} rows of {self.seq_length} tokens, packing efficiency "
-                f"{100 * self.efficiency:.1f}%; too long: {self.dropped_too_long} dropped, {self.truncated} truncated")
+        too_long = f"too long for {self.seq_length} tokens: {self.dropped_too_long} dropped, {self.truncated} truncated"
+        if not self.packed:
+            return (f"{self.samples} samples, one a row (each micro-batch padded to its longest), "
+                    f"{self.tokens / max(1, self.samples):.0f} tokens a sample on average; {too_long}")
+        return (f"{self.samples} samples packed in {self.rows} rows of {self.seq_length} tokens, packing efficiency "
+                f"{100 * self.efficiency:.1f}%; {too_long}")
 
 
 def truncation_point(input_ids: list[int], labels: list[int], seq_length: int, *, image_token_id: int,

@@ -195,12 +195,12 @@ class UlyssesAttention:
         assert (num_kv_heads * self.kv_repeat) % cp.size == 0
 
     def __call__(self, q_BNsD: Tensor, k_BGsD: Tensor, v_BGsD: Tensor, mask: AttentionMask,
-                 scale: float | None = None) -> Tensor:
+                 scale: float | None = None, **attention_kw) -> Tensor:
         if self.kv_repeat > 1:
             k_BGsD = k_BGsD.repeat_interleave(self.kv_repeat, dim=1)
             v_BGsD = v_BGsD.repeat_interleave(self.kv_repeat, dim=1)
         q_BnSD, k_BgSD, v_BgSD = self._seq_to_heads(q_BNsD, k_BGsD, v_BGsD)
-        o_BnSD = self.attention_fn(q_BnSD, k_BgSD, v_BgSD, mask, scale=scale)
+        o_BnSD = self.attention_fn(q_BnSD, k_BgSD, v_BgSD, mask, scale=scale, **attention_kw)  # e.g. backend=
         cp = self.cp
         return _AllToAll.apply(o_BnSD, cp.group, cp.size, 2, 1)  # scatter the tokens, gather the heads
 

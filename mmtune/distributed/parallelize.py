@@ -69,6 +69,7 @@ class FSDPOptions:
     activation_checkpointing: bool = False  # --recompute-granularity full: recompute blocks in backward
     recompute_num_layers: int | None = None  # --recompute-method block: only the first N blocks (None: all)
     checkpoint_vision: bool = True  # also recompute vision blocks (only matters when they train)
+    activation_offload: bool = False  # model.json activation_offload: saved activations of decoder blocks to host
 
     @classmethod
     def from_config(cls, cfg, *, activation_checkpointing: bool = False,
@@ -158,6 +159,13 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
         apply_expert_parallel(model, expert_mesh["ep"])
     if opts.activation_checkpointing:
         apply_activation_checkpointing(model, vision=opts.checkpoint_vision, num_layers=opts.recompute_num_layers)
+    if opts.activation_offload:
+        from mmtune.distributed.offload import apply_activation_offload
+
+        text_blocks = blocks_of(model)[1]
+        recomputed = len(text_blocks) if opts.recompute_num_layers is None else opts.recompute_num_layers
+        apply_activation_offload(text_blocks, skip=set(range(recomputed)) if opts.activation_checkpointing else set(),
+                                 pin_memory=device.type == "cuda")
     if mesh is None:
         return model
     head = getattr(model, "lm_head", None)

@@ -11,16 +11,26 @@ calls `attention(q, k, v, mask)`. Three cases:
 - padded rows: an HF-style `attention_mask` [B, K] (1 = real token) over the keys; causal + padding.
 - neither: plain causal (or full, for the vision tower), with an offset when a KV cache holds the past.
 
+Backends (`backend=`, chosen per tower from model.json's attn_implementation, train/model_options.py):
+- "flash" (flash_attention_2/3, the default): the varlen flash kernel where it can run (CUDA, bf16/fp16,
+  SM80+), else SDPA as below;
+- "sdpa": always SDPA (torch picks its fused kernel; packed rows: one call per segment);
+- "eager": SDPA restricted to its plain math kernel (the reference numerics, slowest).
+
 Legend: B batch, S queries per row, K keys per row (past + S), H query heads, G key/value heads,
 D head dim, T flattened tokens, N segments.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+BACKENDS = ("flash", "sdpa", "eager")
 
 
 @dataclass
@@ -88,16 +98,28 @@ def build_mask(
     return AttentionMask(causal, num_past=num_past)
 
 
+def _kernels(backend: str):
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
+    return sdpa_kernel(SDPBackend.MATH) if backend == "eager" else nullcontext()
+
+
 def attention(
-    q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mask: AttentionMask, scale: float | None = None
+    q_BHSD: torch.Tensor, k_BGKD: torch.Tensor, v_BGKD: torch.Tensor, mask: AttentionMask, scale: float | None = None,
+    backend: str = "flash",
 ) -> torch.Tensor:
     """Scaled dot-product attention `[B, H, S, D]` with grouped key/value heads (H a multiple of G)."""
+    if mask.cu_seqlens is not None and backend == "flash" and _varlen_ok(q_BHSD):
+        return _varlen(q_BHSD, k_BGKD, v_BGKD, mask, scale)
+    with _kernels(backend):
+        return _sdpa(q_BHSD, k_BGKD, v_BGKD, mask, scale)
+
+
+def _sdpa(q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask, scale) -> torch.Tensor:
     B, H, S, D = q_BHSD.shape
     G = k_BGKD.shape[1]
     gqa = H != G
     if mask.cu_seqlens is not None:
-        if _varlen_ok(q_BHSD):
-            return _varlen(q_BHSD, k_BGKD, v_BGKD, mask, scale)
         if len(mask.lengths) == B:  # one segment per row: the plain batched call
             return F.scaled_dot_product_attention(
                 q_BHSD, k_BGKD, v_BGKD, is_causal=mask.causal, scale=scale, enable_gqa=gqa
@@ -123,12 +145,13 @@ def attention(
 
 
 def attention_per_segment(
-    q_HTD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None
+    q_HTD: torch.Tensor, k_HTD: torch.Tensor, v_HTD: torch.Tensor, cu_seqlens: torch.Tensor, scale: float | None = None,
+    backend: str = "flash",
 ) -> torch.Tensor:
     """Full (non-causal) attention inside each segment of the flattened tokens (the vision tower's
-    per-image attention). `[H, T, D]` in and out. CUDA: one varlen call; elsewhere one SDPA per segment
-    (a block-diagonal mask over all patches of a batch of large images would not fit in memory)."""
-    if _varlen_ok(q_HTD):
+    per-image attention). `[H, T, D]` in and out. Flash on CUDA: one varlen call; otherwise one SDPA per
+    segment (a block-diagonal mask over all patches of a batch of large images would not fit in memory)."""
+    if backend == "flash" and _varlen_ok(q_HTD):
         cu = cu_seqlens.to(device=q_HTD.device, dtype=torch.int32)
         max_len = int((cu[1:] - cu[:-1]).max())
         q_THD, k_THD, v_THD = (x.transpose(0, 1).contiguous() for x in (q_HTD, k_HTD, v_HTD))
@@ -136,7 +159,8 @@ def attention_per_segment(
         return out_THD.transpose(0, 1)
     lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
     # 4-D inputs: SDPA's fused CPU kernel takes [B, H, S, D] only (3-D falls back to the math path)
-    return _sdpa_segments(q_HTD[None], k_HTD[None], v_HTD[None], lengths, False, scale)[0]
+    with _kernels(backend):
+        return _sdpa_segments(q_HTD[None], k_HTD[None], v_HTD[None], lengths, False, scale)[0]
 
 
 def _sdpa_segments(q_1HTD, k_1GTD, v_1GTD, lengths: list[int], causal: bool, scale) -> torch.Tensor:

@@ -8,7 +8,8 @@ of the chosen experts, optionally normalised to sum 1, times `routed_scaling_fac
 Experts: one tensor per projection, `gate_up_proj` [E, 2I, H] (gate rows first) and `down_proj`
 [E, H, I], as transformers>=5 keeps them in memory. The forward sorts the (token, slot) pairs by expert
 once and runs each projection as one grouped matmul over the sorted rows (`grouped_mm`); where the
-platform has no grouped matmul for the dtype it loops over the experts that got tokens.
+platform has no grouped matmul for the dtype, or `use_grouped_mm` is off (model.json use_npu_fused_moe:
+false), it loops over the experts that got tokens.
 
 The one seam for parallelism: `GroupedExperts.dispatch` takes the expert-sorted rows, their routing
 weights, the rows per expert and the two weight tensors and returns the rows' expert outputs. The
@@ -19,6 +20,9 @@ Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediat
 """
 
 from __future__ import annotations
+
+import contextlib
+import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -100,6 +104,7 @@ class GroupedExperts(nn.Module):
         # (x_RH, w_R1, counts_E, gate_up, down) -> y_RH, the weights as `projection()` gives them; see the
         # module docstring
         self.dispatch = expert_ffn
+        self.use_grouped_mm = True  # False: a loop over experts (training sets model.json's use_npu_fused_moe)
 
     def projection(self, name: str):
         """What `project` applies for projection `name` ("gate_up_proj" | "down_proj"): its stacked weight."""
@@ -112,7 +117,9 @@ class GroupedExperts(nn.Module):
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = self.dispatch(x_RH, w_R1, counts_E, self.projection("gate_up_proj"), self.projection("down_proj"))
+        with _grouped_mm_off() if not self.use_grouped_mm else contextlib.nullcontext():
+            y_RH = self.dispatch(x_RH, w_R1, counts_E, self.projection("gate_up_proj"),
+                                 self.projection("down_proj"))
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
@@ -137,11 +144,26 @@ def project(x_RIn: torch.Tensor, weight, counts_E: torch.Tensor) -> torch.Tensor
     return weight.project(x_RIn, counts_E)
 
 
+# False while a GroupedExperts with use_grouped_mm off runs its dispatch (which may be the expert-parallel
+# all-to-all, so the switch travels with the call rather than through every signature)
+_GROUPED_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("mmtune_grouped_mm", default=True)
+
+
+@contextlib.contextmanager
+def _grouped_mm_off():
+    token = _GROUPED_ON.set(False)
+    try:
+        yield
+    finally:
+        _GROUPED_ON.reset(token)
+
+
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """`x @ w[e].T` for consecutive row blocks of `x` (block e has counts_E[e] rows). One grouped matmul
-    where `torch` has one for this device/dtype/layout; otherwise a loop over experts with rows."""
+    where `torch` has one for this device/dtype/layout (and `GroupedExperts.use_grouped_mm` is on); otherwise
+    a loop over experts with rows."""
     x_RIn = x_RIn.to(w_EOutIn.dtype)
-    if _grouped_mm_ok(x_RIn, w_EOutIn):
+    if _GROUPED_ON.get() and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return _GROUPED_MM(x_RIn, w_EOutIn.transpose(1, 2), offs=offs_E)
     outs, start = [], 0

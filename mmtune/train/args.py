@@ -4,7 +4,8 @@ and fsdp2 yaml, resolved into one typed `TrainConfig`.
 The flags are the MindSpeed-MM launch script's names (docs/RECIPE.md, "Launch flags"), so a recipe script
 ports by changing its `torchrun ... pretrain_transformers.py` line to `torchrun ... -m mmtune train`.
 Flags that only configure Megatron/Ascend internals (`IGNORED_SWITCHES`, `IGNORED_OPTIONS`) are
-accepted and reported in ONE warning line; anything else unknown is a ValueError naming it.
+accepted; they and every other setting that has no effect (train/compat.py) are reported in ONE line
+when training starts; anything else unknown is a ValueError naming it.
 
 Precedence: command line > `--config` YAML > defaults. YAML keys are spelled like the flags, with
 `_` or `-` (`micro_batch_size` or `micro-batch-size`); store-true flags take true/false.
@@ -56,6 +57,7 @@ IGNORED_OPTIONS = (
     "--attention-mask-type", "--virtual-pipeline-model-parallel-size",
 )
 
+DEFAULT_SEQ_LENGTH = 4096
 CP_ALGOS = ("ulysses_cp_algo",)
 # model.json loss_cfg.loss_type (semantics: mmtune/train/loss.py, which checks against this list)
 LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss")
@@ -159,9 +161,6 @@ class ModelJsonConfig(_Strict):
         for where in (cfg.text_decoder.attn_implementation, cfg.image_encoder.vision_encoder.attn_implementation):
             if where not in ATTN_IMPLEMENTATIONS:
                 raise ValueError(f"{path}: attn_implementation {where!r} is not one of {ATTN_IMPLEMENTATIONS}")
-        if cfg.patch:
-            _warn("%s: `patch` keys %s configure MindSpeed-MM internals and are ignored by mmtune",
-                  path, sorted(cfg.patch))
         return cfg
 
 
@@ -214,15 +213,7 @@ class Fsdp2Config(_Strict):
                 raise ValueError(f"{path}: {key} {getattr(cfg, key)!r} is not one of {sorted(DTYPE_NAMES)}")
         if isinstance(cfg.sharding_size, int) and cfg.sharding_size < 1:
             raise ValueError(f"{path}: sharding_size must be 'auto' or a positive int, got {cfg.sharding_size}")
-        if cfg.align_fsdp_param_groups:
-            _warn("%s: align_fsdp_param_groups has no effect in mmtune (one FSDP group per block)", path)
         return cfg
-
-
-def _warn(msg: str, *args) -> None:
-    """A warning from rank 0 only (torchrun sets RANK), so N ranks do not repeat it."""
-    if os.environ.get("RANK", "0") == "0":
-        log.warning(msg, *args)
 
 
 # --------------------------------------------------------------------------- flags
@@ -262,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--global-batch-size", type=int,
       help="samples per optimizer step over all ranks; grad-accum = GBS / (MBS * data-parallel size), must "
            "divide (default MBS * data-parallel size: no accumulation)")
-    a("--seq-length", type=int, help="maximum tokens per sample / packed row (default: data.json decides)")
+    a("--seq-length", type=int, default=DEFAULT_SEQ_LENGTH,
+      help="maximum tokens per sample (packing off) or per packed row (packing on); longer samples are dropped or "
+           "cut as data.json's too_long says (default %(default)s)")
     a("--train-iters", type=int, help="optimizer steps to train (required)")
     a("--lr", type=float, help="peak learning rate (required)")
     a("--min-lr", type=float, default=0.0, help="learning rate at the end of decay (default 0)")
@@ -287,15 +280,20 @@ def build_parser() -> argparse.ArgumentParser:
     a("--exit-interval", type=int, help="stop (after saving) when the step count is a multiple of N")
     a("--log-interval", type=int, default=100, help="log every N steps (default 100, Megatron's)")
     a("--metrics-file", help="JSON-lines metrics file (default <save>/metrics.jsonl)")
-    a("--log-tps", action="store_true", help="log tokens per second (always in metrics.jsonl)")
+    a("--log-tps", action="store_true",
+      help="show tokens/s and samples/s in the console log lines (metrics.jsonl always has them)")
     for what in ("optim", "rng"):
         a(f"--no-load-{what}", action="store_true", help=f"do not restore the {what} state from --load")
         a(f"--no-save-{what}", action="store_true", help=f"do not write the {what} state into checkpoints")
 
     a = p.add_argument_group("model and parallelism").add_argument
     a("--init-model-with-meta-device", action="store_true",
-      help="build the model on the meta device, shard, then load weights (needed for the 106B model)")
-    a("--use-flash-attn", action="store_true", help="flash attention (varlen over packed samples) on CUDA")
+      help="accepted for the recipe; no effect: mmtune always builds the model on the meta device, shards it, "
+           "then loads each rank's weights")
+    a("--use-flash-attn", action="store_true",
+      help="flash attention (torch's varlen kernel, one call over the packed samples of a batch) for the decoder "
+           "and the vision tower, whatever model.json's attn_implementation says; needs CUDA and bf16 (on the CPU "
+           "SDPA runs)")
     a("--bf16", action="store_true", help="bf16 parameters on CUDA (FSDP2 mixed precision); CPU trains in fp32")
     a("--fp16", action="store_true", help="not supported (needs loss scaling): use --bf16")
     a("--use-torch-fsdp2", action="store_true", help="accepted for the recipe: mmtune always shards with FSDP2")
@@ -303,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
       help="process-group backend (default auto: on CUDA nccl for GPU tensors plus gloo for CPU tensors, which "
            "offload_to_cpu needs; gloo on the CPU)")
     a("--distributed-timeout-minutes", type=int, default=10, help="collective timeout (default 10)")
-    a("--num-workers", type=int, default=2, help="data-loader worker processes per rank (default 2)")
+    a("--num-workers", type=int,
+      help="data-loader worker processes per rank (default: data.json dataloader_param.num_workers, else 2)")
     a("--recompute-granularity", choices=["full", "selective"],
       help="activation checkpointing per transformer block: full (selective is not supported)")
     a("--recompute-method", choices=["uniform", "block"], default="uniform",
@@ -370,7 +369,7 @@ class TrainConfig(BaseModel):
     fsdp2_config_path: str | None = None
     micro_batch_size: int = Field(gt=0)
     global_batch_size: int = Field(gt=0)
-    seq_length: int | None = Field(None, gt=0)
+    seq_length: int = Field(DEFAULT_SEQ_LENGTH, gt=0)
     train_iters: int = Field(gt=0)
     lr: float = Field(gt=0)
     min_lr: float = Field(ge=0)
@@ -400,7 +399,7 @@ class TrainConfig(BaseModel):
     bf16: bool = False
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
     distributed_timeout_minutes: int = Field(gt=0)
-    num_workers: int = Field(ge=0)
+    num_workers: int | None = Field(None, ge=0)  # None: data.json's
     recompute_granularity: Literal["full"] | None = None
     recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int = Field(ge=0)
@@ -417,6 +416,7 @@ class TrainConfig(BaseModel):
     model: ModelJsonConfig
     fsdp2: Fsdp2Config
     ignored_flags: tuple[str, ...] = ()
+    no_effect: tuple[tuple[str, str], ...] = ()  # (setting, reason) of train/compat.py, found at parse time
 
     # derived -------------------------------------------------------------
     @property
@@ -482,7 +482,7 @@ class TrainConfig(BaseModel):
     # output --------------------------------------------------------------
     def flag_values(self) -> dict[str, Any]:
         """The settings as `--config` YAML keys (flag names with `_`); None values omitted."""
-        skip = {"world_size", "model", "fsdp2", "ignored_flags"}
+        skip = {"world_size", "model", "fsdp2", "ignored_flags", "no_effect"}
         return {k: v for k, v in self.model_dump(exclude=skip).items() if v is not None}
 
     def to_yaml(self) -> str:
@@ -563,14 +563,10 @@ def parse_train_args(argv: list[str], world_size: int | None = None) -> TrainCon
         if flag in IGNORED_SWITCHES or flag in IGNORED_OPTIONS:
             args.pop(dest)
             ignored.append(flag)
-    ignored = sorted(set(ignored))
-    if ignored:
-        _warn("%s: these Megatron/Ascend flags have no effect in mmtune and are ignored: %s",
-              PROG, " ".join(ignored))
-    return _resolve(args, world_size, tuple(ignored))
+    return _resolve(args, world_size, ignored)
 
 
-def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, ...]) -> TrainConfig:
+def _resolve(args: dict[str, Any], world_size: int | None, ignored: list[str]) -> TrainConfig:
     for flag in ("mm_data", "mm_model", "train_iters", "lr"):
         if args.get(flag) is None:
             raise ValueError(f"{PROG}: --{flag.replace('_', '-')} is required (on the command line or in --config)")
@@ -586,7 +582,8 @@ def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, .
                          "head sharding around attention)")
     if args.pop("fp16"):
         raise ValueError(f"{PROG}: --fp16 is not supported (fp16 needs loss scaling); use --bf16")
-    args.pop("use_torch_fsdp2")
+    if args.pop("use_torch_fsdp2"):
+        ignored.append("--use-torch-fsdp2")
     args.pop("config")
     if args.get("recompute_granularity") == "selective":
         raise ValueError(f"{PROG}: --recompute-granularity selective is not supported; use full "
@@ -643,7 +640,20 @@ def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, .
         raise ValueError(f"{PROG}: --lora-alpha/--lora-dropout/--lora-target-modules need --lora-r (LoRA is off "
                          "without it)")
     try:
-        return TrainConfig(**args, world_size=world_size, model=model, fsdp2=fsdp2, ignored_flags=ignored)
+        cfg = TrainConfig(**args, world_size=world_size, model=model, fsdp2=fsdp2, ignored_flags=tuple(sorted(set(ignored))))
     except ValidationError as exc:
         msgs = [f"--{'.'.join(map(str, e['loc'])).replace('_', '-')}: {e['msg']}" for e in exc.errors()]
         raise ValueError(f"{PROG}: " + "; ".join(msgs)) from None
+    from mmtune.data.config import load_data_config
+    from mmtune.train.compat import static_items
+
+    data_cfg = load_data_config(cfg.mm_data)  # a data.json error shows now, before any process group or model
+    return cfg.model_copy(update={"no_effect": tuple(static_items(cfg, data_cfg, _hf_config(model.init_from_hf_path)))})
+
+
+def _hf_config(path: str | None) -> dict | None:
+    """init_from_hf_path's config.json, or None where it is not readable yet (checked again when training)."""
+    try:
+        return read_mapping(Path(path) / "config.json", "json") if path else None
+    except (OSError, ValueError):
+        return None

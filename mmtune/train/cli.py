@@ -1,8 +1,9 @@
 """`mmtune train`: one process, or `torchrun --nproc_per_node N -m mmtune train ...`.
 
-Thin: parse the flags (mmtune.train.args), build the parts — process group, sharded model
-(mmtune.distributed), optimizer and schedule (train.optim), data loader (data.loader), checkpointer —
-resume when --load names a training checkpoint, and run the loop (train.trainer).
+Thin, in the order the work happens: parse the flags (mmtune.train.args) -> process group -> the data
+loader (data.loader; the data cache is built or read here, so a data error costs seconds, not a sharded
+model load) -> the sharded model (train.model_build, mmtune.distributed) -> optimizer and schedule
+(train.optim) -> checkpointer (resume when --load names a training checkpoint) -> the loop (train.trainer).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import numpy as np
 import torch
 
 PROG = "mmtune train"
-DEFAULT_SEQ_LENGTH = 4096
 
 
 def _seed_everything(seed: int) -> None:
@@ -35,6 +35,8 @@ def run(cfg, *, print_fn=print) -> dict:
     from mmtune.train.metrics import MetricsLogger, text_flops_per_token
     from mmtune.train.optim import build_optimizer_and_scheduler
     from mmtune.train.profiling import Profiler, load_tools_json
+    from mmtune.train.compat import format_line, runtime_items
+    from mmtune.train.model_options import apply_model_options, attention_backends
     from mmtune.train.trainer import LoopSettings, Trainer
 
     backend = None if cfg.distributed_backend == "auto" else cfg.distributed_backend
@@ -56,6 +58,35 @@ def run(cfg, *, print_fn=print) -> dict:
         env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
         source = resolve_load_path(cfg.load) if cfg.load else None
         lora, lora_source, weights_dcp = _resolve_lora(cfg, source)
+        vision_attn, text_attn = attention_backends(cfg.model, cfg.use_flash_attn)
+        on_cuda = env.device.type == "cuda"
+        line = format_line([*cfg.no_effect, *runtime_items(
+            cfg, device_type=env.device.type, load_kind=source.kind if source else None,
+            flash="flash" in (vision_attn, text_attn))], PROG)
+        if line:
+            say(line, flush=True)
+
+        # data before the model: the cache is built (one process) or read now
+        from mmtune.data.config import load_data_config
+        from mmtune.data.loader import build_train_loader
+
+        data_cfg = load_data_config(cfg.mm_data)
+        consumed_for_loader = 0
+        if source and source.kind == "training":
+            from mmtune.train.checkpoint import peek_train_state
+
+            saved = peek_train_state(source.path)
+            if saved.get("world_size", env.world_size) != env.world_size:
+                # the loader counts rows taken by all ranks together (global batch rows per step); the
+                # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
+                consumed_for_loader = int(saved.get("step", 0)) * cfg.global_batch_size
+                consumed_for_loader -= consumed_for_loader % env.dp_size
+        loader = build_train_loader(data_cfg, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
+                                    dp_rank=env.dp_rank, dp_size=env.dp_size, seed=cfg.seed,
+                                    num_workers=cfg.num_workers, consumed_samples=consumed_for_loader,
+                                    progress=env.is_main, pin_memory=data_cfg.dataloader_param.pin_memory and on_cuda)
+        if loader.prepared is not None and loader.prepared.from_cache:  # (a build logs itself, on its process)
+            say(f"{PROG}: {loader.prepared.note}", flush=True)
         freeze = FreezeSpec(vision_encoder=cfg.model.freeze_vision_encoder,
                             vision_projector=cfg.model.freeze_vision_projector,
                             text_decoder=cfg.model.freeze_text_decoder)
@@ -63,6 +94,7 @@ def run(cfg, *, print_fn=print) -> dict:
             cfg.fsdp2, activation_checkpointing=cfg.recompute_granularity == "full",
             recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_method == "block" else None)
         opts.param_dtype = cfg.param_dtype(env.device.type)  # fp32 on the CPU
+        opts.activation_offload = cfg.model.text_decoder.activation_offload and on_cuda
         if env.device.type != "cuda" or opts.param_dtype == torch.float32:
             opts.reduce_dtype = None  # reduce in the parameter dtype
         say(f"{PROG}: world size {env.world_size} on {env.device.type} ({env.dims.describe()}), "
@@ -72,6 +104,7 @@ def run(cfg, *, print_fn=print) -> dict:
         model = build_model(
             Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, hf_path=hf_path, seed=cfg.seed,
             weights_dcp=weights_dcp, load_weights=not resume or lora is not None, lora=lora)
+        apply_model_options(model, vision_attn=vision_attn, text_attn=text_attn, grouped_mm=cfg.model.grouped_gemm)
         counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
         say(f"{PROG}: parameters trainable {counts['trainable']:,} frozen {counts['frozen']:,} (global)", flush=True)
@@ -90,24 +123,7 @@ def run(cfg, *, print_fn=print) -> dict:
             Checkpointer.load_adapters(lora_source, model)
             say(f"{PROG}: adapters from {lora_source} (--lora-load), starting at step 0", flush=True)
 
-        from mmtune.data.loader import build_train_loader
-
-        seq_length = cfg.seq_length or DEFAULT_SEQ_LENGTH
         state = TrainState()
-        consumed_for_loader = 0
-        if source and source.kind == "training":
-            from mmtune.train.checkpoint import peek_train_state
-
-            saved = peek_train_state(source.path)
-            if saved.get("world_size", env.world_size) != env.world_size:
-                # the loader counts rows taken by all ranks together (global batch rows per step); the
-                # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
-                consumed_for_loader = int(saved.get("step", 0)) * cfg.global_batch_size
-                consumed_for_loader -= consumed_for_loader % env.dp_size
-        loader = build_train_loader(cfg.mm_data, seq_length=seq_length, micro_batch_size=cfg.micro_batch_size,
-                                    dp_rank=env.dp_rank, dp_size=env.dp_size, seed=cfg.seed,
-                                    num_workers=cfg.num_workers, consumed_samples=consumed_for_loader,
-                                    progress=env.is_main)
         if source and source.kind == "training":
             state = Checkpointer.load(source.path, model, optimizer, scheduler, loader,
                                       load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng)
@@ -122,8 +138,8 @@ def run(cfg, *, print_fn=print) -> dict:
         metrics_path = cfg.metrics_path
         metrics = MetricsLogger(
             metrics_file=metrics_path, tensorboard_dir=Path(cfg.save) / "tensorboard" if cfg.save else None,
-            train_iters=cfg.train_iters, flops_per_token=text_flops_per_token(mcfg.text, seq_length),
-            device=env.device, world_size=env.world_size, enabled=env.is_main, log_tps=True, print_fn=print_fn)
+            train_iters=cfg.train_iters, flops_per_token=text_flops_per_token(mcfg.text, cfg.seq_length),
+            device=env.device, world_size=env.world_size, enabled=env.is_main, log_tps=cfg.log_tps, print_fn=print_fn)
         if state.step:
             metrics.truncate_after(state.step)
         profiler = Profiler(load_tools_json(cfg.mm_tool), env.rank, env.device, print_fn) if cfg.mm_tool else None

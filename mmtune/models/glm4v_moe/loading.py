@@ -22,7 +22,9 @@ from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
 
-def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", place=None):
+    """The model of HF dir `path` in `dtype` on `device`; `place(meta_model)` instead materialises it module
+    by module where it says (mmtune/placement.py: layers over several GPUs)."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -36,7 +38,10 @@ def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str |
     for name, module in model.named_modules():
         if name.endswith("mlp.gate"):
             module.float()
-    model.to_empty(device=device)
+    if place is not None:
+        place(model)
+    else:
+        model.to_empty(device=device)
     targets = dict(model.state_dict(keep_vars=True))
     if config.tie_word_embeddings:
         targets.pop("lm_head.weight", None)

@@ -63,6 +63,7 @@ class VisionAttention(nn.Module):
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=cfg.attention_bias)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=False)
+        self.attn_backend = "flash"  # ops.attention.BACKENDS; training sets model.json's (train/model_options.py)
 
     def forward(self, x_PD: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], cu_seqlens: torch.Tensor):
         P = x_PD.shape[0]
@@ -71,7 +72,8 @@ class VisionAttention(nn.Module):
         q_PND = (q_PND.float() * cos + _rotate_half(q_PND.float()) * sin).to(x_PD.dtype)
         k_PND = (k_PND.float() * cos + _rotate_half(k_PND.float()) * sin).to(x_PD.dtype)
         o_NPD = attention_per_segment(
-            q_PND.transpose(0, 1), k_PND.transpose(0, 1), v_PND.transpose(0, 1), cu_seqlens, scale=self.head_dim**-0.5
+            q_PND.transpose(0, 1), k_PND.transpose(0, 1), v_PND.transpose(0, 1), cu_seqlens, scale=self.head_dim**-0.5,
+            backend=self.attn_backend,
         )
         return self.proj(o_NPD.transpose(0, 1).reshape(P, -1))
 
