@@ -78,11 +78,11 @@ align_fsdp_param_groups: False
 }
 
 PINNED_FLAGS = [
-    "--adam-beta1", "--adam-beta2", "--adam-eps", "--bf16", "--clip-grad", "--config", "--context-parallel-size",
+    "--adam-beta1", "--adam-beta2", "--adam-eps", "--async-save", "--bf16", "--clip-grad", "--config", "--context-parallel-size",
     "--distributed-backend", "--distributed-timeout-minutes", "--exit-interval", "--fp16", "--fsdp2-config-path",
-    "--global-batch-size", "--init-model-with-meta-device", "--load", "--log-interval", "--log-tps", "--lr",
+    "--global-batch-size", "--init-model-with-meta-device", "--keep-latest-checkpoints", "--load", "--log-interval", "--log-tps", "--lr",
     "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--max-nonfinite-steps",
-    "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-load-optim",
+    "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-auto-resume", "--no-load-optim",
     "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-workers", "--pipeline-model-parallel-size",
     "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--save", "--save-interval",
     "--seed", "--seq-length", "--tensor-model-parallel-size", "--train-iters", "--use-flash-attn",

@@ -2,11 +2,14 @@
 
 Thin: parse the flags (mmtune.train.args), build the parts — process group, sharded model
 (mmtune.distributed), optimizer and schedule (train.optim), data loader (data.loader), checkpointer —
-resume when --load names a training checkpoint, and run the loop (train.trainer).
+resume when --save already holds a checkpoint (automatic resume) or --load names a training checkpoint,
+and run the loop (train.trainer). A collective that fails (another rank died or hung past
+--distributed-timeout-minutes) ends the run with one line naming it (distributed/errors.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -28,10 +31,11 @@ def _seed_everything(seed: int) -> None:
 def run(cfg, *, print_fn=print) -> dict:
     """Train per a resolved TrainConfig; returns the end-of-run summary (rank 0; {} elsewhere)."""
     from mmtune.distributed import FSDPOptions, init_distributed, shutdown_distributed
+    from mmtune.distributed.errors import CollectiveError, collective_failure
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.model_build import build_model
     from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
-    from mmtune.train.checkpoint import Checkpointer, TrainState, resolve_load_path
+    from mmtune.train.checkpoint import Checkpointer, LoadSource, TrainState, latest_checkpoint, resolve_load_path
     from mmtune.train.metrics import MetricsLogger, text_flops_per_token
     from mmtune.train.optim import build_optimizer_and_scheduler
     from mmtune.train.profiling import Profiler, load_tools_json
@@ -54,6 +58,12 @@ def run(cfg, *, print_fn=print) -> dict:
             raise FileNotFoundError(f"{cfg.mm_model}: init_from_hf_path {hf_path} has no config.json")
         mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
         source = resolve_load_path(cfg.load) if cfg.load else None
+        resume = None if cfg.no_auto_resume else latest_checkpoint(cfg.save)
+        if resume is not None:  # automatic resume: --save holds a complete checkpoint, continue from it
+            source = LoadSource("training", resume, int(resume.name.split("_")[-1]))
+            say(f"{PROG}: auto-resume from {resume} (the latest checkpoint in --save"
+                + (f"; --load {cfg.load} only starts fresh runs" if cfg.load else "")
+                + "; --no-auto-resume to start over)", flush=True)
         freeze = FreezeSpec(vision_encoder=cfg.model.freeze_vision_encoder,
                             vision_projector=cfg.model.freeze_vision_projector,
                             text_decoder=cfg.model.freeze_text_decoder)
@@ -64,11 +74,12 @@ def run(cfg, *, print_fn=print) -> dict:
         if env.device.type != "cuda" or opts.param_dtype == torch.float32:
             opts.reduce_dtype = None  # reduce in the parameter dtype
         say(f"{PROG}: world size {env.world_size} on {env.device.type}, grad-accum {cfg.grad_accum_steps}, "
-            f"load {source.kind + ' ' + str(source.path) if source else 'HF ' + hf_path}", flush=True)
+            f"load {source.kind + ' ' + str(source.path) if source else 'hf ' + hf_path}", flush=True)
+        kind = source.kind if source else "hf"
         model = build_model(
-            Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, hf_path=hf_path, seed=cfg.seed,
-            weights_dcp=source.path if source and source.kind == "weights" else None,
-            load_weights=not (source and source.kind == "training"))
+            Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, seed=cfg.seed,
+            hf_path=(source.path if source else hf_path) if kind == "hf" else None,
+            weights_dcp=source.path if kind == "weights" else None, load_weights=kind != "training")
         counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
         say(f"{PROG}: parameters trainable {counts['trainable']:,} frozen {counts['frozen']:,} (global)", flush=True)
@@ -108,15 +119,21 @@ def run(cfg, *, print_fn=print) -> dict:
             metrics_file=metrics_path, tensorboard_dir=Path(cfg.save) / "tensorboard" if cfg.save else None,
             train_iters=cfg.train_iters, flops_per_token=text_flops_per_token(mcfg.text, seq_length),
             device=env.device, world_size=env.world_size, enabled=env.is_main, log_tps=True, print_fn=print_fn)
-        if state.step:
-            metrics.truncate_after(state.step)
+        metrics.truncate_after(state.step)  # rows of a run that died after its last checkpoint (or before one)
         profiler = Profiler(load_tools_json(cfg.mm_tool), env.rank, env.device, print_fn) if cfg.mm_tool else None
+        checkpointer = Checkpointer(cfg.save, save_optim=not cfg.no_save_optim, save_rng=not cfg.no_save_rng,
+                                    async_save=cfg.async_save, keep_latest=cfg.keep_latest_checkpoints,
+                                    print_fn=say)
         trainer = Trainer(LoopSettings.from_config(cfg, mcfg), env, model, optimizer, scheduler, loader,
-                          checkpointer=Checkpointer(cfg.save, save_optim=not cfg.no_save_optim,
-                                                    save_rng=not cfg.no_save_rng),
-                          metrics=metrics, profiler=profiler, print_fn=print_fn)
+                          checkpointer=checkpointer, metrics=metrics, profiler=profiler, print_fn=print_fn)
         trainer.epoch = int(state.extra.get("epoch", 0))
-        summary = trainer.fit(state)
+        try:
+            summary = trainer.fit(state)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the original error; a save in flight still completes
+                checkpointer.close()
+            raise
+        checkpointer.close()  # the last (asynchronous) save is complete and published before the run ends
         if profiler:
             profiler.close()
         metrics.close()
@@ -125,11 +142,17 @@ def run(cfg, *, print_fn=print) -> dict:
                 f"{summary['samples_per_s']:.2f} | tokens/s {summary['tokens_per_s']:.1f}"
                 + (f" | mfu {100 * summary['mfu']:.1f}%" if "mfu" in summary else ""), flush=True)
         return summary if env.is_main else {}
+    except RuntimeError as e:
+        what = collective_failure(e)  # read the flight recorder before the process group goes away
+        if what is None:
+            raise
+        raise CollectiveError(what) from e
     finally:
         shutdown_distributed()
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mmtune.distributed.errors import CollectiveError
     from mmtune.train.args import parse_train_args
     from mmtune.train.trainer import NonFiniteLossError
 
@@ -146,6 +169,9 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except NonFiniteLossError as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
+        return 1
+    except CollectiveError as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

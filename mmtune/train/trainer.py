@@ -235,6 +235,11 @@ class Trainer:
     def save(self, step: int, consumed: int) -> None:
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
                  "epoch": self.epoch}
-        path = self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, self.loader,
-                                      TrainState(step=step, consumed_samples=consumed, extra=extra))
-        self.print(f"saved checkpoint {path}", flush=True)
+        ck = self.checkpointer
+        path = ck.save(step, self.model, self.optimizer, self.scheduler, self.loader,
+                       TrainState(step=step, consumed_samples=consumed, extra=extra))
+        if ck.async_save:  # "saved checkpoint ..." follows once it is written (Checkpointer._finish_async)
+            self.print(f"checkpoint {path.name}: state staged in {ck.last_blocked_s:.2f} s, writing in the background",
+                       flush=True)
+        else:
+            self.print(f"saved checkpoint {path}", flush=True)
