@@ -19,71 +19,18 @@ from mmtune.train.args import (
     supported_flags,
 )
 
-# The recipe's files verbatim (shared/seed/model_106B.json and fsdp2_config.yaml), so the test runs anywhere.
-SEED_FILES = {
-    "model_106B.json": """{
-    "model_id": "glm4v_moe",
-    "init_from_hf_path": "./ckpt/hf_path/GLM-4.5V",
-    "image_encoder": {
-        "vision_encoder": {
-            "model_id": "glm4v_moe",
-            "num_layers": 24,
-            "hidden_size": 1536,
-            "num_attention_heads": 12,
-            "freeze": true,
-            "attn_implementation": "sdpa"
-        },
-        "vision_projector": {
-            "model_id": "lnmlp",
-            "num_layers": 1,
-            "freeze": true
-        }
-    },
-    "text_decoder": {
-        "model_id": "glm_4v_moe_text",
-        "num_layers": 46,
-        "hidden_size": 12288,
-        "num_attention_heads": 96,
-        "max_position_embeddings": 65536,
-        "freeze": false,
-        "use_npu_fused_moe": true,
-        "attn_implementation": "sdpa",
-        "activation_offload": false
-    },
-    "loss_cfg": {
-        "compute_mode": "default",
-        "chunk_size": 1024,
-        "loss_type": "per_token_loss"
-    },
-    "patch": {
-        "clip_grad_async": true,
-        "scale_grad": true
-    }
-}
-""",
-    "fsdp2_config.yaml": """sharding_size: auto
-reshard_after_forward: True
-param_dtype: "bf16"
-reduce_dtype: "fp32"
-cast_forward_inputs: True
-num_to_forward_prefetch: 0
-num_to_backward_prefetch: 0
-offload_to_cpu: False
-
-# If True, each FSDP parameter group within a block contains only Linear layer parameters,
-# enabling aligned sharding for improved communication efficiency. Set to False to disable this optimization.
-align_fsdp_param_groups: False
-""",
-    "data_106B.json": '{"dataset_param": {}, "dataloader_param": {}}',
-}
+# The recipe's config files verbatim (docs/RECIPE.md; tests/test_recipe_files.py checks them).
+RECIPE_DIR = Path(__file__).parent / "recipe"
 
 PINNED_FLAGS = [
-    "--adam-beta1", "--adam-beta2", "--adam-eps", "--async-save", "--bf16", "--clip-grad", "--config", "--context-parallel-size",
-    "--distributed-backend", "--distributed-timeout-minutes", "--exit-interval", "--fp16", "--fsdp2-config-path",
-    "--global-batch-size", "--init-model-with-meta-device", "--keep-latest-checkpoints", "--load", "--log-interval", "--log-tps", "--lr",
+    "--adam-beta1", "--adam-beta2", "--adam-eps", "--async-save", "--bf16", "--clip-grad", "--config",
+    "--context-parallel-algo", "--context-parallel-size", "--distributed-backend", "--distributed-timeout-minutes",
+    "--exit-interval", "--expert-model-parallel-size", "--fp16", "--fsdp2-config-path",
+    "--global-batch-size", "--init-model-with-meta-device", "--keep-latest-checkpoints", "--load", "--log-interval",
+    "--log-tps", "--lr",
     "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--max-nonfinite-steps",
-    "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-auto-resume", "--no-load-optim",
-    "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-workers", "--pipeline-model-parallel-size",
+    "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-auto-resume",
+    "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-workers", "--pipeline-model-parallel-size",
     "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--save", "--save-interval",
     "--seed", "--seq-length", "--tensor-model-parallel-size", "--train-iters", "--use-flash-attn",
     "--use-torch-fsdp2", "--weight-decay",
@@ -93,11 +40,8 @@ PINNED_FLAGS = [
 @pytest.fixture
 def recipe(tmp_path):
     """The recipe's three config files, unchanged, in a temp dir."""
-    for name, text in SEED_FILES.items():
-        seed = Path("/work/shared/seed") / name
-        if seed.is_file() and name != "data_106B.json":
-            assert seed.read_text() == text  # still the recipe's file
-        (tmp_path / name).write_text(text)
+    for name in ("data_106B.json", "model_106B.json", "fsdp2_config.yaml"):
+        (tmp_path / name).write_text((RECIPE_DIR / name).read_text())
     return tmp_path
 
 
@@ -230,10 +174,19 @@ def test_batch_and_parallel_errors(recipe):
     with pytest.raises(ValueError, match=r"--global-batch-size 6.*--micro-batch-size 2.*data-parallel size 2"):
         parse_train_args(base(recipe, "--micro-batch-size", "2", "--global-batch-size", "6"), world_size=2)
     assert parse_train_args(base(recipe, "--micro-batch-size", "2"), world_size=2).global_batch_size == 4
-    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 2 is not supported yet.*FSDP2"):
+    with pytest.raises(ValueError, match=r"--tensor-model-parallel-size 2 is not supported.*FSDP2"):
         parse_train_args(base(recipe, "--tensor-model-parallel-size", "2"))
-    with pytest.raises(ValueError, match=r"--context-parallel-size 4"):
+    with pytest.raises(ValueError, match=r"--context-parallel-size 4 must divide the world size 1"):
         parse_train_args(base(recipe, "--context-parallel-size", "4"))
+    with pytest.raises(ValueError, match=r"--context-parallel-algo 'megatron_cp_algo' is not supported.*ulysses"):
+        parse_train_args(base(recipe, "--context-parallel-algo", "megatron_cp_algo"))
+    with pytest.raises(ValueError, match=r"--expert-model-parallel-size 3 must divide .* = 4"):
+        parse_train_args(base(recipe, "--expert-model-parallel-size", "3"), world_size=4)
+    # context parallel: the cp ranks of a group read one batch, so dp = world / cp sets the global batch
+    cfg = parse_train_args(base(recipe, "--context-parallel-size", "2", "--expert-model-parallel-size", "4"),
+                           world_size=4)
+    assert (cfg.dp_size, cfg.global_batch_size, cfg.grad_accum_steps) == (2, 2, 1)
+    assert (cfg.parallel_dims.cp, cfg.parallel_dims.ep, cfg.parallel_dims.efsdp) == (2, 4, 1)
     with pytest.raises(ValueError, match=r"--fp16"):
         parse_train_args(base(recipe, "--fp16"))
     with pytest.raises(ValueError, match=r"not both"):

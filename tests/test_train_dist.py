@@ -142,7 +142,7 @@ def test_elastic_restart_resumes_exactly(dist, tmp_path, mode):
 
 
 def test_sharding_size_must_divide_the_world():
-    from mmtune.distributed.env import make_mesh
+    from mmtune.distributed.parallel_dims import ParallelDims
 
     with pytest.raises(ValueError, match="sharding_size 3 must divide the world size 4"):
-        make_mesh("cpu", 4, shard_size=3)
+        ParallelDims.from_config(4, 3)

@@ -192,9 +192,9 @@ def _worker(job_path: str) -> None:
     # (2b) the same 3 steps as HSDP with shard groups of 1 rank (fsdp2 sharding_size 1): 2 replicas
     from dataclasses import replace
 
-    from mmtune.distributed.env import make_mesh
+    from mmtune.distributed.parallel_dims import ParallelDims
 
-    hsdp_env = replace(env, mesh=make_mesh("cpu", env.world_size, shard_size=1))
+    hsdp_env = replace(env, dims=ParallelDims.from_config(env.world_size, 1).build_meshes("cpu"))
     torch.manual_seed(0)
     model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), hsdp_env, FSDPOptions(), freeze, seed=0)
     opt, sched = adamw(model, sgd=True)

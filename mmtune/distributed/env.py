@@ -3,7 +3,8 @@
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK (and MASTER_ADDR / MASTER_PORT). A plain `mmtune train`
 has none of them: it runs as rank 0 of 1 without a process group, and every collective in the trainer
 is skipped. With WORLD_SIZE set (even to 1) a process group is created — gloo on CPU, nccl on CUDA — so
-that the same code path that runs on many GPUs can be tested on one CPU.
+that the same code path that runs on many GPUs can be tested on one CPU. The parallel layout and its meshes
+belong to `ParallelDims` (parallel_dims.py); `DistEnv` carries it.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+from torch.distributed.device_mesh import DeviceMesh
+
+from mmtune.distributed.parallel_dims import ParallelDims
 
 
 @dataclass
@@ -23,11 +26,29 @@ class DistEnv:
     world_size: int
     local_rank: int
     device: torch.device
-    mesh: DeviceMesh | None  # data-parallel mesh: 1-D ("dp") or HSDP 2-D ("replicate", "shard"); None alone
+    dims: ParallelDims | None = None  # the parallel layout; its meshes are built when a process group exists
+
+    def __post_init__(self):
+        if self.dims is None:
+            self.dims = ParallelDims(self.world_size)
+
+    @property
+    def mesh(self) -> DeviceMesh | None:
+        """The FSDP mesh of dense parameters: ("fsdp",) or HSDP ("dp_replicate", "fsdp"); None alone."""
+        return self.dims.dense_mesh
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def dp_rank(self) -> int:
+        """Which batch this rank reads (the ranks of one context-parallel group read the same one)."""
+        return self.dims.dp_rank(self.rank)
+
+    @property
+    def dp_size(self) -> int:
+        return self.dims.dp
 
     @property
     def distributed(self) -> bool:
@@ -46,19 +67,6 @@ def _env_int(name: str, default: int) -> int:
         return int(value)
     except ValueError:
         raise ValueError(f"environment variable {name}={value!r} is not an integer (torchrun sets it)") from None
-
-
-def make_mesh(device_type: str, world_size: int, shard_size: int | None = None) -> DeviceMesh:
-    """The data-parallel mesh: all ranks shard (FSDP) when shard_size is None or the world size; else HSDP —
-    parameters sharded within groups of `shard_size` consecutive ranks, replicated across the groups (the
-    fsdp2 yaml's sharding_size)."""
-    if shard_size is None or shard_size == world_size:
-        return init_device_mesh(device_type, (world_size,), mesh_dim_names=("dp",))
-    if not 1 <= shard_size <= world_size or world_size % shard_size:
-        raise ValueError(f"fsdp2 sharding_size {shard_size} must divide the world size {world_size} "
-                         "(or be 'auto' to shard over all ranks)")
-    return init_device_mesh(device_type, (world_size // shard_size, shard_size),
-                            mesh_dim_names=("replicate", "shard"))
 
 
 FLIGHT_RECORDER_ENTRIES = "2000"
@@ -104,11 +112,12 @@ def _store_for_this_attempt(timeout_s: float):
 
 
 def init_distributed(device: str | None = None, backend: str | None = None, timeout_s: float = 1800,
-                     shard_size: int | None = None) -> DistEnv:
-    """Set the device and, under torchrun (WORLD_SIZE set), the process group and the DP mesh.
+                     shard_size: int | str | None = None, cp: int = 1, ep: int = 1) -> DistEnv:
+    """Set the device and, under torchrun (WORLD_SIZE set), the process group and every mesh.
 
     device: "cuda" | "cpu" | None (cuda when available). backend: None picks nccl on CUDA, gloo on CPU.
-    shard_size: HSDP shard-group size (None: shard over every rank); see `make_mesh`.
+    shard_size: the fsdp2 yaml's sharding_size (None/"auto": shard over every rank; n: HSDP with shard groups
+    of n ranks); cp, ep: context- and expert-parallel sizes. See `ParallelDims`.
     """
     world_size = _env_int("WORLD_SIZE", 1)
     rank = _env_int("RANK", 0)
@@ -123,7 +132,7 @@ def init_distributed(device: str | None = None, backend: str | None = None, time
         dev = torch.device("cpu")
     else:
         raise ValueError(f"unknown device {device_type!r}: use cuda or cpu")
-    mesh = None
+    dims = ParallelDims.from_config(world_size, shard_size, cp=cp, ep=ep)
     if "WORLD_SIZE" in os.environ:
         apply_timeout_everywhere(timeout_s)  # --distributed-timeout-minutes for the mesh's groups too
         if not dist.is_initialized():
@@ -134,8 +143,10 @@ def init_distributed(device: str | None = None, backend: str | None = None, time
             if store is not None:
                 kwargs.update(store=store, rank=rank, world_size=world_size)
             dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
-        mesh = make_mesh(dev.type, world_size, shard_size)
-    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+        dims.build_meshes(dev.type)
+    elif cp > 1 or ep > 1:
+        raise ValueError("context/expert parallelism needs several processes: launch with torchrun")
+    return DistEnv(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, dims=dims)
 
 
 def shutdown_distributed() -> None:

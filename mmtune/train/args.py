@@ -1,7 +1,7 @@
 """`mmtune train`'s configuration: Megatron-style flags, a YAML `--config`, the recipe's model.json
 and fsdp2 yaml, resolved into one typed `TrainConfig`.
 
-The flags are the MindSpeed-MM launch script's names (SEED_RECIPE.md item 6), so a recipe script
+The flags are the MindSpeed-MM launch script's names (docs/RECIPE.md, "Launch flags"), so a recipe script
 ports by changing its `torchrun ... pretrain_transformers.py` line to `torchrun ... -m mmtune train`.
 Flags that only configure Megatron/Ascend internals (`IGNORED_SWITCHES`, `IGNORED_OPTIONS`) are
 accepted and reported in ONE warning line; anything else unknown is a ValueError naming it.
@@ -50,12 +50,13 @@ IGNORED_OPTIONS = (
     "--normalization", "--vocab-size", "--num-layers", "--hidden-size", "--ffn-hidden-size",
     "--num-attention-heads", "--num-query-groups", "--max-position-embeddings", "--ckpt-format",
     "--position-embedding-type", "--rotary-base", "--norm-epsilon", "--attention-dropout",
-    "--hidden-dropout", "--init-method-std", "--optimizer-selection", "--context-parallel-algo",
+    "--hidden-dropout", "--init-method-std", "--optimizer-selection",
     "--eval-interval", "--eval-iters", "--transformer-impl", "--split", "--data-path",
-    "--moe-router-topk", "--num-experts", "--expert-model-parallel-size", "--padded-vocab-size",
+    "--moe-router-topk", "--num-experts", "--padded-vocab-size",
     "--attention-mask-type", "--virtual-pipeline-model-parallel-size",
 )
 
+CP_ALGOS = ("ulysses_cp_algo",)
 LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss")
 DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp16": "float16", "float16": "float16",
           "fp32": "float32", "float32": "float32"}
@@ -121,7 +122,7 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 
 
 class ModelJsonConfig(_Strict):
-    """The recipe's model.json (`--mm-model`), e.g. shared/seed/model_106B.json."""
+    """The recipe's model.json (`--mm-model`), e.g. examples/glm4.5v/model_106B.json (keys: docs/RECIPE.md)."""
 
     model_id: str = "glm4v_moe"
     init_from_hf_path: str | None = None
@@ -169,7 +170,7 @@ class ModelJsonConfig(_Strict):
 
 
 class Fsdp2Config(_Strict):
-    """The recipe's fsdp2 yaml (`--fsdp2-config-path`), e.g. shared/seed/fsdp2_config.yaml.
+    """The recipe's fsdp2 yaml (`--fsdp2-config-path`), e.g. examples/glm4.5v/fsdp2_config.yaml (keys: docs/RECIPE.md).
 
     - sharding_size: "auto" = all data-parallel ranks (plain FSDP); an int n < world size = HSDP,
       shard within groups of n ranks and replicate across groups.
@@ -317,8 +318,16 @@ def build_parser() -> argparse.ArgumentParser:
     a("--recompute-method", choices=["uniform", "block"], default="uniform",
       help="uniform: every block; block: the first --recompute-num-layers blocks of each tower")
     a("--recompute-num-layers", type=int, default=1, help="blocks checkpointed with --recompute-method block")
-    for name in ("tensor-model", "pipeline-model", "context"):
-        a(f"--{name}-parallel-size", type=int, default=1, help="must be 1 (not supported yet; use FSDP2)")
+    a("--context-parallel-size", type=int, default=1,
+      help="ranks that split one sequence (Ulysses context parallelism); must divide the world size and the "
+           "attention heads; data-parallel size = world / CP (default 1)")
+    a("--context-parallel-algo", default=CP_ALGOS[0], help=f"context-parallel algorithm: {' | '.join(CP_ALGOS)} "
+      f"(default {CP_ALGOS[0]})")
+    a("--expert-model-parallel-size", type=int, default=1,
+      help="ranks that split the routed experts (each owns n_routed_experts/EP whole experts; tokens travel by "
+           "all-to-all); taken from the data/context ranks, must divide them and the experts (default 1)")
+    for name in ("tensor-model", "pipeline-model"):
+        a(f"--{name}-parallel-size", type=int, default=1, help="must be 1 (not supported; use FSDP2, CP and EP)")
 
     g = p.add_argument_group(
         "Megatron/Ascend flags accepted for compatibility",
@@ -389,6 +398,9 @@ class TrainConfig(BaseModel):
     recompute_granularity: Literal["full"] | None = None
     recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int = Field(ge=0)
+    context_parallel_size: int = Field(1, gt=0)
+    context_parallel_algo: Literal["ulysses_cp_algo"] = "ulysses_cp_algo"
+    expert_model_parallel_size: int = Field(1, gt=0)
     world_size: int = Field(1, gt=0)
     model: ModelJsonConfig
     fsdp2: Fsdp2Config
@@ -396,8 +408,17 @@ class TrainConfig(BaseModel):
 
     # derived -------------------------------------------------------------
     @property
+    def parallel_dims(self):
+        """The parallel layout (sizes only; the meshes are built by distributed.init_distributed)."""
+        from mmtune.distributed.parallel_dims import ParallelDims
+
+        return ParallelDims.from_config(self.world_size, self.fsdp2.sharding_size, cp=self.context_parallel_size,
+                                        ep=self.expert_model_parallel_size)
+
+    @property
     def dp_size(self) -> int:
-        return self.world_size  # tensor/pipeline/context parallel are 1
+        """Data-parallel size: world / context-parallel size (the cp ranks of a group read one batch)."""
+        return self.world_size // self.context_parallel_size
 
     @property
     def grad_accum_steps(self) -> int:
@@ -527,11 +548,16 @@ def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, .
     for flag in ("mm_data", "mm_model", "train_iters", "lr"):
         if args.get(flag) is None:
             raise ValueError(f"{PROG}: --{flag.replace('_', '-')} is required (on the command line or in --config)")
-    for name in ("tensor_model", "pipeline_model", "context"):
+    for name in ("tensor_model", "pipeline_model"):
         size = args.pop(f"{name}_parallel_size")
         if size != 1:
-            raise ValueError(f"{PROG}: --{name.replace('_', '-')}-parallel-size {size} is not supported yet; "
-                             "set it to 1 and scale with FSDP2 data parallelism")
+            raise ValueError(f"{PROG}: --{name.replace('_', '-')}-parallel-size {size} is not supported; set it to 1 "
+                             "and scale with FSDP2 data parallelism, --context-parallel-size and "
+                             "--expert-model-parallel-size")
+    if args["context_parallel_algo"] not in CP_ALGOS:
+        raise ValueError(f"{PROG}: --context-parallel-algo {args['context_parallel_algo']!r} is not supported; "
+                         f"mmtune implements {' and '.join(CP_ALGOS)} (Ulysses: all-to-all between sequence and "
+                         "head sharding around attention)")
     if args.pop("fp16"):
         raise ValueError(f"{PROG}: --fp16 is not supported (fp16 needs loss scaling); use --bf16")
     args.pop("use_torch_fsdp2")
@@ -541,16 +567,22 @@ def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, .
                          "(activation checkpointing of whole blocks)")
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    model = ModelJsonConfig.load(args["mm_model"])
+    fsdp2 = Fsdp2Config.load(args["fsdp2_config_path"]) if args.get("fsdp2_config_path") else Fsdp2Config()
+    from mmtune.distributed.parallel_dims import ParallelDims
+
+    dp = ParallelDims.from_config(world_size, fsdp2.sharding_size, cp=args["context_parallel_size"],
+                                  ep=args["expert_model_parallel_size"]).dp
     mbs = args["micro_batch_size"]
     if mbs is None or mbs < 1:
         raise ValueError(f"{PROG}: --micro-batch-size must be >= 1, got {mbs}")
     if args["global_batch_size"] is None:
-        args["global_batch_size"] = mbs * world_size
+        args["global_batch_size"] = mbs * dp
     gbs = args["global_batch_size"]
-    if gbs % (mbs * world_size) != 0 or gbs < mbs * world_size:
+    if gbs % (mbs * dp) != 0 or gbs < mbs * dp:
         raise ValueError(f"{PROG}: --global-batch-size {gbs} must be a positive multiple of --micro-batch-size "
-                         f"{mbs} x data-parallel size {world_size} (= {mbs * world_size}); grad-accum steps = "
-                         "GBS / (MBS x DP)")
+                         f"{mbs} x data-parallel size {dp} (= {mbs * dp}; world {world_size} / context-parallel "
+                         f"{args['context_parallel_size']}); grad-accum steps = GBS / (MBS x DP)")
     frac, warm = args.pop("lr_warmup_fraction"), args["lr_warmup_iters"]
     if args["lr_decay_iters"] is None:
         args["lr_decay_iters"] = args["train_iters"]
@@ -565,8 +597,6 @@ def _resolve(args: dict[str, Any], world_size: int | None, ignored: tuple[str, .
                          f"({args['lr_decay_iters']} steps); lower --lr-warmup-iters/--lr-warmup-fraction")
     if args["min_lr"] > args["lr"]:
         raise ValueError(f"{PROG}: --min-lr {args['min_lr']} is above --lr {args['lr']}")
-    model = ModelJsonConfig.load(args["mm_model"])
-    fsdp2 = Fsdp2Config.load(args["fsdp2_config_path"]) if args.get("fsdp2_config_path") else Fsdp2Config()
     if not Path(args["mm_data"]).is_file():
         raise FileNotFoundError(f"--mm-data {args['mm_data']}: no such file")
     try:

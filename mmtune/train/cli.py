@@ -42,9 +42,9 @@ def run(cfg, *, print_fn=print) -> dict:
     from mmtune.train.trainer import LoopSettings, Trainer
 
     backend = None if cfg.distributed_backend == "auto" else cfg.distributed_backend
-    shard = cfg.fsdp2.sharding_size
     env = init_distributed(backend=backend, timeout_s=60 * cfg.distributed_timeout_minutes,
-                           shard_size=None if shard == "auto" else int(shard))
+                           shard_size=cfg.fsdp2.sharding_size, cp=cfg.context_parallel_size,
+                           ep=cfg.expert_model_parallel_size)
     say = print_fn if env.is_main else (lambda *a, **k: None)
     try:
         if env.world_size != cfg.world_size:
@@ -57,6 +57,10 @@ def run(cfg, *, print_fn=print) -> dict:
         if not (Path(hf_path) / "config.json").is_file():
             raise FileNotFoundError(f"{cfg.mm_model}: init_from_hf_path {hf_path} has no config.json")
         mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
+        env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
+        if env.dims.cp > 1 or env.dims.ep > 1:
+            raise ValueError(f"{PROG}: context and expert parallelism are not implemented yet "
+                             "(--context-parallel-size / --expert-model-parallel-size must be 1)")
         source = resolve_load_path(cfg.load) if cfg.load else None
         resume = None if cfg.no_auto_resume else latest_checkpoint(cfg.save)
         if resume is not None:  # automatic resume: --save holds a complete checkpoint, continue from it
@@ -73,7 +77,8 @@ def run(cfg, *, print_fn=print) -> dict:
         opts.param_dtype = cfg.param_dtype(env.device.type)  # fp32 on the CPU
         if env.device.type != "cuda" or opts.param_dtype == torch.float32:
             opts.reduce_dtype = None  # reduce in the parameter dtype
-        say(f"{PROG}: world size {env.world_size} on {env.device.type}, grad-accum {cfg.grad_accum_steps}, "
+        say(f"{PROG}: world size {env.world_size} on {env.device.type} ({env.dims.describe()}), "
+            f"grad-accum {cfg.grad_accum_steps}, "
             f"load {source.kind + ' ' + str(source.path) if source else 'hf ' + hf_path}", flush=True)
         kind = source.kind if source else "hf"
         model = build_model(
@@ -98,9 +103,9 @@ def run(cfg, *, print_fn=print) -> dict:
                 # the loader counts rows taken by all ranks together (global batch rows per step); the
                 # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
                 consumed_for_loader = int(saved.get("step", 0)) * cfg.global_batch_size
-                consumed_for_loader -= consumed_for_loader % env.world_size
+                consumed_for_loader -= consumed_for_loader % env.dp_size
         loader = build_train_loader(cfg.mm_data, seq_length=seq_length, micro_batch_size=cfg.micro_batch_size,
-                                    dp_rank=env.rank, dp_size=env.world_size, seed=cfg.seed,
+                                    dp_rank=env.dp_rank, dp_size=env.dp_size, seed=cfg.seed,
                                     num_workers=cfg.num_workers, consumed_samples=consumed_for_loader,
                                     progress=env.is_main)
         if source and source.kind == "training":
