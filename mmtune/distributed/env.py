@@ -10,6 +10,7 @@ belong to `ParallelDims` (parallel_dims.py); `DistEnv` carries it.
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 from dataclasses import dataclass
 
@@ -18,6 +19,8 @@ import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh
 
 from mmtune.distributed.parallel_dims import ParallelDims
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -104,7 +107,13 @@ def _store_for_this_attempt(timeout_s: float):
     attempt a fresh store (examples/glm4.5v/env.sh) and nothing is done here. None: let torch rendezvous."""
     _INITS[0] += 1
     one_node = os.environ.get("LOCAL_WORLD_SIZE") == os.environ.get("WORLD_SIZE")
-    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True" or not one_node:
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    if not one_node:
+        if _env_int("TORCHELASTIC_MAX_RESTARTS", 0) > 0 and os.environ.get("RANK") == "0":
+            log.warning("torchrun --max-restarts across nodes with a store shared by all attempts: a restart can "
+                        "fail to connect (pytorch issue 135712); launch with --rdzv-backend c10d and "
+                        "TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (examples/glm4.5v/env.sh)")
         return None
     store, _, _ = next(dist.rendezvous("env://", timeout=datetime.timedelta(seconds=timeout_s)))
     prefix = f"mmtune/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}/init_{_INITS[0]}"
