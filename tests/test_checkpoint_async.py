@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.distributed.checkpoint as dcp
 
-from mmtune.train.checkpoint import POINTER_FILE, Checkpointer, prune_checkpoints
+from mmtune.train.checkpoint import POINTER_FILE, CheckpointSaveError, Checkpointer, prune_checkpoints
 from test_checkpoint_resume import _parts
 
 
@@ -72,7 +72,7 @@ def test_failed_background_write_is_reported(tmp_path, monkeypatch):
     model, opt, sched = _parts()
     ck = Checkpointer(tmp_path, async_save=True)
     ck.save(1, model, opt, sched)
-    with pytest.raises(RuntimeError, match=r"iter_0000001 was not written .*OSError: disk full"):
+    with pytest.raises(CheckpointSaveError, match=r"iter_0000001 was not written .*OSError: disk full"):
         ck.wait()
     ck.close()
     assert not (tmp_path / POINTER_FILE).exists() and not (tmp_path / "iter_0000001").exists()

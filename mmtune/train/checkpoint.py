@@ -284,11 +284,9 @@ class Checkpointer:
             (pending, final), self._pending = self._pending, None
             try:
                 pending.result()
-            except Exception as e:  # DCP's CheckpointException is a BaseException: caught below
-                raise _save_failed(final, e) from e
-            except BaseException as e:
-                if isinstance(e, (KeyboardInterrupt, SystemExit)):
-                    raise
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # DCP's CheckpointException derives from BaseException
                 raise _save_failed(final, e) from e
 
     def close(self) -> None:
@@ -401,9 +399,13 @@ def fast_forward_scheduler(scheduler, step: int) -> None:
         scheduler.step()
 
 
-def _save_failed(final: Path, e: BaseException) -> RuntimeError:
+class CheckpointSaveError(RuntimeError):
+    """A background (--async-save) write failed; the previous checkpoint stays the latest."""
+
+
+def _save_failed(final: Path, e: BaseException) -> CheckpointSaveError:
     last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
-    return RuntimeError(f"checkpoint {final} was not written (background save failed; the previous checkpoint "
+    return CheckpointSaveError(f"checkpoint {final} was not written (background save failed; the previous checkpoint "
                         f"stays the latest): {last}")
 
 

@@ -159,6 +159,7 @@ def run(cfg, *, print_fn=print) -> dict:
 def main(argv: list[str] | None = None) -> int:
     from mmtune.distributed.errors import CollectiveError
     from mmtune.train.args import parse_train_args
+    from mmtune.train.checkpoint import CheckpointSaveError
     from mmtune.train.trainer import NonFiniteLossError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLossError as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
         return 1
-    except CollectiveError as e:
+    except (CollectiveError, CheckpointSaveError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
