@@ -22,3 +22,4 @@ def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
     res = json.loads((tmp_path / "gpu_train.json").read_text())
     assert res["backend"] == "gloo" and res["mmtune_step_s"] > 0 and res["hf_missing_keys"] == 0
     assert abs(res["mmtune_first_loss"] - res["hf_first_loss"]) < 1e-4 * res["hf_first_loss"]
+    assert res["save_sync_blocked_s"] > 0 and res["save_async_blocked_s"] > 0  # --save-dir's timing runs
