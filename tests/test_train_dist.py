@@ -105,40 +105,53 @@ def test_two_ranks_from_the_hf_dir_equal_from_the_converted_dcp(dist):
     assert len(dist["result"]["hf_placements"]) == 7
 
 
-@pytest.mark.parametrize("mode", ["sync", "async"])
-def test_elastic_restart_resumes_exactly(dist, tmp_path, mode):
-    """torchrun --max-restarts 1: rank 1 is SIGKILLed from outside after step 3 (tests/elastic_hook stalls it
-    there on the first attempt); torchrun restarts both workers, which resume from iter 2 by themselves
-    and finish. Every loss equals the uninterrupted 2-rank run's, and metrics.jsonl has each step once."""
-    save, stalled, log = tmp_path / "elastic", tmp_path / "stalled.pid", tmp_path / "torchrun.log"
+def _launch_elastic(dist, root: Path, mode: str) -> dict:
+    """`torchrun --max-restarts 1 -m mmtune train` whose rank 1 stalls after step 3 on the first attempt
+    (tests/elastic_hook); returns what the test needs to kill it and check the result."""
+    run = {"save": root / f"elastic_{mode}", "stalled": root / f"stalled_{mode}.pid", "log": root / f"{mode}.log"}
     extra = ["--async-save"] if mode == "async" else []
-    argv = train_argv(dist["work"], save, 6, "--save-interval", "2", "--load", str(dist["hf_dir"]), *extra)
+    argv = train_argv(dist["work"], run["save"], 6, "--save-interval", "2", "--load", str(dist["hf_dir"]), *extra)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts",
            "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "mmtune", "train", *argv]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": f"{HERE / 'elastic_hook'}:{HERE.parent}", "MMTUNE_TEST_STALL_RANK": "1",
-           "MMTUNE_TEST_STALL_AFTER": "3", "MMTUNE_TEST_STALL_FILE": str(stalled)}
-    with open(log, "w") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+           "MMTUNE_TEST_STALL_AFTER": "3", "MMTUNE_TEST_STALL_FILE": str(run["stalled"])}
+    with open(run["log"], "w") as out:
+        run["proc"] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return run
+
+
+def test_elastic_restarts_resume_exactly(dist, tmp_path):
+    """torchrun --max-restarts 1, with synchronous and with asynchronous saves (both jobs at once): rank 1 is
+    SIGKILLed from outside after step 3; torchrun restarts both workers, which resume from iter 2 by
+    themselves and finish. Every loss equals the uninterrupted 2-rank run's; metrics.jsonl has each step once."""
+    runs = [_launch_elastic(dist, tmp_path, mode) for mode in ("sync", "async")]
     try:
-        deadline = time.monotonic() + 300
-        pointer = save / POINTER_FILE
-        # rank 1 has finished step 3 and stalls; iter 2 is complete (async: published by rank 0's writer)
-        while not (stalled.is_file() and pointer.is_file() and pointer.read_text().strip() == "2"):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+        deadline = time.monotonic() + 400
+        waiting = list(runs)
+        while waiting:  # kill each job's rank 1 once it has stalled and iter 2 is complete (async: published)
+            for run in list(waiting):
+                pointer = run["save"] / POINTER_FILE
+                if run["stalled"].is_file() and pointer.is_file() and pointer.read_text().strip() == "2":
+                    os.kill(int(run["stalled"].read_text()), signal.SIGKILL)
+                    waiting.remove(run)
+                else:
+                    assert run["proc"].poll() is None and time.monotonic() < deadline, run["log"].read_text()[-5000:]
             time.sleep(0.05)
-        os.kill(int(stalled.read_text()), signal.SIGKILL)
-        rc = proc.wait(timeout=300)
+        codes = [run["proc"].wait(timeout=400) for run in runs]
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    text = log.read_text()
-    assert rc == 0, text[-6000:]
-    assert text.count(f"auto-resume from {save / 'iter_0000002'}") == 1, text[-6000:]  # rank 0 says it once
-    rows, ref = _rows(save), _rows(dist["save_hf"])
-    assert [r["step"] for r in rows] == list(range(1, 7))
-    assert [r["loss"] for r in rows] == [r["loss"] for r in ref]  # bit for bit, before and after the restart
-    assert (save / POINTER_FILE).read_text().strip() == "6"
+        for run in runs:
+            if run["proc"].poll() is None:
+                os.killpg(run["proc"].pid, signal.SIGKILL)
+    ref = [r["loss"] for r in _rows(dist["save_hf"])]
+    for run, rc in zip(runs, codes):
+        text = run["log"].read_text()
+        assert rc == 0, text[-6000:]
+        assert text.count(f"auto-resume from {run['save'] / 'iter_0000002'}") == 1, text[-6000:]  # said once
+        rows = _rows(run["save"])
+        assert [r["step"] for r in rows] == list(range(1, 7)), run["save"]
+        assert [r["loss"] for r in rows] == ref, run["save"]  # bit for bit, before and after the restart
+        assert (run["save"] / POINTER_FILE).read_text().strip() == "6"
 
 
 def test_sharding_size_must_divide_the_world():
