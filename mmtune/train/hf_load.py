@@ -43,6 +43,7 @@ from torch.distributed.checkpoint.planner import LoadPlan, LoadPlanner
 from torch.distributed.checkpoint.state_dict import get_model_state_dict, set_model_state_dict
 from torch.distributed.checkpoint.storage import StorageReader
 from torch.futures import Future
+from tqdm import tqdm
 
 from mmtune.weights.hf_files import list_shards
 
@@ -141,9 +142,10 @@ def _region(index: tuple[int | slice, ...], shape: tuple[int, ...]):
 class HFSliceReader(StorageReader):
     """A DCP StorageReader over an `HFIndex` (see the module docstring)."""
 
-    def __init__(self, index: HFIndex):
+    def __init__(self, index: HFIndex, progress: bool = False):
         super().__init__()
         self.index = index
+        self.progress = progress
         self._by_chunk = {(name, c.offsets): c for name, chunks in index.pieces.items() for c in chunks}
         self.bytes_read = 0
 
@@ -173,6 +175,8 @@ class HFSliceReader(StorageReader):
         for item in plan.items:
             piece = self._by_chunk[(item.storage_index.fqn, tuple(item.storage_index.offset))]
             by_file.setdefault(piece.file, []).append((item, piece))
+        bar = tqdm(total=len(plan.items), unit="tensor", desc="load HF weights (rank 0's part)",
+                   disable=not self.progress)
         for file, items in sorted(by_file.items()):
             with safe_open(str(file), framework="pt", device="cpu") as f:
                 for item, piece in items:
@@ -183,17 +187,19 @@ class HFSliceReader(StorageReader):
                     target.copy_(data.reshape(target.shape))  # casts (bf16 file -> fp32 master weights)
                     planner.commit_tensor(item, target)
                     self.bytes_read += data.numel() * data.element_size()
+                    bar.update()
+        bar.close()
         fut: Future[None] = Future()
         fut.set_result(None)
         return fut
 
 
-def load_hf_weights(hf_dir: str | Path, model: nn.Module, adapter) -> int:
+def load_hf_weights(hf_dir: str | Path, model: nn.Module, adapter, progress: bool = False) -> int:
     """Load an HF dir into a (meta-initialised, sharded, materialised) model, each rank its own part.
     Collective when a process group exists. Returns the bytes this rank read."""
     sd = get_model_state_dict(model)
     index = HFIndex.build(hf_dir, {k: tuple(v.shape) for k, v in sd.items()}, adapter)
-    reader = HFSliceReader(index)
+    reader = HFSliceReader(index, progress=progress)
     import torch.distributed as dist
 
     with warnings.catch_warnings():  # one process: "assuming the intent is to load in a single process"

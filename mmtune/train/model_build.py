@@ -76,7 +76,7 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
         _reset_non_persistent_buffers(model)
         return model
     if hf_path is not None:
-        load_hf_weights(hf_path, model, model_cls.state_dict_adapter(config))
+        load_hf_weights(hf_path, model, model_cls.state_dict_adapter(config), progress=env.is_main)
         _reset_non_persistent_buffers(model)
         return model
     full = None
