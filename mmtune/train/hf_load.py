@@ -10,11 +10,12 @@ native name is one stored chunk; a stacked expert tensor (`...mlp.experts.gate_u
 split, shared with conversion. DCP intersects each rank's local piece of every parameter (computed from
 the DTensor's own device mesh and placements: FSDP, HSDP, an expert-parallel Shard(0), a _StridedShard,
 whatever the parallelisms made) with those chunks and asks the reader for exactly the overlapping
-regions; the reader takes them from the memory-mapped safetensors (`safe_open(...).get_slice`), reading
-only those bytes. A rank therefore holds its shard plus one region in flight, never a full expert stack.
+regions; the reader takes them from the safetensors files with plain reads of the rows they cover
+(`weights.safetensors_io.read_region`; no mmap, so nothing of the files stays mapped into the process). A rank
+therefore holds its shard plus one region in flight, never a full expert stack.
 
-torch's own `HuggingFaceStorageReader` reads safetensors the same way but maps tensor names one to one,
-so it cannot assemble a stacked expert tensor from 2E hub tensors; hence this reader.
+torch's own `HuggingFaceStorageReader` reads safetensors slices too (through mmap) but maps tensor names
+one to one, so it cannot assemble a stacked expert tensor from 2E hub tensors; hence this reader.
 
 Every check happens before any data moves (`HFIndex.build`): a missing or corrupt shard (weights/hf_files
 `list_shards`), a tensor the model needs that the dir lacks, a shape that disagrees with the model — each
@@ -46,6 +47,7 @@ from torch.futures import Future
 from tqdm import tqdm
 
 from mmtune.weights.hf_files import list_shards
+from mmtune.weights.safetensors_io import TensorEntry, read_region
 
 
 def is_hf_dir(path: str | Path) -> bool:
@@ -57,11 +59,11 @@ def is_hf_dir(path: str | Path) -> bool:
 
 @dataclass(frozen=True)
 class _Piece:
-    """One stored chunk: the region `offsets`/`sizes` of a native tensor is hub tensor `hub` of `file`;
+    """One stored chunk: the region `offsets`/`sizes` of a native tensor is hub tensor `entry` of `file`;
     `dropped` are the region's dims of size 1 that the hub tensor does not have (an expert index)."""
 
     file: Path
-    hub: str
+    entry: TensorEntry
     offsets: tuple[int, ...]
     sizes: tuple[int, ...]
     dropped: tuple[int, ...]
@@ -78,10 +80,10 @@ class HFIndex:
     def build(cls, hf_dir: str | Path, wanted: dict[str, tuple[int, ...]], adapter) -> "HFIndex":
         """wanted: native name -> shape (the model's state dict); adapter: the model's StateDictAdapter."""
         root = Path(hf_dir)
-        stored: dict[str, tuple[Path, torch.dtype, tuple[int, ...]]] = {}
+        stored: dict[str, tuple[Path, TensorEntry]] = {}
         for shard in list_shards(root):  # headers read and checked; a missing/truncated shard is named
             for e in shard.entries:
-                stored[e.name] = (shard.path, e.dtype, tuple(e.shape))
+                stored[e.name] = (shard.path, e)
         pieces: dict[str, list[_Piece]] = {}
         dtypes: dict[str, torch.dtype] = {}
         missing: list[str] = []
@@ -96,14 +98,14 @@ class HFIndex:
                 if hub not in stored:
                     missing.append(hub)
                     continue
-                file, dtype, hub_shape = stored[hub]
+                file, entry = stored[hub]
                 offsets, sizes, dropped = _region(index, shape)
                 expect = tuple(s for d, s in enumerate(sizes) if d not in dropped)
-                if hub_shape != expect:
-                    raise ValueError(f"{file}: tensor {hub} has shape {hub_shape}, the model expects {expect} "
+                if tuple(entry.shape) != expect:
+                    raise ValueError(f"{file}: tensor {hub} has shape {tuple(entry.shape)}, the model expects {expect} "
                                      f"(for {name} {shape}) — the weights belong to another config.json")
-                chunks.append(_Piece(file, hub, offsets, sizes, dropped))
-                dtypes.setdefault(name, dtype)
+                chunks.append(_Piece(file, entry, offsets, sizes, dropped))
+                dtypes.setdefault(name, entry.dtype)
             if chunks and len(chunks) == len(parts):
                 covered = sum(math.prod(c.sizes) for c in chunks)
                 assert covered == math.prod(shape), (name, covered, shape)  # hub_slices tiles the tensor
@@ -169,8 +171,6 @@ class HFSliceReader(StorageReader):
         return False
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
-        from safetensors import safe_open
-
         by_file: dict[Path, list] = {}
         for item in plan.items:
             piece = self._by_chunk[(item.storage_index.fqn, tuple(item.storage_index.offset))]
@@ -178,15 +178,15 @@ class HFSliceReader(StorageReader):
         bar = tqdm(total=len(plan.items), unit="tensor", desc="load HF weights (rank 0's part)",
                    disable=not self.progress)
         for file, items in sorted(by_file.items()):
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for item, piece in items:
+            with open(file, "rb", buffering=0) as f:
+                for item, piece in sorted(items, key=lambda x: x[1].entry.begin):  # in file order
                     region = [slice(o, o + n) for o, n in zip(item.storage_offsets, item.lengths)]
                     hub_index = tuple(s for d, s in enumerate(region) if d not in piece.dropped)
-                    data = f.get_slice(piece.hub)[hub_index] if hub_index else f.get_tensor(piece.hub)
+                    data = read_region(f, piece.entry, hub_index)
                     target = planner.resolve_tensor(item).detach()
                     target.copy_(data.reshape(target.shape))  # casts (bf16 file -> fp32 master weights)
                     planner.commit_tensor(item, target)
-                    self.bytes_read += data.numel() * data.element_size()
+                    self.bytes_read += data.untyped_storage().nbytes()  # the rows read from the file
                     bar.update()
         bar.close()
         fut: Future[None] = Future()
