@@ -1,6 +1,7 @@
-"""Asynchronous saves and --keep-latest-checkpoints in one process: the caller waits only for the copy into
-the staging buffer, the pointer moves only once the write is complete, the next save waits for the previous
-one, a failed background write is reported, and pruning never touches the pointer's or an unfinished one."""
+"""Asynchronous saves and --keep-latest-checkpoints in one process: the caller waits (before changing the
+weights) only for the copy into the staging buffer, the pointer moves only once the write is complete, the
+next save waits for the previous one, a failed background write is reported, and pruning never touches the
+pointer's or an unfinished one."""
 
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ def test_async_save_publishes_only_when_complete(tmp_path, gated_finish):
     _wait_for(lambda: entered)
     assert not (tmp_path / POINTER_FILE).exists() and not (tmp_path / "iter_0000001").exists()
     assert (tmp_path / ".iter_0000001.tmp").is_dir()
+    ck.wait_staged()  # what the trainer does before its optimizer step
     with torch.no_grad():  # training goes on: the staged copy, not the live weights, is written
         for p in model.parameters():
             p.add_(1.0)

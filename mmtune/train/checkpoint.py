@@ -17,8 +17,10 @@ temporary file + os.replace. A process killed at any moment leaves the previous 
 complete checkpoint. Synchronous saves know "complete on every rank" from a barrier after `dcp.save`.
 
 Asynchronous saves (`--async-save`): `dcp.async_save` copies the state into a CPU staging buffer (reused
-from save to save; pinned on CUDA) — the only part the training loop waits for — and writes it from a
-background thread whose collectives run on a separate gloo group. DCP's coordinator (rank 0) writes the
+from save to save; pinned on CUDA) on a background thread while the next step's forward and backward run —
+the trainer waits for that copy only before its next optimizer step (`wait_staged`), the one thing that
+changes the weights — and then writes it from another background thread whose collectives run on a
+separate gloo group. DCP's coordinator (rank 0) writes the
 `.metadata` only after gathering every rank's write results, so when rank 0's write finishes the save is
 complete everywhere; a second background step then renames and moves the pointer. The next save (and the
 end of training) first waits for the previous one. `--keep-latest-checkpoints K` deletes older `iter_*`
@@ -195,7 +197,9 @@ class Checkpointer:
         self.keep_latest = keep_latest
         self.print = print_fn or (lambda *a, **k: None)
         self.last_blocked_s = 0.0  # how long the last save() held the caller (the bench reads it)
+        self.staging_wait_s = 0.0  # how long wait_staged() held the caller, in all
         self._pending: tuple[Future, Path] | None = None
+        self._staged: Future | None = None
         self._pool: ThreadPoolExecutor | None = None
         self._stager = None
         self._group = None
@@ -204,7 +208,7 @@ class Checkpointer:
 
             cuda = torch.cuda.is_available()
             self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
-                                                        use_async_staging=False, use_non_blocking_copy=cuda))
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
             self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmtune-ckpt-publish")
             if dist.is_initialized():  # the background save's collectives must not share the training group
                 self._group = dist.new_group(backend="gloo", group_desc="async_checkpoint")
@@ -228,10 +232,12 @@ class Checkpointer:
         sd = self._state_dict(step, world, rank, model, optimizer, scheduler, loader, state or TrainState(step=step))
         if self.async_save:
             with _quiet():
-                written = dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)), async_stager=self._stager,
-                                         process_group=self._group, no_dist=not dist.is_initialized())
-            self._pending = (self._pool.submit(self._finish_async, written, step, tmp, final, time.perf_counter()),
-                             final)
+                response = dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)),
+                                          async_stager=self._stager, process_group=self._group,
+                                          no_dist=not dist.is_initialized())
+            self._staged = response.staging_completion
+            self._pending = (self._pool.submit(self._finish_async, response.upload_completion, step, tmp, final,
+                                               time.perf_counter()), final)
         else:
             with _quiet():
                 dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)))
@@ -278,8 +284,19 @@ class Checkpointer:
         if self.keep_latest:
             prune_checkpoints(self.save_dir, self.keep_latest)
 
+    def wait_staged(self) -> None:
+        """Block until the save in flight has its copy of the state (call before changing the weights)."""
+        if self._staged is not None:
+            t0 = time.perf_counter()
+            staged, self._staged = self._staged, None
+            try:
+                staged.result()
+            finally:
+                self.staging_wait_s += time.perf_counter() - t0
+
     def wait(self) -> None:
         """Block until the save in flight (if any) is written and published; raise if it failed."""
+        self._staged = None  # the write waits for the copy: once written, it was staged
         if self._pending is not None:
             (pending, final), self._pending = self._pending, None
             try:

@@ -165,6 +165,8 @@ class Trainer:
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            if self.checkpointer is not None:
+                self.checkpointer.wait_staged()  # an --async-save copy of the weights must finish before they change
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -241,7 +243,7 @@ class Trainer:
         path = ck.save(step, self.model, self.optimizer, self.scheduler, self.loader,
                        TrainState(step=step, consumed_samples=consumed, extra=extra))
         if ck.async_save:  # "saved checkpoint ..." follows once it is written (Checkpointer._finish_async)
-            self.print(f"checkpoint {path.name}: state staged in {ck.last_blocked_s:.2f} s, writing in the background",
-                       flush=True)
+            self.print(f"checkpoint {path.name}: copying and writing in the background (the loop waited "
+                       f"{ck.last_blocked_s:.2f} s)", flush=True)
         else:
             self.print(f"saved checkpoint {path}", flush=True)
