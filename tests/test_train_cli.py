@@ -28,6 +28,16 @@ def work(tmp_path_factory, tiny_hf_dir, shapes_dir):
     return make_workdir(tmp_path_factory.mktemp("train_cli"), tiny_hf_dir, shapes_dir)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The in-process runs on one torch thread, as the subprocess and torchrun runs (OMP_NUM_THREADS=1): the
+    tiny model's ops gain nothing from two, and on the shared machine two threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _argv(work, save, iters, *extra):
     return train_argv(work, save, iters, *extra)
 
