@@ -18,6 +18,7 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
     python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
     python bench/gpu_train.py --moe-layers 2 --seq 8192
     python bench/gpu_train.py --lora-r 16      # mmtune with LoRA (frozen bf16 base) instead of full finetuning
+    python bench/gpu_train.py --save-dir /local/disk/tmp   # + checkpoint save blocked time, sync vs async
     python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
     python bench/gpu_train.py --cpu            # CPU, fp32: the 7.3M-param model of docs/PERFORMANCE.md, 4 x 512
 
@@ -73,6 +74,9 @@ def parse_args(argv=None):
     p.add_argument("--lora-r", type=int, default=None, help="LoRA of this rank on every Linear of the decoder and the "
                    "routed experts (frozen base stored in bf16, fp32 adapters; implies --skip-hf)")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
+    p.add_argument("--save-dir", help="also time one checkpoint save of the model + AdamW state into DIR, "
+                   "synchronous and --async-save (blocked time, and the background write's total); needs ~12x the "
+                   "parameter count in bytes of disk (--moe-layers 1: ~45 GB); --dry-run uses a temp dir")
     p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 wide, "
                    "4 layers, 16 experts top-4; vision 2 blocks), --bs 4 --seq 512 unless given")
     return p.parse_args(argv)
@@ -245,6 +249,8 @@ def run_mmtune(cfg, args, device, batch, res, ep: int = 1, key: str = "mmtune"):
                                      f"{key}_step")
         if device.type == "cuda":
             res[f"{key}_step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+        if args.save_dir or args.dry_run:
+            time_saves(model, opt, args, res)
         del opt, sched, trainer
     res["flops_per_token"] = text_flops_per_token(cfg.text, args.seq)
     del model
@@ -280,6 +286,32 @@ def run_loss_memory(args, device, res):
         res["loss_chunk_over_plain_memory"] = res["loss_chunk_peak_added_gib"] / res["loss_default_peak_added_gib"]
     res["loss_chunked_fp32_out_addmm"] = _fp32_out_addmm(device)
     del h, w, y
+
+
+def time_saves(model, opt, args, res) -> None:
+    """Blocked time of one synchronous and one asynchronous checkpoint save (train/checkpoint.py), same state;
+    on CUDA the async copy goes to pinned host memory."""
+    import shutil
+    import tempfile
+
+    from mmtune.train.checkpoint import Checkpointer
+
+    root = Path(args.save_dir) if args.save_dir else Path(tempfile.mkdtemp(prefix="gpu_train_save_"))
+    try:
+        for mode in ("sync", "async"):
+            ck = Checkpointer(root / mode, async_save=mode == "async")
+            t0 = time.perf_counter()
+            ck.save(1, model, opt)
+            res[f"save_{mode}_call_s"] = ck.last_blocked_s
+            ck.wait_staged()  # the copy to host; the trainer overlaps it with the next forward/backward
+            res[f"save_{mode}_blocked_s"] = time.perf_counter() - t0
+            ck.close()
+            res[f"save_{mode}_total_s"] = time.perf_counter() - t0
+            shutil.rmtree(root / mode)
+        res["save_async_over_sync_blocked"] = res["save_async_blocked_s"] / res["save_sync_blocked_s"]
+    finally:
+        if not args.save_dir:
+            shutil.rmtree(root, ignore_errors=True)
 
 
 def run_hf(cfg, args, device, batch, full_sd, res):

@@ -25,3 +25,4 @@ def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
     # the bf16 loss-memory part ran (chunked == plain up to bf16 rounding; no fp32-out addmm on the CPU)
     assert abs(res["loss_chunk_value"] - res["loss_default_value"]) < 1e-2 * res["loss_default_value"]
     assert res["loss_chunked_fp32_out_addmm"] is False
+    assert res["save_sync_blocked_s"] > 0 and res["save_async_blocked_s"] > 0  # --save-dir's timing runs

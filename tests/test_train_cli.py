@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -27,6 +28,16 @@ def work(tmp_path_factory, tiny_hf_dir, shapes_dir):
     return make_workdir(tmp_path_factory.mktemp("train_cli"), tiny_hf_dir, shapes_dir)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """The in-process runs on one torch thread, as the subprocess and torchrun runs (OMP_NUM_THREADS=1): the
+    tiny model's ops gain nothing from two, and on the shared machine two threads thrash."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _argv(work, save, iters, *extra):
     return train_argv(work, save, iters, *extra)
 
@@ -35,12 +46,21 @@ def _metrics(save):
     return [json.loads(line) for line in (Path(save) / "metrics.jsonl").read_text().splitlines()]
 
 
-def test_resume_is_exact_and_checkpoints_are_complete(work, tiny_hf_dir):
-    straight, resumed = work / "straight", work / "resumed"
-    assert main(_argv(work, straight, 4, "--save-interval", "2")) == 0
+@pytest.fixture(scope="module")
+def straight(work):
+    """4 steps, checkpoints at 2 and 4, weights from model.json's init_from_hf_path (the hub-layout tiny dir,
+    read slice by slice)."""
+    assert main(_argv(work, work / "straight", 4, "--save-interval", "2")) == 0
+    return work / "straight"
+
+
+def test_resume_is_exact_and_checkpoints_are_complete(work, tiny_hf_dir, straight, capsys):
+    resumed = work / "resumed"
     assert main(_argv(work, resumed, 4, "--exit-interval", "2")) == 0
     assert (resumed / POINTER_FILE).read_text().strip() == "2"
-    assert main(_argv(work, resumed, 4, "--load", str(resumed))) == 0
+    capsys.readouterr()
+    assert main(_argv(work, resumed, 4, "--load", str(tiny_hf_dir))) == 0  # --save has a checkpoint: resumes
+    assert f"auto-resume from {resumed / 'iter_0000002'}" in capsys.readouterr().out
     a, b = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in a] == list(range(1, 5)) and [r["step"] for r in b] == list(range(1, 5))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical in fp32
@@ -69,6 +89,32 @@ def test_resume_is_exact_and_checkpoints_are_complete(work, tiny_hf_dir):
     assert not torch.equal(sd["model." + names[2]], hf[names[2]]) and not torch.equal(sd["model." + names[3]], hf[names[3]])
 
 
+def test_hf_dir_and_converted_dcp_start_the_same(work, tiny_hf_dir, straight, tmp_path, capsys):
+    """--load of the converted DCP, of a merged-layout HF dir and of the hub-layout one (straight): the same
+    3 losses, bit for bit."""
+    from safetensors.torch import save_file
+
+    from mmtune.convert import hf_to_dcp
+    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
+
+    hf_to_dcp(tiny_hf_dir, tmp_path / "dcp", progress=False)
+    merged = tmp_path / "merged"
+    merged.mkdir()
+    shutil.copy(tiny_hf_dir / "config.json", merged)
+    sd = Glm4vMoeForConditionalGeneration.from_pretrained(tiny_hf_dir, dtype=torch.bfloat16).state_dict()
+    save_file({k: v.contiguous() for k, v in sd.items()}, merged / "model.safetensors")
+    want = [r["loss"] for r in _metrics(straight)][:3]
+    for name, load in (("from_dcp", tmp_path / "dcp"), ("from_merged", merged)):
+        assert main(_argv(work, tmp_path / name, 3, "--load", str(load))) == 0
+        assert [r["loss"] for r in _metrics(tmp_path / name)] == want, name
+    out = capsys.readouterr().out
+    assert f"load weights {tmp_path / 'dcp'}" in out and f"load hf {merged}" in out
+    # --no-auto-resume: a save dir holding a checkpoint is not resumed; the run starts over from --load
+    assert main(_argv(work, tmp_path / "from_dcp", 2, "--load", str(merged), "--no-auto-resume")) == 0
+    assert [r["loss"] for r in _metrics(tmp_path / "from_dcp")] == want[:2]
+    assert "auto-resume" not in capsys.readouterr().out
+
+
 def test_streaming_data_resumes_exactly(work, tmp_path):
     data = json.loads((work / "data.json").read_text())
     data["dataset_param"]["basic_parameters"]["streaming"] = True
@@ -95,15 +141,18 @@ sys.exit(main(sys.argv[1:]))
 """
 
 
-def test_sigkill_during_checkpoint_keeps_the_previous_one(work):
-    save = work / "killed"
+@pytest.mark.parametrize("mode", ["sync", "async"])
+def test_sigkill_during_checkpoint_keeps_the_previous_one(work, mode):
+    """Killed while iter 2 is being written (synchronously, or by --async-save's background thread)."""
+    save = work / f"killed_{mode}"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILLER, *_argv(work, save, 3, "--save-interval", "1")],
+    extra = ["--async-save"] if mode == "async" else []
+    proc = subprocess.run([sys.executable, "-c", KILLER, *_argv(work, save, 3, "--save-interval", "1", *extra)],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert (save / POINTER_FILE).read_text().strip() == "1"
     assert not (save / "iter_0000002").exists() and list((save / ".iter_0000002.tmp").glob("*.distcp"))
-    assert main(_argv(work, save, 2, "--load", str(save))) == 0  # resumes from iter 1, rewrites iter 2
+    assert main(_argv(work, save, 2, *extra)) == 0  # resumes from iter 1 (automatically), rewrites iter 2
     assert (save / POINTER_FILE).read_text().strip() == "2" and not (save / ".iter_0000002.tmp").exists()
     assert [r["step"] for r in _metrics(save)] == [1, 2]  # the lost run's step-2 row was dropped
 

@@ -8,18 +8,24 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from dist_utils import torchrun
-from mmtune.train.checkpoint import checkpoint_keys
+from dist_utils import free_port, torchrun
+from mmtune.train.checkpoint import POINTER_FILE, checkpoint_keys
 from mmtune.train.cli import main
 from test_train_helpers import make_sample, make_workdir, train_argv, windows_for
 from test_train_loop import _close, _one_step, _trainer
 
 HERE = Path(__file__).parent
+EP_FLAGS = ("--expert-model-parallel-size", "2", "--moe-router-bias-update-rate", "1e-3")
 
 
 @pytest.fixture(scope="module")
@@ -28,18 +34,22 @@ def dist(tmp_path_factory, tiny_hf_dir, shapes_dir):
     work = make_workdir(root, tiny_hf_dir, shapes_dir)
     from mmtune.convert import hf_to_dcp
 
-    hf_to_dcp(tiny_hf_dir, root / "dcp")  # the 2-rank run starts from the converted weights-only DCP
-    # the CLI run uses expert parallelism (EP=2: each rank owns 2 of the 4 experts); test_expert_parallel's
-    # 2-rank configurations run in this launch too (`ep_runs`, results in ep_out)
-    job = {"out": str(root / "result.json"),
-           "cli_argv": train_argv(work, root / "two", 2, "--save-interval", "2", "--load", str(root / "dcp"),
-                                  "--expert-model-parallel-size", "2", "--moe-router-bias-update-rate", "1e-3"),
+    hf_to_dcp(tiny_hf_dir, root / "dcp")
+    # mmtune train on 2 ranks with expert parallelism (EP=2: each rank owns 2 of the 4 experts) and router-bias
+    # balancing: 3 steps from the converted weights-only DCP; 6 steps straight from the HF dir (also the
+    # uninterrupted run the elastic-restart tests compare with). test_expert_parallel's 2-rank configurations
+    # run in this launch too (`ep_runs`, results in ep_out)
+    job = {"out": str(root / "result.json"), "hf_dir": str(tiny_hf_dir),
+           "cli_argvs": [train_argv(work, root / "two", 3, "--save-interval", "2", "--load", str(root / "dcp"),
+                                    *EP_FLAGS),
+                         train_argv(work, root / "two_hf", 6, "--load", str(tiny_hf_dir), *EP_FLAGS)],
            "ep_runs": [{"kind": "parity", "ep": 2}, {"kind": "dispatch"}], "ep_out": str(root / "ep.pt")}
     (root / "job.json").write_text(json.dumps(job))
     proc = torchrun([str(HERE / "test_train_helpers.py"), str(root / "job.json")], nproc=2,
                     env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
     return {"result": json.loads((root / "result.json").read_text()), "work": work, "save": root / "two",
-            "log": proc.stdout + proc.stderr, "ep": torch.load(root / "ep.pt", weights_only=False)}
+            "save_hf": root / "two_hf", "log": proc.stdout + proc.stderr, "hf_dir": tiny_hf_dir,
+            "ep": torch.load(root / "ep.pt", weights_only=False)}
 
 
 def test_per_token_loss_same_for_every_split(dist):
@@ -75,18 +85,81 @@ def test_bf16_mixed_precision_keeps_routers_fp32(dist):
                                       "router_grad": "torch.float32", "finite": True}
 
 
+def _rows(save):
+    return [json.loads(line) for line in (Path(save) / "metrics.jsonl").read_text().splitlines()]
+
+
 def test_mmtune_train_two_ranks_then_resume_on_one(dist):
     save, work = dist["save"], dist["work"]
     assert "mmtune train: done" in dist["log"] and "load weights " in dist["log"]
     assert {"rank_state.0", "rank_state.1"} <= checkpoint_keys(save / "iter_0000002")
-    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 4 for r in rows)
-    # a 2-rank EP=2 checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state (--load now
-    # names the save dir; the last --load wins)
-    assert main(train_argv(work, save, 3, "--load", str(save))) == 0
-    rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3] and math.isfinite(rows[-1]["loss"])
+    rows = _rows(save)
+    assert [r["step"] for r in rows] == [1, 2, 3] and all(r["samples"] == 4 for r in rows)
+    # a 2-rank EP=2 checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state (automatic
+    # resume from --save, which holds iter 3)
+    assert main(train_argv(work, save, 4)) == 0
+    rows = _rows(save)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and math.isfinite(rows[-1]["loss"])
     assert rows[-1]["loss"] < rows[0]["loss"] + 1.0
+
+
+def test_two_ranks_from_the_hf_dir_equal_from_the_converted_dcp(dist):
+    assert "load hf " + str(dist["hf_dir"]) in dist["log"]
+    hf, dcp = _rows(dist["save_hf"]), _rows(dist["save"])
+    assert [r["step"] for r in hf] == list(range(1, 7))
+    assert [r["loss"] for r in hf[:3]] == [r["loss"] for r in dcp[:3]]  # bit-identical in fp32
+    assert dist["result"]["hf_placements"] == {k: True for k in dist["result"]["hf_placements"]}
+    assert len(dist["result"]["hf_placements"]) == 7
+
+
+def _launch_elastic(dist, root: Path, mode: str) -> dict:
+    """`torchrun --max-restarts 1 -m mmtune train` whose rank 1 stalls after step 3 on the first attempt
+    (tests/elastic_hook); returns what the test needs to kill it and check the result."""
+    run = {"save": root / f"elastic_{mode}", "stalled": root / f"stalled_{mode}.pid", "log": root / f"{mode}.log"}
+    extra = ["--async-save"] if mode == "async" else []
+    argv = train_argv(dist["work"], run["save"], 6, "--save-interval", "2", "--load", str(dist["hf_dir"]), *EP_FLAGS,
+                      *extra)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2", "--max-restarts",
+           "1", "--master_addr", "127.0.0.1", "--master_port", str(free_port()), "-m", "mmtune", "train", *argv]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{HERE / 'elastic_hook'}:{HERE.parent}", "MMTUNE_TEST_STALL_RANK": "1",
+           "MMTUNE_TEST_STALL_AFTER": "3", "MMTUNE_TEST_STALL_FILE": str(run["stalled"])}
+    with open(run["log"], "w") as out:
+        run["proc"] = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    return run
+
+
+def test_elastic_restarts_resume_exactly(dist, tmp_path):
+    """torchrun --max-restarts 1, with synchronous and with asynchronous saves (both jobs at once): rank 1 is
+    SIGKILLed from outside after step 3; torchrun restarts both workers, which resume from iter 2 by
+    themselves and finish. Every loss equals the uninterrupted 2-rank run's; metrics.jsonl has each step once."""
+    runs = [_launch_elastic(dist, tmp_path, mode) for mode in ("sync", "async")]
+    try:
+        deadline = time.monotonic() + 400
+        waiting = list(runs)
+        while waiting:  # kill each job's rank 1 once it has stalled and iter 2 is complete (async: published)
+            for run in list(waiting):
+                pointer = run["save"] / POINTER_FILE
+                if run["stalled"].is_file() and pointer.is_file() and pointer.read_text().strip() == "2":
+                    os.kill(int(run["stalled"].read_text()), signal.SIGKILL)
+                    waiting.remove(run)
+                else:
+                    assert run["proc"].poll() is None and time.monotonic() < deadline, run["log"].read_text()[-5000:]
+            time.sleep(0.05)
+        codes = [run["proc"].wait(timeout=400) for run in runs]
+    finally:
+        for run in runs:
+            if run["proc"].poll() is None:
+                os.killpg(run["proc"].pid, signal.SIGKILL)
+    ref = [r["loss"] for r in _rows(dist["save_hf"])]
+    for run, rc in zip(runs, codes):
+        text = run["log"].read_text()
+        assert rc == 0, text[-6000:]
+        assert text.count(f"auto-resume from {run['save'] / 'iter_0000002'}") == 1, text[-6000:]  # said once
+        rows = _rows(run["save"])
+        assert [r["step"] for r in rows] == list(range(1, 7)), run["save"]
+        assert [r["loss"] for r in rows] == ref, run["save"]  # bit for bit, before and after the restart
+        assert (run["save"] / POINTER_FILE).read_text().strip() == "6"
 
 
 def test_sharding_size_must_divide_the_world():

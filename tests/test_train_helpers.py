@@ -133,7 +133,8 @@ def train_argv(work, save, iters, *extra):
 def _worker(job_path: str) -> None:
     """All 2-rank checks in one torchrun launch (startups are the expensive part). Rank 0 writes JSON:
     per_token split 2 ranks x 2 (1 step; grads), 2-rank FSDP2 3 steps with a text-only rank, activation
-    checkpointing and prefetching (losses, params); then `mmtune train` itself on the 2 ranks (job["cli_argv"]), which writes its save dir."""
+    checkpointing and prefetching (losses, params); the HF reader into every DTensor layout (job["hf_dir"]); then
+    `mmtune train` itself on the 2 ranks, once per job["cli_argvs"] entry, each writing its save dir."""
     job = json.loads(open(job_path).read())
     out_path = job["out"]
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -221,6 +222,8 @@ def _worker(job_path: str) -> None:
     seen["router_grad"] = str(layer.mlp.gate.weight.grad.dtype)
     seen["finite"] = bool(torch.isfinite(out.hidden_states).all())
     result["bf16"] = seen
+    if job.get("hf_dir"):
+        result["hf_placements"] = _hf_placements(job["hf_dir"])
     if env.rank == 0:
         with open(out_path, "w") as f:
             json.dump(result, f)
@@ -228,11 +231,49 @@ def _worker(job_path: str) -> None:
         from expert_parallel_worker import run_all
 
         run_all(env, job["ep_runs"], job["ep_out"])
-    if job.get("cli_argv"):
-        from mmtune.train.cli import main
+    from mmtune.train.cli import main
 
-        rc = main(job["cli_argv"])
+    for argv in job.get("cli_argvs", []):  # each run makes (and ends) its own process group
+        rc = main(argv)
         assert rc == 0, f"mmtune train exited {rc}"
+
+
+def _hf_placements(hf_dir: str) -> dict[str, bool]:
+    """The HF reader (train/hf_load.py) into DTensors of every layout the parallelisms make on 2 ranks —
+    FSDP, Shard(1), HSDP and expert-parallel-like 2-D meshes, a _StridedShard — each equal to the full
+    tensor from from_pretrained. The reader never assumes a layout: DCP derives each rank's region from
+    the DTensor's mesh and placements."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from mmtune.train.hf_load import HFIndex, HFSliceReader
+
+    ref = Glm4vMoeForConditionalGeneration.from_pretrained(hf_dir).state_dict()
+    adapter = Glm4vMoeForConditionalGeneration.state_dict_adapter(tiny_config())
+    names = ["model.language_model.layers.1.mlp.experts.gate_up_proj", "model.language_model.layers.2.mlp.experts.down_proj",
+             "model.language_model.embed_tokens.weight", "model.visual.blocks.0.attn.qkv.weight"]
+    layouts = {
+        "fsdp": ((2,), [Shard(0)]), "shard1": ((2,), [Shard(1)]),
+        "hsdp": ((2, 1), [Replicate(), Shard(0)]), "hsdp_1x2": ((1, 2), [Replicate(), Shard(0)]),
+        "ep2_efsdp1": ((2, 1), [Shard(0), Shard(1)]), "ep1_efsdp2": ((1, 2), [Shard(0), Shard(1)]),
+        "strided": ((1, 2), [_StridedShard(0, split_factor=2), Shard(0)]),
+    }
+    out = {}
+    for key, (shape, placements) in layouts.items():
+        mesh = init_device_mesh("cpu", shape, mesh_dim_names=("a", "b")[: len(shape)])
+        sd = {n: distribute_tensor(torch.zeros(ref[n].shape), mesh, placements) for n in names}
+        reader = HFSliceReader(HFIndex.build(hf_dir, {n: tuple(ref[n].shape) for n in names}, adapter))
+        dcp.load(sd, storage_reader=reader)
+        local = sum(sd[n].to_local().numel() * 2 for n in names)  # the file is bf16
+        if key == "shard1":  # whole rows are read: the 2-D dense weights are read in full, experts exactly
+            full = sum(ref[n].numel() * 2 for n in names)
+            read_ok = local < reader.bytes_read < full
+        else:  # a rank reads exactly the bytes of its own part
+            read_ok = reader.bytes_read == local
+        out[key] = all(torch.equal(sd[n].full_tensor(), ref[n]) for n in names) and read_ok
+    return out
 
 
 if __name__ == "__main__":

@@ -12,10 +12,23 @@ export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=3
 # The watchdog itself is declared hung after this many seconds without progress.
 export TORCH_NCCL_HEARTBEAT_TIMEOUT_SEC=1800
-# On a timeout, dump the last collectives of every rank (the flight recorder) to find the rank that hung;
-# the files go to TORCH_NCCL_DEBUG_INFO_TEMP_FILE (default /tmp/nccl_trace_rank_<rank>).
-export TORCH_NCCL_TRACE_BUFFER_SIZE=2000
+# The flight recorder: every process group (NCCL and gloo) records its last 2000 collectives -- op, group,
+# sequence number, sizes. On a timeout each rank dumps its record to TORCH_FR_DUMP_TEMP_FILE<rank>; the
+# rank whose sequence numbers stop earliest is the one that hung. Compare the dumps of all ranks with
+#   python -m torch.distributed.flight_recorder.fr_trace logs/flight_recorder -p nccl_trace_rank_
+# `mmtune train` turns the recorder on by itself when no size is set, and names a failed collective that
+# reaches Python on one line from it. (TORCH_FR_* are torch's current names for the older
+# TORCH_NCCL_TRACE_BUFFER_SIZE / TORCH_NCCL_DEBUG_INFO_TEMP_FILE.)
+export TORCH_FR_BUFFER_SIZE=2000
 export TORCH_NCCL_DUMP_ON_TIMEOUT=1
+mkdir -p logs/flight_recorder
+export TORCH_FR_DUMP_TEMP_FILE=${TORCH_FR_DUMP_TEMP_FILE:-$PWD/logs/flight_recorder/nccl_trace_rank_}
+
+# torchrun --max-restarts: give every attempt a fresh rendezvous store. By default torchrun's agent keeps one
+# store for all attempts, and a restarted worker can read a dead attempt's addresses and fail to connect
+# (pytorch issue 135712). With --rdzv-backend c10d this variable makes each attempt start its own store.
+# (On one node `mmtune train` isolates the attempts itself.)
+export TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1
 
 # NCCL's own log: WARN prints only problems; INFO prints the topology, rings and transports chosen
 # (use it once on a new cluster to check that InfiniBand/NVLink are used, recipe: ASCEND_GLOBAL_LOG_LEVEL).

@@ -20,8 +20,10 @@ EP=1                                 # expert parallelism (README "Expert parall
 MM_DATA="examples/glm4.5v/data_106B.json"
 MM_MODEL="examples/glm4.5v/model_106B.json"
 FSDP2_CONFIG="examples/glm4.5v/fsdp2_config.yaml"
-LOAD_PATH="ckpt/mm_path/GLM-4.5V"    # the DCP written by `mm-convert ExpertMergeDcpConverter hf_to_dcp`
-SAVE_PATH="save_dir"                  # iter_XXXXXXX/ checkpoints and metrics.jsonl
+LOAD_PATH="ckpt/mm_path/GLM-4.5V"    # the DCP written by `mm-convert ExpertMergeDcpConverter hf_to_dcp`;
+                                      # or ckpt/hf_path/GLM-4.5V itself: read slice by slice, no conversion
+SAVE_PATH="save_dir"                  # iter_XXXXXXX/ checkpoints and metrics.jsonl; a run whose SAVE_PATH
+                                      # holds a checkpoint resumes from it (--no-auto-resume: start over)
 
 DISTRIBUTED_ARGS="
     --nproc_per_node $GPUS_PER_NODE \
@@ -30,6 +32,23 @@ DISTRIBUTED_ARGS="
     --master_addr $MASTER_ADDR \
     --master_port $MASTER_PORT
 "
+# Surviving node failures: with MAX_RESTARTS > 0, torchrun restarts every worker of the job after one dies
+# (a crashed process, a lost node that comes back) and `mmtune train` resumes by itself from the latest
+# complete checkpoint in $SAVE_PATH. Use the c10d rendezvous (the same command on every node, no node rank;
+# env.sh sets TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 so that each attempt gets a fresh store), save often
+# without stalling (--async-save, a small --save-interval, --keep-latest-checkpoints 2) and keep the optimizer
+# and RNG state in the checkpoints (drop --no-save-optim / --no-save-rng) so that a resumed run is exact.
+MAX_RESTARTS=0
+if [ "$MAX_RESTARTS" -gt 0 ]; then
+    DISTRIBUTED_ARGS="
+        --nproc_per_node $GPUS_PER_NODE \
+        --nnodes $NNODES \
+        --max-restarts $MAX_RESTARTS \
+        --rdzv-backend c10d \
+        --rdzv-endpoint $MASTER_ADDR:$MASTER_PORT \
+        --rdzv-id mmtune-glm45v
+    "
+fi
 
 GPT_ARGS="
     --use-torch-fsdp2 \

@@ -285,6 +285,15 @@ def build_parser() -> argparse.ArgumentParser:
     for what in ("optim", "rng"):
         a(f"--no-load-{what}", action="store_true", help=f"do not restore the {what} state from --load")
         a(f"--no-save-{what}", action="store_true", help=f"do not write the {what} state into checkpoints")
+    a("--async-save", action="store_true",
+      help="write checkpoints in the background: training waits only for the copy into a CPU staging buffer; "
+           "latest_checkpointed_iteration.txt moves once the write is complete on every rank")
+    a("--keep-latest-checkpoints", type=int, default=0, metavar="K",
+      help="after each complete save, delete all but the newest K iter_* dirs (never the latest one); "
+           "0 keeps all (default)")
+    a("--no-auto-resume", action="store_true",
+      help="start from --load even when --save already holds a checkpoint (by default a run whose --save has "
+           "one resumes from it: what makes torchrun --max-restarts continue where it was)")
 
     a = p.add_argument_group("model and parallelism").add_argument
     a("--init-model-with-meta-device", action="store_true",
@@ -394,6 +403,9 @@ class TrainConfig(BaseModel):
     no_load_rng: bool = False
     no_save_optim: bool = False
     no_save_rng: bool = False
+    async_save: bool = False
+    keep_latest_checkpoints: int = Field(0, ge=0)
+    no_auto_resume: bool = False
     init_model_with_meta_device: bool = False
     use_flash_attn: bool = False
     bf16: bool = False

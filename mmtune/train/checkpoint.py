@@ -13,9 +13,20 @@ Keys inside a training checkpoint (docs/INTERNALS.md; `mmtune convert dcp-to-hf`
                                  the adapters (`...lora_A` / `...lora_B`) — the base comes from the base weights
 A converted weights-only DCP (`mmtune convert hf-to-dcp`) holds plain native names and loads as step 0.
 
-Atomicity: every rank writes into `<save>/.iter_XXXXXXX.tmp`; after a barrier rank 0 renames it to
-`iter_XXXXXXX` and then replaces the pointer file via a temporary file + os.replace. A process killed at any
-moment leaves the previous checkpoint and a pointer to a complete checkpoint.
+Atomicity (the pointer contract, docs/INTERNALS.md): every rank writes into `<save>/.iter_XXXXXXX.tmp`; once
+the write is complete on every rank, rank 0 renames it to `iter_XXXXXXX` and then replaces the pointer via a
+temporary file + os.replace. A process killed at any moment leaves the previous checkpoint and a pointer to a
+complete checkpoint. Synchronous saves know "complete on every rank" from a barrier after `dcp.save`.
+
+Asynchronous saves (`--async-save`): `dcp.async_save` copies the state into a CPU staging buffer (reused
+from save to save; pinned on CUDA) on a background thread while the next step's forward and backward run —
+the trainer waits for that copy only before its next optimizer step (`wait_staged`), the one thing that
+changes the weights — and then writes it from another background thread whose collectives run on a
+separate gloo group. DCP's coordinator (rank 0) writes the
+`.metadata` only after gathering every rank's write results, so when rank 0's write finishes the save is
+complete everywhere; a second background step then renames and moves the pointer. The next save (and the
+end of training) first waits for the previous one. `--keep-latest-checkpoints K` deletes older `iter_*`
+after each publication, never the pointer's and never a `.tmp` one still being written.
 
 The opaque byte blobs are serialised with torch.save and read back with torch.load(weights_only=True).
 """
@@ -26,8 +37,11 @@ import contextlib
 import io
 import os
 import random
+import re
 import shutil
+import time
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -102,27 +116,45 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class LoadSource:
     """What `--load PATH` points at."""
 
-    kind: str  # "training" (resume) | "weights" (converted DCP: step 0)
-    path: Path  # the DCP directory
+    kind: str  # "training" (resume) | "weights" (converted DCP: step 0) | "hf" (HF model dir: step 0)
+    path: Path  # the DCP directory or the HF dir
     step: int = 0
 
 
 def resolve_load_path(path: str | Path) -> LoadSource:
-    """A save dir with the pointer file, an iter_XXXXXXX dir, or a converted weights-only DCP dir."""
+    """A save dir with the pointer file, an iter_XXXXXXX dir, a converted weights-only DCP dir, or an HF
+    model dir (config.json + safetensors, read slice by slice: train/hf_load.py)."""
+    from mmtune.train.hf_load import is_hf_dir
+
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--load {path}: no such directory (expected a save dir with {POINTER_FILE}, "
-                                "an iter_XXXXXXX checkpoint or a DCP from `mmtune convert hf-to-dcp`)")
+                                "an iter_XXXXXXX checkpoint, a DCP from `mmtune convert hf-to-dcp` or an HF "
+                                "model dir with config.json and safetensors)")
     if (path / POINTER_FILE).is_file():
         ckpt = resolve_dcp_dir(path)  # reads and checks the pointer (the contract shared with convert)
         return LoadSource("training", ckpt, int(ckpt.name.split("_")[-1]))
     if not (path / ".metadata").is_file():
-        raise FileNotFoundError(f"--load {path}: neither {POINTER_FILE} nor a DCP .metadata file is there")
+        if is_hf_dir(path):
+            return LoadSource("hf", path, 0)
+        raise FileNotFoundError(f"--load {path}: neither {POINTER_FILE}, a DCP .metadata file nor an HF model "
+                                "(config.json + model.safetensors[.index.json]) is there")
     keys = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata.keys()
     if "train_state" in keys:
         step = int(path.name.split("_")[-1]) if path.name.startswith("iter_") else 0
         return LoadSource("training", path, step)
     return LoadSource("weights", path, 0)
+
+
+def latest_checkpoint(save_dir: str | Path | None) -> Path | None:
+    """The complete checkpoint `save_dir`'s pointer names (automatic resume), or None when there is no
+    pointer yet. A pointer naming a missing checkpoint is an error, not a fresh start."""
+    if not save_dir or not (Path(save_dir) / POINTER_FILE).is_file():
+        return None
+    return resolve_dcp_dir(save_dir)
+
+
+_ITER_RE = re.compile(r"^iter_(\d{7})$")
 
 
 def checkpoint_keys(path: str | Path) -> set[str]:
@@ -153,20 +185,50 @@ def _barrier() -> None:
 
 
 class Checkpointer:
-    """Saves and loads model, optimizer, scheduler, RNG and data-loader state under one save dir."""
+    """Saves and loads model, optimizer, scheduler, RNG and data-loader state under one save dir.
+
+    lora: a LoRA run's metadata blob (train/lora.metadata): checkpoints then hold only the adapters.
+    async_save: write in the background after a blocking copy into a staging buffer (module docstring).
+    keep_latest: keep only the newest K complete checkpoints (and always the pointer's); 0 keeps all.
+    Collective: every rank constructs it (the async gloo group) and calls save/wait/close.
+    """
 
     def __init__(self, save_dir: str | Path | None, *, save_optim: bool = True, save_rng: bool = True,
-                 lora: bytes | None = None):
-        """lora: a LoRA run's metadata blob (train/lora.metadata): checkpoints then hold only the adapters."""
+                 lora: bytes | None = None, async_save: bool = False, keep_latest: int = 0, print_fn=None):
+        if keep_latest < 0:
+            raise ValueError(f"--keep-latest-checkpoints must be >= 0 (0 keeps all), got {keep_latest}")
         self.save_dir = Path(save_dir) if save_dir else None
         self.save_optim = save_optim
         self.save_rng = save_rng
         self.lora = lora
+        self.async_save = async_save
+        self.keep_latest = keep_latest
+        self.print = print_fn or (lambda *a, **k: None)
+        self.last_blocked_s = 0.0  # how long the last save() held the caller (the bench reads it)
+        self.staging_wait_s = 0.0  # how long wait_staged() held the caller, in all
+        self._pending: tuple[Future, Path] | None = None
+        self._staged: Future | None = None
+        self._pool: ThreadPoolExecutor | None = None
+        self._stager = None
+        self._group = None
+        if async_save and self.save_dir is not None:
+            from torch.distributed.checkpoint.staging import DefaultStager, StagingOptions
+
+            cuda = torch.cuda.is_available()
+            self._stager = DefaultStager(StagingOptions(use_pinned_memory=cuda, use_shared_memory=False,
+                                                        use_async_staging=True, use_non_blocking_copy=cuda))
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mmtune-ckpt-publish")
+            if dist.is_initialized():  # the background save's collectives must not share the training group
+                self._group = dist.new_group(backend="gloo", group_desc="async_checkpoint")
+            else:  # the background thread's "assuming ... a single process" warning (_quiet is per call)
+                warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*", category=UserWarning)
 
     def save(self, step: int, model: nn.Module, optimizer=None, scheduler=None, loader=None,
              state: TrainState | None = None) -> Path:
-        """Write <save>/iter_{step:07d} atomically, then the pointer. Collective: every rank calls it."""
+        """Write <save>/iter_{step:07d} atomically, then the pointer (async: start it). Collective."""
         assert self.save_dir is not None, "save() without a save dir"
+        t0 = time.perf_counter()
+        self.wait()  # the previous save is complete and published before the next one starts
         rank, world = _rank_world()
         final = self.save_dir / iter_dir_name(step)
         tmp = self.save_dir / f".{final.name}.tmp"
@@ -175,7 +237,26 @@ class Checkpointer:
             if tmp.exists():  # left by a run killed while saving
                 shutil.rmtree(tmp)
         _barrier()
-        state = state or TrainState(step=step)
+        sd = self._state_dict(step, world, rank, model, optimizer, scheduler, loader, state or TrainState(step=step))
+        if self.async_save:
+            with _quiet():
+                response = dcp.async_save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)),
+                                          async_stager=self._stager, process_group=self._group,
+                                          no_dist=not dist.is_initialized())
+            self._staged = response.staging_completion
+            self._pending = (self._pool.submit(self._finish_async, response.upload_completion, step, tmp, final,
+                                               time.perf_counter()), final)
+        else:
+            with _quiet():
+                dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)))
+            _barrier()  # complete on every rank
+            if rank == 0:
+                self._publish(step, tmp, final)
+            _barrier()
+        self.last_blocked_s = time.perf_counter() - t0
+        return final
+
+    def _state_dict(self, step, world, rank, model, optimizer, scheduler, loader, state: TrainState) -> dict[str, Any]:
         sd: dict[str, Any] = {_MODEL_KEY: get_model_state_dict(model, options=_ADAPTERS if self.lora else None)}
         if self.lora is not None:
             sd[LORA_KEY] = self.lora
@@ -192,16 +273,60 @@ class Checkpointer:
         if loader is not None and hasattr(loader, "state_dict"):
             per_rank["dataloader"] = loader.state_dict()
         sd[f"rank_state.{rank}"] = _to_bytes(per_rank)
-        with _quiet():
-            dcp.save(sd, storage_writer=dcp.FileSystemWriter(str(tmp)))
-        _barrier()
-        if rank == 0:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomic(self.save_dir / POINTER_FILE, f"{step}\n")
-        _barrier()
+        return sd
+
+    def _finish_async(self, written: Future, step: int, tmp: Path, final: Path, started: float) -> Path:
+        """Background: wait for this rank's write; rank 0's finishes after every rank's (DCP gathers the
+        write results before its .metadata), so rank 0 then publishes."""
+        written.result()
+        if _rank_world()[0] == 0:
+            self._publish(step, tmp, final)
+            self.print(f"saved checkpoint {final} (written in the background in {time.perf_counter() - started:.1f} s)",
+                       flush=True)
         return final
+
+    def _publish(self, step: int, tmp: Path, final: Path) -> None:
+        """Rank 0, once the write is complete everywhere: rename, move the pointer, prune old checkpoints."""
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _write_atomic(self.save_dir / POINTER_FILE, f"{step}\n")
+        if self.keep_latest:
+            prune_checkpoints(self.save_dir, self.keep_latest)
+
+    def wait_staged(self) -> None:
+        """Block until the save in flight has its copy of the state (call before changing the weights)."""
+        if self._staged is not None:
+            t0 = time.perf_counter()
+            staged, self._staged = self._staged, None
+            try:
+                staged.result()
+            finally:
+                self.staging_wait_s += time.perf_counter() - t0
+
+    def wait(self) -> None:
+        """Block until the save in flight (if any) is written and published; raise if it failed."""
+        self._staged = None  # the write waits for the copy: once written, it was staged
+        if self._pending is not None:
+            (pending, final), self._pending = self._pending, None
+            try:
+                pending.result()
+            except (KeyboardInterrupt, SystemExit):
+                raise
+            except BaseException as e:  # DCP's CheckpointException derives from BaseException
+                raise _save_failed(final, e) from e
+
+    def close(self) -> None:
+        """Wait for the save in flight and release the staging buffer and threads. Collective-free."""
+        try:
+            self.wait()
+        finally:
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
+                self._pool = None
+            if self._stager is not None:
+                self._stager.close()
+                self._stager = None
 
     # ------------------------------------------------------------------------------------------ load
 
@@ -320,6 +445,33 @@ def fast_forward_scheduler(scheduler, step: int) -> None:
         warnings.simplefilter("ignore")
         scheduler.last_epoch = step - 1
         scheduler.step()
+
+
+class CheckpointSaveError(RuntimeError):
+    """A background (--async-save) write failed; the previous checkpoint stays the latest."""
+
+
+def _save_failed(final: Path, e: BaseException) -> CheckpointSaveError:
+    last = (str(e).strip().splitlines() or [type(e).__name__])[-1]
+    return CheckpointSaveError(f"checkpoint {final} was not written (background save failed; the previous checkpoint "
+                        f"stays the latest): {last}")
+
+
+def prune_checkpoints(save_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the newest `keep` complete `iter_XXXXXXX` dirs, never the one the pointer names
+    (`.iter_XXXXXXX.tmp` ones being written do not match). Rank 0 only. Returns the deleted dirs."""
+    pointed = latest_checkpoint(save_dir)
+    complete = sorted((p for p in save_dir.iterdir() if _ITER_RE.match(p.name) and p.is_dir()),
+                      key=lambda p: int(p.name[5:]))
+    doomed = [p for p in complete[:-keep] if pointed is None or p.resolve() != pointed.resolve()]
+    for p in doomed:
+        # rename first so a crash mid-delete never leaves a half-deleted dir under a checkpoint's name
+        trash = p.with_name(f".{p.name}.deleting")
+        if trash.exists():  # left by a run killed while deleting
+            shutil.rmtree(trash)
+        os.replace(p, trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    return doomed
 
 
 def _write_atomic(path: Path, text: str) -> None:

@@ -3,11 +3,15 @@
 Thin, in the order the work happens: parse the flags (mmtune.train.args) -> process group -> the data
 loader (data.loader; the data cache is built or read here, so a data error costs seconds, not a sharded
 model load) -> the sharded model (train.model_build, mmtune.distributed) -> optimizer and schedule
-(train.optim) -> checkpointer (resume when --load names a training checkpoint) -> the loop (train.trainer).
+(train.optim) -> checkpointer (resume when --save already holds a checkpoint -- automatic resume -- or
+--load names a training checkpoint) -> the loop (train.trainer). A collective that fails (another rank
+died or hung past --distributed-timeout-minutes) ends the run with one line naming it
+(distributed/errors.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import sys
@@ -28,10 +32,11 @@ def _seed_everything(seed: int) -> None:
 def run(cfg, *, print_fn=print) -> dict:
     """Train per a resolved TrainConfig; returns the end-of-run summary (rank 0; {} elsewhere)."""
     from mmtune.distributed import FSDPOptions, init_distributed, shutdown_distributed
+    from mmtune.distributed.errors import CollectiveError, collective_failure
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.model_build import build_model
     from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
-    from mmtune.train.checkpoint import Checkpointer, TrainState, resolve_load_path
+    from mmtune.train.checkpoint import Checkpointer, LoadSource, TrainState, latest_checkpoint, resolve_load_path
     from mmtune.train.metrics import MetricsLogger, text_flops_per_token
     from mmtune.train.optim import build_optimizer_and_scheduler
     from mmtune.train.profiling import Profiler, load_tools_json
@@ -57,7 +62,13 @@ def run(cfg, *, print_fn=print) -> dict:
         mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
         env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
         source = resolve_load_path(cfg.load) if cfg.load else None
-        lora, lora_source, weights_dcp = _resolve_lora(cfg, source)
+        resume = None if cfg.no_auto_resume else latest_checkpoint(cfg.save)
+        if resume is not None:  # automatic resume: --save holds a complete checkpoint, continue from it
+            source = LoadSource("training", resume, int(resume.name.split("_")[-1]))
+            say(f"{PROG}: auto-resume from {resume} (the latest checkpoint in --save"
+                + (f"; --load {cfg.load} only starts fresh runs" if cfg.load else "")
+                + "; --no-auto-resume to start over)", flush=True)
+        lora, lora_source, weights_dcp, base_hf = _resolve_lora(cfg, source)
         vision_attn, text_attn = attention_backends(cfg.model, cfg.use_flash_attn)
         on_cuda = env.device.type == "cuda"
         line = format_line([*cfg.no_effect, *runtime_items(
@@ -99,11 +110,16 @@ def run(cfg, *, print_fn=print) -> dict:
             opts.reduce_dtype = None  # reduce in the parameter dtype
         say(f"{PROG}: world size {env.world_size} on {env.device.type} ({env.dims.describe()}), "
             f"grad-accum {cfg.grad_accum_steps}, "
-            f"load {source.kind + ' ' + str(source.path) if source else 'HF ' + hf_path}", flush=True)
-        resume = source is not None and source.kind == "training"
+            f"load {source.kind + ' ' + str(source.path) if source else 'hf ' + hf_path}", flush=True)
+        kind = source.kind if source else "hf"  # hf: --load HF_DIR, or init_from_hf_path's weights
+        if kind == "hf" and source is not None:
+            hf_path = str(source.path)
+        elif base_hf is not None:  # a resumed LoRA run: its base weights come from the HF dir it started from
+            hf_path = base_hf
         model = build_model(
-            Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, hf_path=hf_path, seed=cfg.seed,
-            weights_dcp=weights_dcp, load_weights=not resume or lora is not None, lora=lora)
+            Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, seed=cfg.seed,
+            hf_path=hf_path if kind == "hf" or (lora is not None and weights_dcp is None) else None,
+            weights_dcp=weights_dcp, load_weights=kind != "training" or lora is not None, lora=lora)
         apply_model_options(model, vision_attn=vision_attn, text_attn=text_attn, grouped_mm=cfg.model.grouped_gemm)
         counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
                   "frozen": sum(p.numel() for p in model.parameters() if not p.requires_grad)}
@@ -140,15 +156,21 @@ def run(cfg, *, print_fn=print) -> dict:
             metrics_file=metrics_path, tensorboard_dir=Path(cfg.save) / "tensorboard" if cfg.save else None,
             train_iters=cfg.train_iters, flops_per_token=text_flops_per_token(mcfg.text, cfg.seq_length),
             device=env.device, world_size=env.world_size, enabled=env.is_main, log_tps=cfg.log_tps, print_fn=print_fn)
-        if state.step:
-            metrics.truncate_after(state.step)
+        metrics.truncate_after(state.step)  # rows of a run that died after its last checkpoint (or before one)
         profiler = Profiler(load_tools_json(cfg.mm_tool), env.rank, env.device, print_fn) if cfg.mm_tool else None
+        checkpointer = Checkpointer(cfg.save, save_optim=not cfg.no_save_optim, save_rng=not cfg.no_save_rng,
+                                    lora=lora_blob, async_save=cfg.async_save,
+                                    keep_latest=cfg.keep_latest_checkpoints, print_fn=say)
         trainer = Trainer(LoopSettings.from_config(cfg, mcfg), env, model, optimizer, scheduler, loader,
-                          checkpointer=Checkpointer(cfg.save, save_optim=not cfg.no_save_optim,
-                                                    save_rng=not cfg.no_save_rng, lora=lora_blob),
-                          metrics=metrics, profiler=profiler, print_fn=print_fn)
+                          checkpointer=checkpointer, metrics=metrics, profiler=profiler, print_fn=print_fn)
         trainer.epoch = int(state.extra.get("epoch", 0))
-        summary = trainer.fit(state)
+        try:
+            summary = trainer.fit(state)
+        except BaseException:
+            with contextlib.suppress(Exception):  # keep the original error; a save in flight still completes
+                checkpointer.close()
+            raise
+        checkpointer.close()  # the last (asynchronous) save is complete and published before the run ends
         if profiler:
             profiler.close()
         metrics.close()
@@ -157,18 +179,24 @@ def run(cfg, *, print_fn=print) -> dict:
                 f"{summary['samples_per_s']:.2f} | tokens/s {summary['tokens_per_s']:.1f}"
                 + (f" | mfu {100 * summary['mfu']:.1f}%" if "mfu" in summary else ""), flush=True)
         return summary if env.is_main else {}
+    except RuntimeError as e:
+        what = collective_failure(e)  # read the flight recorder before the process group goes away
+        if what is None:
+            raise
+        raise CollectiveError(what) from e
     finally:
         shutdown_distributed()
 
 
 def _resolve_lora(cfg, source):
     """(LoRAConfig or None, the --lora-load checkpoint dir or None, the weights-only DCP the base loads from or
-    None). A LoRA checkpoint given to --load resumes with its own settings and base; --lora-load takes
+    None, the HF dir the base loads from when a resumed LoRA run started from one, or None). A LoRA checkpoint given to --load resumes with its own settings and base; --lora-load takes
     another run's adapters (and their settings, unless flags say otherwise) onto this run's base."""
     from mmtune.train.checkpoint import peek_lora, resolve_load_path
     from mmtune.train.lora import read_metadata
 
     weights_dcp = source.path if source and source.kind == "weights" else None
+    base_hf = None
     saved = None
     resume_blob = peek_lora(source.path) if source and source.kind == "training" else None
     if resume_blob is not None:
@@ -182,6 +210,11 @@ def _resolve_lora(cfg, source):
             if not (weights_dcp / ".metadata").is_file():
                 raise FileNotFoundError(f"--load {cfg.load}: the LoRA run's base weights {weights_dcp} (a converted "
                                         "DCP) are gone; the adapters only make sense on top of them")
+        elif base.get("hf"):
+            base_hf = base["hf"]
+            if not (Path(base_hf) / "config.json").is_file():
+                raise FileNotFoundError(f"--load {cfg.load}: the LoRA run's base HF dir {base_hf} is gone; the "
+                                        "adapters only make sense on top of it")
     lora_source = None
     if cfg.lora_load:
         try:
@@ -199,11 +232,13 @@ def _resolve_lora(cfg, source):
         raise ValueError(f"{PROG}: --load {cfg.load} is a full-finetuning checkpoint; LoRA starts from base weights: "
                          "export it (mmtune convert dcp-to-hf) and point init_from_hf_path at it, or pass a "
                          "converted weights-only DCP to --load")
-    return lora, lora_source, weights_dcp
+    return lora, lora_source, weights_dcp, base_hf
 
 
 def main(argv: list[str] | None = None) -> int:
+    from mmtune.distributed.errors import CollectiveError
     from mmtune.train.args import parse_train_args
+    from mmtune.train.checkpoint import CheckpointSaveError
     from mmtune.train.trainer import NonFiniteLossError
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
@@ -219,6 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         run(cfg)
     except NonFiniteLossError as e:
         print(f"{PROG}: stopped: {e}", file=sys.stderr)
+        return 1
+    except (CollectiveError, CheckpointSaveError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except (ValueError, FileNotFoundError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)

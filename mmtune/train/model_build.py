@@ -8,16 +8,17 @@ state, so nothing needs their fp32 copy — except the routers, which compute in
 
 Weights come from, in order of preference:
   * a converted weights-only DCP (`--load`, from `mmtune convert hf-to-dcp`): each rank reads its shard;
-    nothing is materialised in full anywhere — the path for the 106B model;
-  * an HF dir (model.json `init_from_hf_path`): rank 0 reads it in full on the CPU and the shards are
-    scattered with `set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)`;
-  * nothing: rank 0 initialises a full copy (`init_weights(seed)`) and scatters it the same way.
+  * an HF dir (`--load HF_DIR`, or model.json `init_from_hf_path`): each rank reads only its slices of the
+    memory-mapped safetensors, experts merged on the fly (train/hf_load.py) — no conversion step, and
+    nothing is materialised in full anywhere: the path for the 106B model;
+  * nothing: rank 0 initialises a full copy (`init_weights(seed)`) and scatters it with
+    `set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)` (tests, tiny models).
 A training checkpoint (`--load` of a save dir) is loaded later by the trainer, after the optimizer exists;
 the model is then only materialised here.
 
-Buffers are not sharded. Rank 0's full copy (HF / init paths) provides every buffer, persistent or not
-(rotary inverse frequencies), broadcast to all ranks; the DCP path recomputes non-persistent buffers with
-the model's own `init_buffers()` / `init_non_persistent_buffers()` when it has one.
+Buffers are not sharded. On the init path rank 0's full copy provides every buffer, persistent or not
+(rotary inverse frequencies), broadcast to all ranks; the DCP and HF paths load the persistent ones and
+recompute the non-persistent ones with the model's own `init_buffers()` / `init_non_persistent_buffers()`.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from mmtune.distributed.env import DistEnv
 from mmtune.distributed.parallelize import FSDPOptions, materialize, parallelize, store_frozen_in
 from mmtune.train.checkpoint import Checkpointer
+from mmtune.train.hf_load import load_hf_weights
 from mmtune.train.freeze import FreezeSpec, apply_freeze
 from mmtune.train.lora import LoRAConfig, LoRAInfo, apply_lora, init_adapters
 
@@ -62,8 +64,9 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
                 full_model_factory=None, load_weights: bool = True, lora: LoRAConfig | None = None) -> nn.Module:
     """The sharded, loaded training model (see the module docstring).
 
-    full_model_factory: () -> full CPU model on rank 0 (default: `model_cls.from_pretrained(hf_path)`
-    or `model_cls(config)` + `init_weights(seed)`); for tests with a stand-in model.
+    hf_path: an HF dir read slice by slice through `model_cls.state_dict_adapter(config)`.
+    full_model_factory: () -> full CPU model on rank 0 (default: `model_cls(config)` + `init_weights(seed)`),
+    used when neither weights_dcp nor hf_path is given; for tests with a stand-in model.
     load_weights False: only materialise (a training checkpoint is loaded into it next).
     lora: put LoRA adapters on the model (the modules the freeze flags leave trainable); the base weights
     load as without it and the adapters get their seeded init (train/lora.lora_modules lists them).
@@ -85,12 +88,16 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
         if info is not None:
             init_adapters(model, seed)
         return model
+    if hf_path is not None:
+        load_hf_weights(hf_path, model, model_cls.state_dict_adapter(config), progress=env.is_main)
+        _reset_non_persistent_buffers(model)
+        if info is not None:
+            init_adapters(model, seed)
+        return model
     full = None
     if env.rank == 0:
         if full_model_factory is not None:
             full = full_model_factory()
-        elif hf_path is not None:
-            full = model_cls.from_pretrained(hf_path, dtype=torch.float32, device="cpu")
         else:
             full = model_cls(config)
             full.init_weights(seed=seed)

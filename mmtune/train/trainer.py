@@ -195,6 +195,8 @@ class Trainer:
         if skipped:
             self.optimizer.zero_grad(set_to_none=True)
         else:
+            if self.checkpointer is not None:
+                self.checkpointer.wait_staged()  # an --async-save copy of the weights must finish before they change
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
@@ -264,6 +266,11 @@ class Trainer:
     def save(self, step: int, consumed: int) -> None:
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
                  "epoch": self.epoch}
-        path = self.checkpointer.save(step, self.model, self.optimizer, self.scheduler, self.loader,
-                                      TrainState(step=step, consumed_samples=consumed, extra=extra))
-        self.print(f"saved checkpoint {path}", flush=True)
+        ck = self.checkpointer
+        path = ck.save(step, self.model, self.optimizer, self.scheduler, self.loader,
+                       TrainState(step=step, consumed_samples=consumed, extra=extra))
+        if ck.async_save:  # "saved checkpoint ..." follows once it is written (Checkpointer._finish_async)
+            self.print(f"checkpoint {path.name}: copying and writing in the background (the loop waited "
+                       f"{ck.last_blocked_s:.2f} s)", flush=True)
+        else:
+            self.print(f"saved checkpoint {path}", flush=True)

@@ -3,7 +3,7 @@
 Format (huggingface/safetensors): 8-byte little-endian header length N, N bytes of JSON
 `{name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}`, then the data,
 offsets relative to the end of the header. Reading with `readinto` (no mmap) keeps resident memory at
-one tensor; writing from a plan (names, dtypes, shapes known up front) lets the header go first and the
+one tensor (or at the rows of one that `read_region` asks for); writing from a plan (names, dtypes, shapes known up front) lets the header go first and the
 tensors follow one by one, so a whole shard never sits in memory.
 """
 
@@ -83,16 +83,37 @@ def iter_tensors(path: str | Path, entries: Iterable[TensorEntry] | None = None)
     entries = read_header(path) if entries is None else entries
     with open(path, "rb", buffering=0) as f:
         for e in entries:
-            buf = torch.empty(e.nbytes, dtype=torch.uint8)
-            f.seek(e.begin)
-            view = memoryview(buf.numpy())
-            got = 0
-            while got < e.nbytes:
-                k = f.readinto(view[got:])
-                if not k:
-                    raise ValueError(f"{path}: tensor {e.name}: file ended while reading (truncated)")
-                got += k
-            yield e.name, buf.view(e.dtype).reshape(e.shape)
+            yield e.name, read_region(f, e, ())
+
+
+def read_region(f, entry: TensorEntry, index: tuple[slice, ...]) -> torch.Tensor:
+    """`tensor[index]` of one tensor of the open (unbuffered, binary) file `f`, reading only the rows of dim 0
+    that `index` covers (one contiguous byte range); further dims are cut in memory, so at most those whole
+    rows are held (exact for FSDP's and expert parallelism's dim-0 shards; a shard of a later dim reads whole
+    rows). `index`: step-1 slices for the leading dims (missing ones are whole)."""
+    shape = entry.shape
+    if not shape:
+        return _read_bytes(f, entry, entry.begin, entry.nbytes).view(entry.dtype).reshape(())
+    rows = index[0].indices(shape[0]) if index else (0, shape[0], 1)
+    assert rows[2] == 1, f"a strided read of {entry.name}"
+    start, stop = rows[0], max(rows[0], rows[1])
+    row_bytes = entry.nbytes // shape[0] if shape[0] else 0
+    data = _read_bytes(f, entry, entry.begin + start * row_bytes, (stop - start) * row_bytes)
+    block = data.view(entry.dtype).reshape((stop - start, *shape[1:]))
+    return block[(slice(None), *index[1:])] if len(index) > 1 else block
+
+
+def _read_bytes(f, entry: TensorEntry, pos: int, n: int) -> torch.Tensor:
+    buf = torch.empty(n, dtype=torch.uint8)
+    f.seek(pos)
+    view = memoryview(buf.numpy())
+    got = 0
+    while got < n:
+        k = f.readinto(view[got:])
+        if not k:
+            raise ValueError(f"{getattr(f, 'name', 'file')}: tensor {entry.name}: file ended while reading (truncated)")
+        got += k
+    return buf
 
 
 def write_file(path: str | Path, plan: list[tuple[str, torch.dtype, tuple[int, ...]]], tensors: Iterator[tuple[str, torch.Tensor]],

@@ -181,24 +181,32 @@ class StateDictAdapter:
             raise ValueError(f"tensor {name}: shape {tuple(tensor.shape)} disagrees with config.json (expected {want})")
 
     # ---- native -> hub -------------------------------------------------------------------------
+    def hub_slices(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int | slice, ...]]]:
+        """Where each hub tensor of native tensor `name` (of `shape`) lives inside it: `[(hub name, index)]`
+        with `native[index]` == that hub tensor (in expert order, gate before up). A name stored the same in
+        both layouts gives `[(name, ())]`. The one definition of the expert split: `to_hub` and the sharded
+        HF reader (train/hf_load.py), which reads only the part of each hub tensor a rank owns, use it."""
+        m = _EXPERT_NATIVE_RE.match(name)
+        if m is None or int(m["layer"]) >= self.config.text.num_hidden_layers:
+            return [(name, ())]
+        want = self.shapes.get(name)
+        if want is not None and tuple(shape) != want:
+            raise ValueError(f"tensor {name}: shape {tuple(shape)} disagrees with config.json (expected {want})")
+        prefix = f"{_LAYER_PREFIX}{m['layer']}.mlp.experts"
+        if m["kind"] == "down_proj":
+            return [(f"{prefix}.{e}.down_proj.weight", (e,)) for e in range(shape[0])]
+        I = shape[1] // 2
+        out: list[tuple[str, tuple[int | slice, ...]]] = []
+        for e in range(shape[0]):
+            out.append((f"{prefix}.{e}.gate_proj.weight", (e, slice(0, I))))
+            out.append((f"{prefix}.{e}.up_proj.weight", (e, slice(I, 2 * I))))
+        return out
+
     def to_hub(self, name: str, tensor: torch.Tensor) -> list[tuple[str, torch.Tensor]]:
         """Split a stacked expert tensor of a model layer into per-expert hub tensors (views, in expert
         order, gate before up); any other tensor is returned as `[(name, tensor)]`."""
-        m = _EXPERT_NATIVE_RE.match(name)
-        if m is None or int(m["layer"]) >= self.config.text.num_hidden_layers:
-            return [(name, tensor)]
-        self._check_shape(name, tensor)
-        prefix = f"{_LAYER_PREFIX}{m['layer']}.mlp.experts"
-        if m["kind"] == "down_proj":
-            return [(f"{prefix}.{e}.down_proj.weight", tensor[e]) for e in range(tensor.shape[0])]
-        I = tensor.shape[1] // 2
-        out = []
-        for e in range(tensor.shape[0]):
-            out.append((f"{prefix}.{e}.gate_proj.weight", tensor[e, :I]))
-            out.append((f"{prefix}.{e}.up_proj.weight", tensor[e, I:]))
-        return out
+        return [(hub, tensor[index]) for hub, index in self.hub_slices(name, tuple(tensor.shape))]
 
     def hub_names_and_shapes(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
         """What `to_hub` would return for a tensor of this name and shape, without the data (planning)."""
         return [(n, tuple(x.shape)) for n, x in self.to_hub(name, torch.empty(shape, device="meta"))]
-

@@ -204,6 +204,13 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.weight.fill_(1.0)
 
+    @staticmethod
+    def state_dict_adapter(config: Glm4vMoeConfig):
+        """Hub <-> native names (checkpoint_names.py): how an HF dir's tensors make up this model's."""
+        from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
+
+        return StateDictAdapter(config)
+
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
