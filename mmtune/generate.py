@@ -1,4 +1,5 @@
-"""`mmtune generate`: answer a prompt (with images) from an HF model dir or a training checkpoint.
+"""`mmtune generate`: answer a prompt (with images) from an HF model dir or a training checkpoint, with
+any GLM-V architecture (config.json's `model_type`, mmtune.models).
 
 The prompt is rendered with the tokenizer's own chat template (`apply_chat_template`, with
 `enable_thinking` as the data pipeline's data.json sets it; the recipe uses false), images go through
@@ -26,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 
-from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+from mmtune.models import architecture_of, load_config
 
 IMAGE_TAG = "<image>"
 
@@ -81,13 +83,13 @@ def encode_prompt(tokenizer, messages: list[dict], image_tokens: list[int], imag
 
 
 # ---- decoding -----------------------------------------------------------------------------------
-def eos_ids(config: Glm4vMoeConfig) -> set[int]:
+def eos_ids(config) -> set[int]:
     eos = config.text.eos_token_id
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 @torch.no_grad()
-def generate_ids(model: Glm4vMoeForConditionalGeneration, prompt_ids: list[int], *,
+def generate_ids(model: nn.Module, prompt_ids: list[int], *,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop_ids: set[int] | None = None, generator: torch.Generator | None = None) -> tuple[list[int], bool]:
@@ -122,7 +124,7 @@ def _pick(logits_V: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def generate(model: Glm4vMoeForConditionalGeneration, tokenizer, prompt: str, images=(), *, image_processor=None,
+def generate(model: nn.Module, tokenizer, prompt: str, images=(), *, image_processor=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, enable_thinking: bool = False,
              system: str | None = None, seed: int = 0) -> Generation:
     """Answer `prompt` about `images` (PIL images): chat template, image preprocessing, cached decoding."""
@@ -153,7 +155,7 @@ def _prepare(model, tokenizer, prompt: str, images: list, image_processor, enabl
 
 
 @torch.no_grad()
-def generate_batch(model: Glm4vMoeForConditionalGeneration, tokenizer, requests: list[tuple[str, list]], *,
+def generate_batch(model: nn.Module, tokenizer, requests: list[tuple[str, list]], *,
                    image_processor=None, max_new_tokens: int = 64, enable_thinking: bool = False,
                    system: str | None = None) -> list[Generation]:
     """Greedy answers to many (prompt, images) requests at once: prompts left-padded into one batch
@@ -237,7 +239,7 @@ def load_dcp_weights(model: torch.nn.Module, ckpt: Path) -> None:
 
 
 def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[Glm4vMoeForConditionalGeneration, Path]:
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Path]:
     """(model in eval mode, the HF dir holding its tokenizer and processor) from an HF dir or a training
     checkpoint (see the module docstring)."""
     path = Path(model_path)
@@ -245,15 +247,15 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
         raise FileNotFoundError(f"--model {path}: no such file or directory")
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
-        model = Glm4vMoeForConditionalGeneration.from_pretrained(path, dtype=dtype, device=device)
+        model = architecture_of(path).model_class.from_pretrained(path, dtype=dtype, device=device)
         return model.eval(), path
     hf = Path(hf_dir) if hf_dir else _hf_dir_of_run(ckpt)
     if hf is None or not (hf / "config.json").is_file():
         raise FileNotFoundError(f"--model {path} is a DCP checkpoint, which holds no config or tokenizer: pass "
                                 f"--hf-dir (the HF dir it was trained from){f'; {hf} has no config.json' if hf else ''}")
-    config = Glm4vMoeConfig.from_pretrained(hf)
+    arch, config = load_config(hf)
     with torch.device("meta"):
-        model = Glm4vMoeForConditionalGeneration(config)
+        model = arch.model_class(config)
     model.to_empty(device="cpu")
     load_dcp_weights(model, ckpt)
     model.to(dtype)
@@ -273,7 +275,8 @@ def load_tokenizer(hf_dir: str | Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mmtune generate",
-        description="Answer a prompt (optionally about images) with a GLM-4.5V-architecture model: an HF dir, "
+        description="Answer a prompt (optionally about images) with a GLM-V model (GLM-4.5V / GLM-4.6V or the dense "
+                    "GLM-4.1V / GLM-4.6V-Flash, as its config.json says): an HF dir, "
                     "a training run's save dir, an iter_XXXXXXX checkpoint or a converted DCP.",
     )
     ap.add_argument("--model", required=True,

@@ -1,4 +1,5 @@
-"""`mmtune plan`: per-GPU memory of a GLM-4.5V finetune under FSDP2, before spending GPU hours.
+"""`mmtune plan`: per-GPU memory of a GLM-V finetune under FSDP2, before spending GPU hours (any
+architecture of mmtune.models: GLM-4.5V / GLM-4.6V MoE, GLM-4.1V / GLM-4.6V-Flash dense).
 
 What mmtune's FSDP2 stores (mmtune/distributed/parallelize.py):
 - The model is built on the meta device and materialised in fp32; `fully_shard` keeps each rank's 1/N
@@ -33,19 +34,20 @@ from pathlib import Path
 
 import torch
 
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, TextConfig, VisionConfig, glm45v_config, tiny_config
+from mmtune.models import architecture_for_config, presets
+from mmtune.models import load_config as load_hf_config
+from mmtune.models.glm4v_moe.config import VisionConfig
 from mmtune.train.freeze import MODULES, module_of
 
-PRESETS = {"glm4.5v": glm45v_config, "tiny": tiny_config}
+PRESETS = {name: make for name, (_, make) in presets().items()}
 GiB = 1024**3
 _DTYPE_BYTES = {"bf16": 2, "fp16": 2, "fp32": 4}
 
-def build_meta_model(config: Glm4vMoeConfig) -> torch.nn.Module:
-    """mmtune's GLM-4.5V model on the meta device: shapes only, no memory."""
-    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
-
+def build_meta_model(config) -> torch.nn.Module:
+    """mmtune's model of this config's architecture on the meta device: shapes only, no memory."""
+    model_class = architecture_for_config(config).model_class
     with torch.device("meta"):
-        return Glm4vMoeForConditionalGeneration(config)
+        return model_class(config)
 
 
 @dataclass
@@ -79,19 +81,20 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
 
 
 # ---- activations ---------------------------------------------------------------------------------
-def decoder_layer_bytes_per_token(t: TextConfig, layer_idx: int, act_bytes: int) -> float:
+def decoder_layer_bytes_per_token(t, layer_idx: int, act_bytes: int) -> float:
     """Bytes autograd saves for backward in one decoder layer, per token (no recompute).
 
     Attention: the input norm's input and output, q/k/v projections' outputs and their rotated
     copies, the attention output (saved by o_proj). MLP: the post-attention norm's input and output;
     dense layers the gate/up output and the activation; MoE layers the fp32 router input and scores,
     and for each of the top-k experts a token copy, gate/up output, activation and down output,
-    plus the shared expert's gate/up output and activation.
+    plus the shared expert's gate/up output and activation. GLM-4.1V's two extra norms per layer
+    (`norms_per_layer` 4) save their inputs: the attention and MLP outputs.
     """
     q = t.num_attention_heads * t.head_dim
     kv = t.num_key_value_heads * t.head_dim
     h = t.hidden_size
-    attn = 2 * h + (q + 2 * kv) + (q + kv) + q
+    attn = 2 * h + (q + 2 * kv) + (q + kv) + q + (getattr(t, "norms_per_layer", 2) - 2) * h
     if t.is_moe_layer(layer_idx):
         k, i_m = t.num_experts_per_tok, t.moe_intermediate_size
         i_s = i_m * t.n_shared_experts
@@ -133,7 +136,7 @@ class Plan:
         return self.total_bytes <= 0.9 * self.gpu_mem_gib * GiB
 
 
-def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: int = 4096,
+def estimate(config, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: int = 4096,
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
@@ -309,7 +312,7 @@ class _LiveTensorBytes:
         self.current -= self.live.pop(key, 0)
 
 
-def measure_training_step(config: Glm4vMoeConfig, *, micro_batch_size: int, seq_length: int,
+def measure_training_step(config, *, micro_batch_size: int, seq_length: int,
                           recompute: str = "none", frozen: tuple[str, ...] = (), images_per_sample: int = 1,
                           seed: int = 0) -> dict[str, int]:
     """Measured peak bytes of one fp32 training step on the CPU: forward, cross-entropy over all logits,
@@ -317,10 +320,9 @@ def measure_training_step(config: Glm4vMoeConfig, *, micro_batch_size: int, seq_
     parameter bytes + the peak of everything the step allocates (see `_LiveTensorBytes`). One process,
     no sharding (the FSDP2 layout over one rank holds the same tensors)."""
     from mmtune.distributed.parallelize import apply_activation_checkpointing
-    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Glm4vMoeForConditionalGeneration(config)
+    model = architecture_for_config(config).model_class(config)
     model.init_weights(seed=seed)
     for name, p in model.named_parameters():
         p.requires_grad_(module_of(name) not in frozen)
@@ -348,13 +350,14 @@ def measure_training_step(config: Glm4vMoeConfig, *, micro_batch_size: int, seq_
     return {"params": params, "peak_step": tracker.peak, "peak": params + tracker.peak}
 
 
-def load_config(model: str) -> tuple[Glm4vMoeConfig, str]:
+def load_config(model: str) -> tuple[object, str]:
+    """(config, name) of a preset or an HF model dir (its architecture from config.json's model_type)."""
     if model in PRESETS:
         return PRESETS[model](), model
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"--model {model}: neither a preset ({', '.join(PRESETS)}) nor an HF model dir")
-    return Glm4vMoeConfig.from_pretrained(path), str(path)
+    return load_hf_config(path)[1], str(path)
 
 
 def frozen_from_model_json(path: str | Path) -> tuple[str, ...]:
@@ -377,7 +380,8 @@ def frozen_from_model_json(path: str | Path) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mmtune plan",
-        description="Per-GPU memory of finetuning a GLM-4.5V-architecture model under FSDP2: sharded fp32 "
+        description="Per-GPU memory of finetuning a GLM-V model (GLM-4.5V / GLM-4.6V MoE, GLM-4.1V / "
+                    "GLM-4.6V-Flash dense) under FSDP2: sharded fp32 "
                     "parameters, gradients and AdamW state, all-gather buffers and activations; says whether "
                     "it fits and what to change.",
     )

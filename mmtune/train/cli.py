@@ -25,12 +25,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_model_json(cfg, arch, hf_path) -> None:
+    """model.json must describe the architecture of its init_from_hf_path (ValueError naming both files);
+    features that need routed experts must not be asked of a dense model."""
+    m = cfg.model
+    arch.check_model_ids({"model": m.model_id, "vision_encoder": m.image_encoder.vision_encoder.model_id,
+                          "text_decoder": m.text_decoder.model_id}, str(cfg.mm_model), f"{hf_path}/config.json")
+    if cfg.loss.router_aux_loss_coef > 0:
+        arch.require_experts(f"{cfg.mm_model}: loss_cfg.router_aux_loss_coef {cfg.loss.router_aux_loss_coef}")
+
+
 def run(cfg, *, print_fn=print) -> dict:
     """Train per a resolved TrainConfig; returns the end-of-run summary (rank 0; {} elsewhere)."""
     from mmtune.distributed import FSDPOptions, init_distributed, shutdown_distributed
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.model_build import build_model
-    from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+    from mmtune.models import load_config
     from mmtune.train.checkpoint import Checkpointer, TrainState, resolve_load_path
     from mmtune.train.metrics import MetricsLogger, text_flops_per_token
     from mmtune.train.optim import build_optimizer_and_scheduler
@@ -52,8 +62,9 @@ def run(cfg, *, print_fn=print) -> dict:
                              "describes the model; its weights are used unless --load gives others)")
         if not (Path(hf_path) / "config.json").is_file():
             raise FileNotFoundError(f"{cfg.mm_model}: init_from_hf_path {hf_path} has no config.json")
-        mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
-        env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
+        arch, mcfg = load_config(hf_path)  # the architecture comes from config.json's model_type
+        check_model_json(cfg, arch, hf_path)
+        env.dims.check_model(num_experts=arch.num_experts(mcfg), num_heads=mcfg.text.num_attention_heads)
         if env.dims.cp > 1 or env.dims.ep > 1:
             raise ValueError(f"{PROG}: context and expert parallelism are not implemented yet "
                              "(--context-parallel-size / --expert-model-parallel-size must be 1)")
@@ -71,7 +82,7 @@ def run(cfg, *, print_fn=print) -> dict:
             f"grad-accum {cfg.grad_accum_steps}, "
             f"load {source.kind + ' ' + str(source.path) if source else 'HF ' + hf_path}", flush=True)
         model = build_model(
-            Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, hf_path=hf_path, seed=cfg.seed,
+            arch.model_class, mcfg, env, opts, freeze, hf_path=hf_path, seed=cfg.seed,
             weights_dcp=source.path if source and source.kind == "weights" else None,
             load_weights=not (source and source.kind == "training"))
         counts = {"trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
