@@ -244,3 +244,45 @@ def test_dense_export_answers_the_same_through_transformers(dense_demo):
         theirs = out[0, ids.shape[1]:].tolist()
         assert theirs == g.token_ids, (q, theirs, g.token_ids)
         assert tok.decode(theirs, skip_special_tokens=True).strip() == g.text
+
+
+# ---- GLM-4.6V's processor --------------------------------------------------------------------------
+GLM46V_PREPROCESSOR = {  # GLM-4.6V / GLM-4.6V-Flash style: the Glm46V classes, GLM-V's size bounds
+    "image_processor_type": "Glm46VImageProcessor", "processor_class": "Glm46VProcessor",
+    "size": {"shortest_edge": 12544, "longest_edge": 9633792}, "patch_size": 14, "temporal_patch_size": 2,
+    "merge_size": 2, "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711], "do_rescale": True, "do_normalize": True,
+}
+
+
+@pytest.mark.parametrize("arch", ["glm4v", "glm4v_moe"])
+def test_glm46v_processor_is_chosen_from_the_model_dir_and_its_images_match_transformers(arch, tmp_path):
+    """The processor family comes from the dir's processor files, whatever the architecture; a GLM-4.6V dir's
+    images come out as transformers' Glm46VImageProcessorPil makes them."""
+    import numpy as np
+    from PIL import Image
+    from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
+
+    from mmtune.data.images import ImageProcessor
+    from mmtune.data.processor_family import processor_family
+
+    get_architecture(arch).tiny_config().save_pretrained(tmp_path)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Glm4vImageProcessor"}))
+    assert processor_family(tmp_path) == "glm4v"
+    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type": "Glm46VVideoProcessor"}))
+    assert processor_family(tmp_path) == "glm46v"
+    (tmp_path / "video_preprocessor_config.json").unlink()
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(GLM46V_PREPROCESSOR))
+    assert processor_family(tmp_path) == "glm46v"
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((700, 1000), (50, 50))]
+    pv, grid = ImageProcessor.from_pretrained(tmp_path).process(images)
+    ref = Glm46VImageProcessorPil(**{k: v for k, v in GLM46V_PREPROCESSOR.items() if "type" not in k and "class" not in k})(
+        images=images, return_tensors="np")
+    assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 50, 72], [1, 6, 6]]
+    assert np.array_equal(pv, ref["pixel_values"])
+    (tmp_path / "processor_config.json").write_text("{not json")
+    (tmp_path / "preprocessor_config.json").write_text("{}")
+    with pytest.raises(ValueError, match="processor_config.json: not valid JSON"):
+        processor_family(tmp_path)
