@@ -150,6 +150,22 @@ def main(argv=None) -> int:
             loss_of(out.logits).backward()
 
         runs[f"ours-packed{args.packed}"] = step_packed
+        # transformers' packed form: a 4th (first) position row with each sample's text positions, no
+        # attention mask; its mask code then keeps attention inside each sample (docs/GLM45V.md section 3)
+        starts = torch.zeros(ids.numel(), dtype=torch.long)
+        starts[cu[:-1].long()] = 1
+        seg_id = starts.cumsum(0) - 1
+        text_pos = (torch.arange(ids.numel()) - cu[:-1].long()[seg_id]).view(ids.shape)
+        pos4 = torch.cat([text_pos[None], pos])
+
+        def make_step_hf_packed(m):
+            def step():
+                out = m(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=types,
+                        position_ids=pos4, use_cache=False)
+                loss_of(out.logits).backward()
+            return step
+
+        runs.update({f"hf-{k}-packed{args.packed}": make_step_hf_packed(m) for k, m in hf.items()})
 
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):
@@ -173,6 +189,13 @@ def main(argv=None) -> int:
     best = min(hf_runs, key=lambda k: med[k])
     print(f"ratio ours / transformers ({best}): {med[best] / med['ours']:.2f}x tokens/s (median steps), "
           f"{min(low[k] for k in hf_runs) / low['ours']:.2f}x (best steps)")
+    if args.packed:
+        n = args.packed
+        hf_packed = [f"{k}-packed{n}" for k in hf_runs]
+        best_p = min(hf_packed, key=lambda k: med[k])
+        print(f"packed rows ({n} samples per row) ours / transformers ({best_p}): "
+              f"{med[best_p] / med[f'ours-packed{n}']:.2f}x (median steps), "
+              f"{min(low[k] for k in hf_packed) / low[f'ours-packed{n}']:.2f}x (best steps)")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
