@@ -15,7 +15,7 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
     python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
     python bench/gpu_train.py --moe-layers 2 --seq 8192
     python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
-    python bench/gpu_train.py --cpu            # CPU, fp32: DESIGN.md's 9M-param model, 4 x 512 tokens
+    python bench/gpu_train.py --cpu            # CPU, fp32: the 7.3M-param model of docs/PERFORMANCE.md, 4 x 512
 
 Environment knobs are flags; results also go to $OUT/gpu_train.json when OUT is set.
 """
@@ -49,7 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
     p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
-    p.add_argument("--cpu", action="store_true", help="CPU, fp32, DESIGN.md's 9M-param model (text 256 wide, "
+    p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 wide, "
                    "4 layers, 16 experts top-4; vision 2 blocks), --bs 4 --seq 512 unless given")
     return p.parse_args(argv)
 
@@ -214,7 +214,7 @@ def run_hf(cfg, args, device, batch, full_sd, res):
         model = transformers.Glm4vMoeForConditionalGeneration._from_config(hf_cfg, dtype=dtype,
                                                                             attn_implementation="sdpa")
     try:
-        model.set_experts_implementation("grouped_mm")  # transformers' fastest on CPU too (DESIGN.md)
+        model.set_experts_implementation("grouped_mm")  # transformers' fastest on CPU too (docs/PERFORMANCE.md)
     except Exception as e:  # older transformers: the default implementation
         res["hf_experts_impl_error"] = repr(e)[:200]
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in full_sd.items()}, strict=False)

@@ -44,7 +44,7 @@ def dense_bench_config():
 
 
 def bench_config():
-    """DESIGN.md "Measured facts": text 256 wide, 4 layers, 16 experts top-4; vision 2 blocks (~9M params)."""
+    """docs/PERFORMANCE.md "Model train step on the CPU": text 256 wide, 4 layers, 16 experts top-4; vision 2 blocks."""
     c = tiny_config()
     text = dataclasses.replace(
         c.text, hidden_size=256, intermediate_size=512, moe_intermediate_size=128, num_hidden_layers=4,

@@ -16,7 +16,7 @@ The last line printed is `accuracy=<float> chance=<float> steps=<int> train_s=<f
 
 The tiny model starts from random weights, so its vision tower and projector train too (model.json
 freeze false). Hyper-parameters: batch 16, AdamW lr 5e-4 with linear warmup and cosine decay, clip 1.0
-(DESIGN.md "Measured facts"; lr 2e-3 never leaves chance).
+(docs/PERFORMANCE.md "Design-phase measurements"; lr 2e-3 never leaves chance).
 """
 
 from __future__ import annotations

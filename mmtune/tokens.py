@@ -1,4 +1,4 @@
-"""GLM-4.5V special tokens (GLM45V_FACTS.md section 1).
+"""GLM-4.5V special tokens (docs/GLM45V.md section 1).
 
 The real tokenizer places them in one contiguous block starting at id 151329. The tiny tokenizer of
 `mmtune make-tiny` keeps the same order but starts the block at `TINY_SPECIAL_BASE`, so its vocabulary

@@ -19,63 +19,8 @@ from mmtune.train.args import (
     supported_flags,
 )
 
-# The recipe's files verbatim (shared/seed/model_106B.json and fsdp2_config.yaml), so the test runs anywhere.
-SEED_FILES = {
-    "model_106B.json": """{
-    "model_id": "glm4v_moe",
-    "init_from_hf_path": "./ckpt/hf_path/GLM-4.5V",
-    "image_encoder": {
-        "vision_encoder": {
-            "model_id": "glm4v_moe",
-            "num_layers": 24,
-            "hidden_size": 1536,
-            "num_attention_heads": 12,
-            "freeze": true,
-            "attn_implementation": "sdpa"
-        },
-        "vision_projector": {
-            "model_id": "lnmlp",
-            "num_layers": 1,
-            "freeze": true
-        }
-    },
-    "text_decoder": {
-        "model_id": "glm_4v_moe_text",
-        "num_layers": 46,
-        "hidden_size": 12288,
-        "num_attention_heads": 96,
-        "max_position_embeddings": 65536,
-        "freeze": false,
-        "use_npu_fused_moe": true,
-        "attn_implementation": "sdpa",
-        "activation_offload": false
-    },
-    "loss_cfg": {
-        "compute_mode": "default",
-        "chunk_size": 1024,
-        "loss_type": "per_token_loss"
-    },
-    "patch": {
-        "clip_grad_async": true,
-        "scale_grad": true
-    }
-}
-""",
-    "fsdp2_config.yaml": """sharding_size: auto
-reshard_after_forward: True
-param_dtype: "bf16"
-reduce_dtype: "fp32"
-cast_forward_inputs: True
-num_to_forward_prefetch: 0
-num_to_backward_prefetch: 0
-offload_to_cpu: False
-
-# If True, each FSDP parameter group within a block contains only Linear layer parameters,
-# enabling aligned sharding for improved communication efficiency. Set to False to disable this optimization.
-align_fsdp_param_groups: False
-""",
-    "data_106B.json": '{"dataset_param": {}, "dataloader_param": {}}',
-}
+# The recipe's config files verbatim (docs/RECIPE.md; tests/test_recipe_files.py checks them).
+RECIPE_DIR = Path(__file__).parent / "recipe"
 
 PINNED_FLAGS = [
     "--adam-beta1", "--adam-beta2", "--adam-eps", "--bf16", "--clip-grad", "--config", "--context-parallel-algo",
@@ -94,11 +39,8 @@ PINNED_FLAGS = [
 @pytest.fixture
 def recipe(tmp_path):
     """The recipe's three config files, unchanged, in a temp dir."""
-    for name, text in SEED_FILES.items():
-        seed = Path("/work/shared/seed") / name
-        if seed.is_file() and name != "data_106B.json":
-            assert seed.read_text() == text  # still the recipe's file
-        (tmp_path / name).write_text(text)
+    for name in ("data_106B.json", "model_106B.json", "fsdp2_config.yaml"):
+        (tmp_path / name).write_text((RECIPE_DIR / name).read_text())
     return tmp_path
 
 

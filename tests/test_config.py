@@ -63,7 +63,7 @@ def test_rope_index_equals_transformers():
     ours, delta = get_rope_index(ids, image_grid, video_grid, image_token_id=I, video_start_token_id=VS,
                                  video_end_token_id=VE)
     assert torch.equal(ref[:, 0], ours) and int(ref_delta) == delta
-    # 7 text tokens, then a 2x3 LLM grid: the example of GLM45V_FACTS.md section 3
+    # 7 text tokens, then a 2x3 LLM grid: the example of docs/GLM45V.md section 3
     assert ours[:, 8:14].tolist() == [[8] * 6, [8, 8, 8, 9, 9, 9], [8, 9, 10, 8, 9, 10]]
     with pytest.raises(ValueError, match="grids"):
         get_rope_index(ids, image_grid[:1], video_grid, image_token_id=I, video_start_token_id=VS,

@@ -39,7 +39,7 @@ def test_parity_with_transformers(hw, size):
 def test_known_sizes():
     p = ImageProcessor(min_pixels=REAL[0], max_pixels=REAL[1])
     assert p.target_size(1000, 700) == (700, 1008) and p.grid_thw(1000, 700) == (1, 50, 72)
-    assert p.target_size(3000, 4000) == (2520, 1876)  # GLM45V_FACTS section 2
+    assert p.target_size(3000, 4000) == (2520, 1876)  # docs/GLM45V.md section 2
     assert p.target_size(50, 50) == (84, 84)
     with pytest.raises(ValueError, match="aspect ratio"):
         p.target_size(10000, 28)

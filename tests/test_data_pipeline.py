@@ -22,7 +22,7 @@ from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
 from mmtune.models.glm4v_moe.rope import get_rope_index
 from mmtune.tokens import TINY_SPECIAL_BASE, special_token_ids
 
-SEED_DATA_JSON = Path("/work/shared/seed/data_106B.json")
+SEED_DATA_JSON = Path(__file__).parent / "recipe" / "data_106B.json"  # the recipe's file verbatim
 IDS = special_token_ids(TINY_SPECIAL_BASE)
 
 

@@ -1,4 +1,4 @@
-"""template.py: token-for-token equal to the tokenizer's apply_chat_template; labels per section 7."""
+"""template.py: token-for-token equal to the tokenizer's apply_chat_template; labels per docs/GLM45V.md section 6."""
 
 from __future__ import annotations
 

@@ -46,7 +46,7 @@ MSGS = [
 
 
 def test_chat_template_official_format(tok):
-    # GLM45V_FACTS.md section 1, rendered example
+    # docs/GLM45V.md section 1, rendered example
     assert tok.apply_chat_template(MSGS, tokenize=False) == (
         "[gMASK]<sop><|system|>\nSYS<|user|>\n<|begin_of_image|><|image|><|end_of_image|>Q1<|assistant|>\n"
         "<think></think>\nA1<|user|>\nQ2<|assistant|>\n<think>R2</think>\nA2"

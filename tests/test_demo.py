@@ -153,16 +153,12 @@ def test_launch_scripts_flags_are_accepted_by_mmtune_train(script, tmp_path, mon
     assert not cfg.model.freeze_text_decoder and cfg.model.freeze_vision_encoder
 
 
-def test_recipe_json_mirrors_the_seed_and_loads():
+def test_recipe_data_json_loads():
     from mmtune.data.config import load_data_config
 
-    seed = Path("/work/shared/seed")
+    # key-for-key comparison with the recipe's own files: tests/test_recipe_files.py
     data = load_data_config(RECIPE / "data_106B.json")
     assert data.basic.enable_thinking is False and data.preprocess.image_max_pixels == 262144
-    if seed.is_dir():  # the MindSpeed-MM files this recipe mirrors, key for key
-        assert json.loads((RECIPE / "data_106B.json").read_text()) == json.loads((seed / "data_106B.json").read_text())
-        ours, theirs = (json.loads(p.read_text()) for p in (RECIPE / "model_106B.json", seed / "model_106B.json"))
-        assert set(ours) == set(theirs) - {"patch"} and ours["image_encoder"] == theirs["image_encoder"]
 
 
 def test_reduce_layers_writes_a_loadable_smaller_model(tiny_hf_dir, tmp_path):

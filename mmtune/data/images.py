@@ -33,7 +33,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 def smart_resize(height: int, width: int, *, factor: int = 28, min_pixels: int = 112 * 112,
                  max_pixels: int = 28 * 28 * 15000, temporal: int = 2) -> tuple[int, int]:
     """GLM-4V's target (height, width): multiples of `factor` with temporal*H*W within [min, max]
-    (GLM45V_FACTS.md section 2). Raises ValueError for an aspect ratio over 200."""
+    (docs/GLM45V.md section 2). Raises ValueError for an aspect ratio over 200."""
     if height < factor or width < factor:
         scale = max(factor / height, factor / width)
         height, width = int(height * scale), int(width * scale)

@@ -1,4 +1,4 @@
-"""GLM-4.5V conversation -> token ids and labels (template `glm4v_moe`, GLM45V_FACTS.md sections 1 and 7).
+"""GLM-4.5V conversation -> token ids and labels (template `glm4v_moe`, docs/GLM45V.md sections 1 and 6).
 
 The rendering is the official format, token for token what the tokenizer's own `apply_chat_template`
 gives (tested against the tiny tokenizer's jinja):

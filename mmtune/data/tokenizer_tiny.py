@@ -7,7 +7,7 @@ tiny and the real tokenizer differ only in where the block starts. 508..511 are 
 embedding (config.tiny_config() has vocab 512).
 
 The chat template (chat_template.jinja next to this file) renders the official GLM-4.5V format
-(GLM45V_FACTS.md sections 1 and 7); it is saved as chat_template.jinja and inside tokenizer_config.json.
+(docs/GLM45V.md sections 1 and 6); it is saved as chat_template.jinja and inside tokenizer_config.json.
 """
 
 from __future__ import annotations

@@ -128,7 +128,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
         common["offload_policy"] = CPUOffloadPolicy(pin_memory=device.type == "cuda")
     vision_blocks, text_blocks = blocks_of(model)
     if opts.param_dtype not in (None, torch.float32):
-        # routers compute in fp32 (GLM45V_FACTS 5-6): their own FSDP group gathers them in fp32
+        # routers compute in fp32 (docs/GLM45V.md sections 5-6): their own FSDP group gathers them in fp32
         fp32 = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32,
                                     cast_forward_inputs=opts.cast_forward_inputs)
         for router in router_modules(model):

@@ -1,6 +1,6 @@
 """Mixture-of-experts pieces of GLM-4.5V: the sigmoid top-k router and the stacked routed experts.
 
-Router (GLM45V_FACTS.md section 5), all in fp32: scores = sigmoid(x W^T); experts are *chosen* on
+Router (docs/GLM45V.md section 5), all in fp32: scores = sigmoid(x W^T); experts are *chosen* on
 scores + e_score_correction_bias (group-limited: keep the `topk_group` groups with the best sum of
 their top-2 biased scores, then the top-k experts inside them); the *weights* are the unbiased scores
 of the chosen experts, optionally normalised to sum 1, times `routed_scaling_factor`.

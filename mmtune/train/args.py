@@ -1,7 +1,7 @@
 """`mmtune train`'s configuration: Megatron-style flags, a YAML `--config`, the recipe's model.json
 and fsdp2 yaml, resolved into one typed `TrainConfig`.
 
-The flags are the MindSpeed-MM launch script's names (SEED_RECIPE.md item 6), so a recipe script
+The flags are the MindSpeed-MM launch script's names (docs/RECIPE.md, "Launch flags"), so a recipe script
 ports by changing its `torchrun ... pretrain_transformers.py` line to `torchrun ... -m mmtune train`.
 Flags that only configure Megatron/Ascend internals (`IGNORED_SWITCHES`, `IGNORED_OPTIONS`) are
 accepted and reported in ONE warning line; anything else unknown is a ValueError naming it.
@@ -123,8 +123,8 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 
 
 class ModelJsonConfig(_Strict):
-    """The recipe's model.json (`--mm-model`), e.g. shared/seed/model_106B.json. `model_id` (`glm4v_moe`
-    or `glm4v`) must agree with init_from_hf_path's config.json `model_type` when given."""
+    """The recipe's model.json (`--mm-model`), e.g. examples/glm4.5v/model_106B.json (keys: docs/RECIPE.md).
+    `model_id` (`glm4v_moe` or `glm4v`) must agree with init_from_hf_path's config.json `model_type` when given."""
 
     model_id: str | None = None
     init_from_hf_path: str | None = None
@@ -172,7 +172,7 @@ class ModelJsonConfig(_Strict):
 
 
 class Fsdp2Config(_Strict):
-    """The recipe's fsdp2 yaml (`--fsdp2-config-path`), e.g. shared/seed/fsdp2_config.yaml.
+    """The recipe's fsdp2 yaml (`--fsdp2-config-path`), e.g. examples/glm4.5v/fsdp2_config.yaml (keys: docs/RECIPE.md).
 
     - sharding_size: "auto" = all data-parallel ranks (plain FSDP); an int n < world size = HSDP,
       shard within groups of n ranks and replicate across groups.

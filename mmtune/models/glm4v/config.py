@@ -3,7 +3,7 @@
 The vision tower is GLM-4.5V's (`VisionConfig` of models/glm4v_moe); the text decoder is dense and has
 its own, smaller set of keys (no experts, no head_dim: heads are hidden_size / num_attention_heads, as
 transformers' `Glm4vTextAttention` computes them). The defaults are the real GLM-4.1V-9B-Thinking's
-(docs/GLM45V.md "Dense family (glm4v)").
+(docs/GLM45V.md section 8).
 
 Reading follows transformers 5.24's `Glm4vConfig` where a key is missing: `partial_rotary_factor`
 defaults to 1.0 and `pad_token_id` to None (the real config.json files carry both), the vision
@@ -185,7 +185,7 @@ def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
     return cfg
 
 
-# ---- presets (docs/GLM45V.md "Dense family (glm4v)") -------------------------------------------------
+# ---- presets (docs/GLM45V.md section 8) -------------------------------------------------
 def glm41v_config() -> Glm4vConfig:
     """zai-org/GLM-4.1V-9B-Thinking: 40 dense layers 4096 wide, GQA 32/2, 64K positions."""
     return Glm4vConfig()

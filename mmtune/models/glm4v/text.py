@@ -5,7 +5,8 @@ is normalised again before it joins the residual stream).
     x = x + post_self_attn_layernorm(self_attn(input_layernorm(x)))
     x = x + post_mlp_layernorm(mlp(post_attention_layernorm(x)))
 
-Parameter names equal transformers>=5's `Glm4vForConditionalGeneration` `model.language_model.*`.
+Parameter names equal transformers>=5's `Glm4vForConditionalGeneration` `model.language_model.*` (docs/GLM45V.md
+section 8).
 
 Legend: B batch, S tokens per row, H hidden, N heads, D head dim, R rotary dims, h = R/2 rotary pairs.
 """

@@ -2,7 +2,7 @@
 
 Both config.json styles are read: transformers>=5 `rope_parameters`, and the legacy
 `rope_scaling` + `rope_theta` + `partial_rotary_factor`. Values always come from the file; the
-defaults below are the real GLM-4.5V's (GLM45V_FACTS.md section 4), never transformers' defaults.
+defaults below are the real GLM-4.5V's (docs/GLM45V.md section 4), never transformers' defaults.
 Keys this class does not model are kept in `extra` so that a round trip loses nothing.
 """
 
@@ -207,13 +207,13 @@ def _dataclass_from_dict(cls, d: dict[str, Any], source: str, section: str):
 
 
 def glm45v_config() -> Glm4vMoeConfig:
-    """The real zai-org/GLM-4.5V configuration (GLM45V_FACTS.md section 4)."""
+    """The real zai-org/GLM-4.5V configuration (docs/GLM45V.md section 4)."""
     return Glm4vMoeConfig()
 
 
 def glm46v_config() -> Glm4vMoeConfig:
     """zai-org/GLM-4.6V: GLM-4.5V's architecture and shapes (106B total, 12B active) with a 128K context
-    window (docs/GLM45V.md "Dense family (glm4v)" lists the sources)."""
+    window (docs/GLM45V.md section 8 lists the sources)."""
     c = Glm4vMoeConfig()
     c.text.max_position_embeddings = 131072
     return c

@@ -1,4 +1,4 @@
-"""GLM-4.5V 3D (M-RoPE) position ids for one sample (GLM45V_FACTS.md section 3).
+"""GLM-4.5V 3D (M-RoPE) position ids for one sample (docs/GLM45V.md section 3).
 
 Tokens fall into runs: text, image (the `<|image|>` placeholders of one image) and video (image
 placeholders inside a begin/end-of-video span; each video step is one (1, h, w) grid). A text run

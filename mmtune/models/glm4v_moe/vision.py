@@ -3,7 +3,7 @@
 SwiGLU) -> RMSNorm -> 2x2 downsample conv -> merger (proj, LayerNorm, GELU, SwiGLU) -> LLM tokens.
 
 `pixel_values` rows come merge-block-major: for each image, (h/2, w/2, 2, 2) patches, each row a
-flattened (C, T, P, P) patch (GLM45V_FACTS.md section 2). Parameter names equal transformers>=5's.
+flattened (C, T, P, P) patch (docs/GLM45V.md section 2). Parameter names equal transformers>=5's.
 
 Legend: P patches (rows of pixel_values, all images), C patch_dim (C*T*P*P), D vision hidden,
 N heads, Dh head dim, O out_hidden_size (the LLM width), M = P/4 merged tokens, I images.
