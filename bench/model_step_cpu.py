@@ -184,7 +184,7 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     for name, t in med.items():
-        print(f"{name:>16}: median {t:.3f} s/step  {tokens / t:8.0f} tokens/s   (best step {low[name]:.3f} s)")
+        print(f"{name:>{max(map(len, med))}}: median {t:.3f} s/step  {tokens / t:8.0f} tokens/s   (best step {low[name]:.3f} s)")
     hf_runs = [f"hf-{k}" for k in hf]
     best = min(hf_runs, key=lambda k: med[k])
     print(f"ratio ours / transformers ({best}): {med[best] / med['ours']:.2f}x tokens/s (median steps), "
