@@ -1,4 +1,4 @@
-"""Data pipeline benchmark (not a test): python bench/data_pipeline.py [--samples N] [--seed S]
+"""Data pipeline benchmark (not a test): python bench/data_pipeline.py [--mode image|video|all] [--samples N] [--seed S]
 
 1. Preprocessing throughput, side by side on the same LLaVA-like samples (COCO-sized JPEGs, 1-3 turns):
    - mmtune: SamplePreprocessor (attr mapping, image header, GLM template tokenisation with labels)
@@ -11,6 +11,14 @@
 2. Packing efficiency (non-pad tokens / row capacity) on a LLaVA-like length mix: image tokens from COCO
    sizes through the same settings, text lengths log-normal, 10% text-only; offline best-fit (cached
    path) and best-fit over 8 open rows (streaming) at several seq lengths.
+3. `--mode video`: video samples/s on the same MPEG-4 files (2-8 s, 24/30 fps, 320x240 to 640x360, one
+   video and 1-2 turns each), GLM-4.5V sampling at the recipe's video_fps 2:
+   - mmtune: SamplePreprocessor (header probe, frame plan, tokens with timestamps, labels) + materialise
+     (decode the planned frames, resize, normalise, patchify, 3D positions);
+   - transformers: its PyAV reader with Glm4vVideoProcessor.sample_frames, Glm4vVideoProcessor on the
+     frames, apply_chat_template, Glm4vProcessor.replace_video_token, tokenizer(text). torchvision does
+     not import here, so its resize runs through the stand-in of tests/hf_video.py (the F.interpolate call
+     torchvision makes on the CPU).
 """
 
 from __future__ import annotations
@@ -153,13 +161,110 @@ def _padded(lengths, mbs):
     return sum(lengths[: (len(lengths) // mbs) * mbs]) / tot
 
 
+VIDEO_SIZES = [(320, 240), (480, 270), (640, 360)]
+
+
+def make_video_samples(root: Path, n: int, seed: int) -> list[dict]:
+    from mmtune.data.video import write_video
+
+    rng = random.Random(seed)
+    nrng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        (w, h), fps, secs = rng.choice(VIDEO_SIZES), rng.choice((24, 30)), rng.randint(2, 8)
+        base = nrng.integers(0, 256, (h // 16 + 1, w // 16 + 1, 3), dtype=np.uint8)
+        img = np.asarray(Image.fromarray(base).resize((w + 64, h), Image.Resampling.BILINEAR))
+        frames = [np.ascontiguousarray(img[:, k % 64: k % 64 + w]) for k in range(fps * secs)]  # a panning shot
+        write_video(root / "vid" / f"{i}.mp4", frames, fps)
+        msgs = []
+        for t in range(rng.randint(1, 2)):
+            q = " ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 20))) + "?"
+            a = " ".join(rng.choice(WORDS) for _ in range(rng.randint(10, 60))) + "."
+            msgs += [{"role": "user", "content": ("<video>\n" + q) if t == 0 else q}, {"role": "assistant", "content": a}]
+        samples.append({"messages": msgs, "videos": [f"vid/{i}.mp4"]})
+    (root / "mllm.json").write_text(json.dumps(samples))
+    return samples
+
+
+def bench_video(n: int, seed: int) -> None:
+    import types
+    from functools import partial
+
+    from transformers import AutoTokenizer
+    from transformers.models.glm4v.processing_glm4v import Glm4vProcessor
+    from transformers.models.glm4v.video_processing_glm4v import Glm4vVideoProcessor
+    from transformers.video_utils import read_video_pyav
+
+    from mmtune.data.collate import TokenIds, materialise
+    from mmtune.data.config import parse_data_config
+    from mmtune.data.dataset import SamplePreprocessor
+    from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from hf_video import with_tvf_stand_in
+
+    root = Path(tempfile.mkdtemp(prefix="mmtune-bench-video-"))
+    save_tiny_tokenizer(root / "tok")
+    size = {"shortest_edge": 12544, "longest_edge": 28 * 28 * 2 * 30000}
+    (root / "tok" / "preprocessor_config.json").write_text(json.dumps({"size": size}))
+    samples = make_video_samples(root / "data", n, seed)
+    cfg = parse_data_config({"dataset_param": {
+        "preprocess_parameters": {"model_name_or_path": str(root / "tok"), "video_fps": 2.0},
+        "basic_parameters": {"dataset_dir": str(root / "data"), "dataset": "mllm.json", "enable_thinking": False}}})
+    pre = SamplePreprocessor(cfg, root / "tok")
+    ids = TokenIds.from_tokenizer(pre.template.tokenizer)
+    tok = AutoTokenizer.from_pretrained(root / "tok")
+    hf_proc = Glm4vVideoProcessor(size=size)
+    me = types.SimpleNamespace(video_processor=hf_proc, image_token="<|image|>")
+    me.replace_frame_token_id = partial(Glm4vProcessor.replace_frame_token_id, me)
+
+    def ours(s, k):
+        cols = pre(s, f"mllm.json:{k}")
+        assert not cols["error"], cols["error"]
+        return materialise(cols, cols["length"], pre.image_processor, ids, pre.video_processor)
+
+    def theirs(s):
+        frames, meta = read_video_pyav(str(root / "data" / s["videos"][0]),
+                                       lambda metadata, **kw: hf_proc.sample_frames(metadata, fps=2.0))
+        out = hf_proc(videos=[frames], video_metadata=[meta], do_sample_frames=False, return_metadata=True,
+                      return_tensors="np")
+        msgs = [{"role": m["role"], "content": [{"type": "video"}, {"type": "text", "text": m["content"][len("<video>"):]}]}
+                if "<video>" in m["content"] else m for m in s["messages"]]
+        text = tok.apply_chat_template(msgs, tokenize=False, enable_thinking=False)
+        text = text.replace("<|video|>", Glm4vProcessor.replace_video_token(me, out, 0))
+        return tok(text, add_special_tokens=False)["input_ids"], out["pixel_values_videos"]
+
+    with with_tvf_stand_in():
+        for k in range(3):  # parity: ids equal up to mmtune's trailing <|user|>, pixels equal
+            a, (b_ids, b_pv) = ours(samples[k], k), theirs(samples[k])
+            assert a.input_ids.tolist()[:-1] == b_ids and np.array_equal(a.video_pixels, b_pv), k
+        t_ours = t_hf = 0.0
+        for k, s in enumerate(samples):  # interleaved
+            t0 = time.perf_counter()
+            ours(s, k)
+            t1 = time.perf_counter()
+            theirs(s)
+            t_ours, t_hf = t_ours + t1 - t0, t_hf + time.perf_counter() - t1
+    print(f"video preprocessing, {n} samples (MPEG-4, 2-8 s, 24/30 fps, 320x240..640x360), 1 process:")
+    print(f"  mmtune        {n / t_ours:8.2f} samples/s  (probe, plan, tokens+labels, decode, resize, normalise, "
+          "patchify, 3D positions)")
+    print(f"  transformers  {n / t_hf:8.2f} samples/s  (PyAV reader + Glm4vVideoProcessor + apply_chat_template + "
+          "replace_video_token + tokenizer)")
+    print(f"  ratio mmtune/transformers = {t_hf / t_ours:.2f}x")
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--mode", choices=["image", "video", "all"], default="image",
+                   help="image: image preprocessing and packing (default); video: video preprocessing; all: both")
     p.add_argument("--samples", type=int, default=200, help="samples for the throughput part (default 200)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = p.parse_args(argv)
-    bench_preprocessing(args.samples, args.seed)
-    bench_packing(args.seed)
+    if args.mode in ("image", "all"):
+        bench_preprocessing(args.samples, args.seed)
+        bench_packing(args.seed)
+    if args.mode in ("video", "all"):
+        bench_video(args.samples, args.seed)
     return 0
 
 

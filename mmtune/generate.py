@@ -1,14 +1,17 @@
-"""`mmtune generate`: answer a prompt (with images) from an HF model dir or a training checkpoint, with
-any GLM-V architecture (config.json's `model_type`, mmtune.models).
+"""`mmtune generate`: answer a prompt (with images and videos) from an HF model dir or a training checkpoint,
+with any GLM-V architecture (config.json's `model_type`, mmtune.models).
 
 The prompt is rendered with the tokenizer's own chat template (`apply_chat_template`, with
 `enable_thinking` as the data pipeline's data.json sets it; the recipe uses false), images go through
-the data pipeline's `ImageProcessor`, each `<|image|>` is expanded to t*h*w/4 placeholder ids, and
+the data pipeline's `ImageProcessor` and videos through its `VideoProcessor` (docs/GLM45V.md section 7),
+each `<|image|>` is expanded to t*h*w/4 placeholder ids and each `<|video|>` to its frames and
+timestamps as the processor does, and
 mmtune's model decodes with its KV cache: greedy by default, sampling with --temperature > 0, until
 one of the config's eos ids (`<|endoftext|>`, `<|user|>`, `<|observation|>`) or --max-new-tokens.
 
 Images are placed where the prompt says `<image>` (the MLLM data format); a prompt without the tag
-gets `<image>\\n` per image in front, as the LLaVA conversion writes its first question.
+gets `<image>\\n` per image in front, as the LLaVA conversion writes its first question. Videos likewise
+with `<video>` (in front of the images when untagged).
 
 Model sources:
 - an HF dir (config.json + safetensors, hub or merged layout);
@@ -26,12 +29,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 
 from mmtune.models import architecture_of, load_config
 
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
 
 
 @dataclass
@@ -43,43 +48,44 @@ class Generation:
 
 
 # ---- prompt -------------------------------------------------------------------------------------
-def build_messages(prompt: str, num_images: int, system: str | None = None) -> list[dict]:
-    """One user turn in the chat template's content-list form; `<image>` tags become image parts."""
-    tags = prompt.count(IMAGE_TAG)
-    if tags == 0 and num_images:
-        prompt = (IMAGE_TAG + "\n") * num_images + prompt
-    elif tags != num_images:
-        raise ValueError(f"the prompt has {tags} {IMAGE_TAG} tag(s) but {num_images} image(s) were given; "
-                         f"use one tag per --image, or none (images then go first)")
+def build_messages(prompt: str, num_images: int, system: str | None = None, num_videos: int = 0) -> list[dict]:
+    """One user turn in the chat template's content-list form; `<image>` / `<video>` tags become image /
+    video parts (untagged media go first: videos, then images)."""
+    for tag, n, flag in ((IMAGE_TAG, num_images, "--image"), (VIDEO_TAG, num_videos, "--video")):
+        tags = prompt.count(tag)
+        if tags == 0 and n:
+            prompt = (tag + "\n") * n + prompt
+        elif tags != n:
+            what = "image" if tag == IMAGE_TAG else "video"
+            raise ValueError(f"the prompt has {tags} {tag} tag(s) but {n} {what}(s) were given; use one tag per "
+                             f"{flag}, or none ({what}s then go first)")
     content: list[dict] = []
-    for i, piece in enumerate(prompt.split(IMAGE_TAG)):
-        if i:
-            content.append({"type": "image"})
-        if piece:
+    for piece in prompt.replace(VIDEO_TAG, "\0video\0").replace(IMAGE_TAG, "\0image\0").split("\0"):
+        if piece in ("image", "video"):
+            content.append({"type": piece})
+        elif piece:
             content.append({"type": "text", "text": piece})
     messages = [{"role": "system", "content": system}] if system else []
     return messages + [{"role": "user", "content": content}]
 
 
 def encode_prompt(tokenizer, messages: list[dict], image_tokens: list[int], image_token_id: int,
-                  enable_thinking: bool = False) -> list[int]:
-    """Prompt ids with the generation prompt; the i-th `<|image|>` expanded to image_tokens[i] copies."""
+                  enable_thinking: bool = False, videos: list = ()) -> list[int]:
+    """Prompt ids with the generation prompt; the i-th `<|image|>` expanded to image_tokens[i] copies and
+    the j-th `<|video|>` to videos[j] (a data.template.VideoTokens), as the processor expands them."""
+    from mmtune.data.template import GlmTemplate
+
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
                                          enable_thinking=enable_thinking)
     ids = tokenizer.encode(text, add_special_tokens=False)
-    out, k = [], 0
-    for t in ids:
-        if t == image_token_id:
-            if k >= len(image_tokens):
-                raise ValueError(f"the rendered prompt has more image placeholders than the {len(image_tokens)} images")
-            out.extend([t] * image_tokens[k])
-            k += 1
-        else:
-            out.append(t)
-    if k != len(image_tokens):
-        raise ValueError(f"the rendered prompt has {k} image placeholder(s) for {len(image_tokens)} image(s); "
-                         "does the tokenizer's chat template render {'type': 'image'} parts?")
-    return out
+    template = GlmTemplate(tokenizer)
+    assert template.image_id == image_token_id, (template.image_id, image_token_id)
+    try:
+        return template.expand(ids, list(image_tokens), list(videos))
+    except ValueError as e:
+        raise ValueError(f"the rendered prompt does not match the {len(image_tokens)} image(s) and {len(videos)} "
+                         f"video(s) ({e}); does the tokenizer's chat template render {{'type': 'image'}} and "
+                         "{'type': 'video'} parts?") from None
 
 
 # ---- decoding -----------------------------------------------------------------------------------
@@ -92,16 +98,16 @@ def eos_ids(config) -> set[int]:
 def generate_ids(model: nn.Module, prompt_ids: list[int], *,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
-                 stop_ids: set[int] | None = None, generator: torch.Generator | None = None) -> tuple[list[int], bool]:
+                 stop_ids: set[int] | None = None, generator: torch.Generator | None = None,
+                 pixel_values_videos: torch.Tensor | None = None,
+                 video_grid_thw: torch.Tensor | None = None) -> tuple[list[int], bool]:
     """Decode from `prompt_ids` with the KV cache: one prefill, then one token per forward.
     Returns (new ids, stopped on an eos id)."""
     device = next(model.parameters()).device
     stop_ids = eos_ids(model.config) if stop_ids is None else stop_ids
     ids_1S = torch.tensor([prompt_ids], device=device)
-    if pixel_values is not None:
-        pixel_values = pixel_values.to(device=device, dtype=next(model.model.visual.parameters()).dtype)
-        image_grid_thw = image_grid_thw.to(device)
-    out = model(ids_1S, pixel_values=pixel_values, image_grid_thw=image_grid_thw, use_cache=True)
+    vision = _vision_inputs(model, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw)
+    out = model(ids_1S, use_cache=True, **vision)
     new: list[int] = []
     for _ in range(max_new_tokens):
         logits_V = out.logits[0, -1].float()
@@ -111,6 +117,18 @@ def generate_ids(model: nn.Module, prompt_ids: list[int], *,
             return new, True
         out = model(torch.tensor([[nxt]], device=device), past_key_values=out.past_key_values, use_cache=True)
     return new, False
+
+
+def _vision_inputs(model, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw) -> dict:
+    """The model's image/video keyword arguments on its device and vision dtype (absent ones left out)."""
+    device = next(model.parameters()).device
+    dtype = next(model.model.visual.parameters()).dtype
+    out = {}
+    for key, px, gkey, grid in (("pixel_values", pixel_values, "image_grid_thw", image_grid_thw),
+                                ("pixel_values_videos", pixel_values_videos, "video_grid_thw", video_grid_thw)):
+        if px is not None:
+            out[key], out[gkey] = px.to(device=device, dtype=dtype), grid.to(device)
+    return out
 
 
 def _pick(logits_V: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
@@ -126,32 +144,57 @@ def _pick(logits_V: torch.Tensor, temperature: float, top_p: float, generator: t
 
 def generate(model: nn.Module, tokenizer, prompt: str, images=(), *, image_processor=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, enable_thinking: bool = False,
-             system: str | None = None, seed: int = 0) -> Generation:
-    """Answer `prompt` about `images` (PIL images): chat template, image preprocessing, cached decoding."""
-    prompt_ids, pixel_values, grid = _prepare(model, tokenizer, prompt, list(images), image_processor,
-                                              enable_thinking, system)
+             system: str | None = None, seed: int = 0, videos=(), video_processor=None) -> Generation:
+    """Answer `prompt` about `images` (PIL images) and `videos` (video files): chat template, image and
+    video preprocessing, cached decoding."""
+    p = _prepare(model, tokenizer, prompt, list(images), image_processor, enable_thinking, system, list(videos),
+                 video_processor)
     gen = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    new, stopped = generate_ids(model, prompt_ids, pixel_values=pixel_values, image_grid_thw=grid,
+    new, stopped = generate_ids(model, p.ids, pixel_values=p.pixel_values, image_grid_thw=p.image_grid_thw,
+                                pixel_values_videos=p.pixel_values_videos, video_grid_thw=p.video_grid_thw,
                                 max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, generator=gen)
     text = tokenizer.decode(new, skip_special_tokens=True).strip()
-    return Generation(text, new, prompt_ids, stopped)
+    return Generation(text, new, p.ids, stopped)
+
+
+@dataclass
+class _Prepared:
+    ids: list[int]
+    pixel_values: torch.Tensor | None = None
+    image_grid_thw: torch.Tensor | None = None
+    pixel_values_videos: torch.Tensor | None = None
+    video_grid_thw: torch.Tensor | None = None
 
 
 def _prepare(model, tokenizer, prompt: str, images: list, image_processor, enable_thinking: bool,
-             system: str | None) -> tuple[list[int], torch.Tensor | None, torch.Tensor | None]:
-    """(prompt ids with images expanded, pixel_values, image_grid_thw) of one request."""
-    pixel_values = grid = None
+             system: str | None, videos: list = (), video_processor=None) -> _Prepared:
+    """Prompt ids with images and videos expanded, and their pixel rows and grids, of one request."""
+    from mmtune.data.template import VideoTokens
+
+    out = _Prepared([])
     image_tokens: list[int] = []
     if images:
         if image_processor is None:
             raise ValueError("images given without an image_processor (mmtune.data.images.ImageProcessor)")
         pv, g = image_processor.process(images)
-        pixel_values, grid = torch.from_numpy(pv), torch.from_numpy(g)
+        out.pixel_values, out.image_grid_thw = torch.from_numpy(pv), torch.from_numpy(g)
         merge = model.config.vision.spatial_merge_size ** 2
         image_tokens = [int(t * h * w) // merge for t, h, w in g.tolist()]
-    messages = build_messages(prompt, len(images), system)
-    ids = encode_prompt(tokenizer, messages, image_tokens, model.config.image_token_id, enable_thinking)
-    return ids, pixel_values, grid
+    video_tokens = []
+    if videos:
+        if video_processor is None:
+            raise ValueError("videos given without a video_processor (mmtune.data.video.VideoProcessor)")
+        rows, grids = [], []
+        for path in videos:
+            r, plan = video_processor.process(path)
+            rows.append(r)
+            grids.append(list(plan.grid))
+            video_tokens.append(VideoTokens(video_processor.frame_tokens(plan.grid), plan.timestamps))
+        out.pixel_values_videos, out.video_grid_thw = torch.from_numpy(np.concatenate(rows)), torch.tensor(grids)
+    messages = build_messages(prompt, len(images), system, len(videos))
+    out.ids = encode_prompt(tokenizer, messages, image_tokens, model.config.image_token_id, enable_thinking,
+                            video_tokens)
+    return out
 
 
 @torch.no_grad()
@@ -167,19 +210,17 @@ def generate_batch(model: nn.Module, tokenizer, requests: list[tuple[str, list]]
     stop_ids = eos_ids(model.config)
     prepared = [_prepare(model, tokenizer, p, list(imgs), image_processor, enable_thinking, system)
                 for p, imgs in requests]
-    B, L = len(prepared), max(len(ids) for ids, _, _ in prepared)
+    B, L = len(prepared), max(len(p.ids) for p in prepared)
     pad = model.config.text.pad_token_id or 0
     ids_BL = torch.full((B, L), pad, dtype=torch.long)
     mask_BL = torch.zeros(B, L, dtype=torch.long)
-    for b, (ids, _, _) in enumerate(prepared):
-        ids_BL[b, L - len(ids):] = torch.tensor(ids)
-        mask_BL[b, L - len(ids):] = 1
-    pvs = [pv for _, pv, _ in prepared if pv is not None]
-    grids = [g for _, _, g in prepared if g is not None]
-    pixel_values = torch.cat(pvs).to(device=device, dtype=next(model.model.visual.parameters()).dtype) if pvs else None
-    grid = torch.cat(grids).to(device) if grids else None
-    out = model(ids_BL.to(device), pixel_values=pixel_values, image_grid_thw=grid,
-                attention_mask=mask_BL.to(device), use_cache=True)
+    for b, p in enumerate(prepared):
+        ids_BL[b, L - len(p.ids):] = torch.tensor(p.ids)
+        mask_BL[b, L - len(p.ids):] = 1
+    pvs = [p.pixel_values for p in prepared if p.pixel_values is not None]
+    grids = [p.image_grid_thw for p in prepared if p.image_grid_thw is not None]
+    vision = _vision_inputs(model, torch.cat(pvs) if pvs else None, torch.cat(grids) if grids else None, None, None)
+    out = model(ids_BL.to(device), attention_mask=mask_BL.to(device), use_cache=True, **vision)
     new: list[list[int]] = [[] for _ in range(B)]
     done = [False] * B
     for _ in range(max_new_tokens):
@@ -193,8 +234,8 @@ def generate_batch(model: nn.Module, tokenizer, requests: list[tuple[str, list]]
         step_ids = torch.tensor([[t if not d else pad] for t, d in zip(nxt_B, done)], device=device)
         out = model(step_ids, attention_mask=torch.ones(B, 1, dtype=torch.long, device=device),
                     past_key_values=out.past_key_values, use_cache=True)
-    return [Generation(tokenizer.decode(n, skip_special_tokens=True).strip(), n, ids, d)
-            for n, (ids, _, _), d in zip(new, prepared, done)]
+    return [Generation(tokenizer.decode(n, skip_special_tokens=True).strip(), n, p.ids, d)
+            for n, p, d in zip(new, prepared, done)]
 
 
 # ---- loading ------------------------------------------------------------------------------------
@@ -275,8 +316,8 @@ def load_tokenizer(hf_dir: str | Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mmtune generate",
-        description="Answer a prompt (optionally about images) with a GLM-V model (GLM-4.5V / GLM-4.6V or the dense "
-                    "GLM-4.1V / GLM-4.6V-Flash, as its config.json says): an HF dir, "
+        description="Answer a prompt (optionally about images and videos) with a GLM-V model (GLM-4.5V / GLM-4.6V "
+                    "or the dense GLM-4.1V / GLM-4.6V-Flash, as its config.json says): an HF dir, "
                     "a training run's save dir, an iter_XXXXXXX checkpoint or a converted DCP.",
     )
     ap.add_argument("--model", required=True,
@@ -287,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", action="append", default=[],
                     help="an image file; repeat for several, placed at the prompt's <image> tags in order "
                          "(without tags, in front of the prompt)")
-    ap.add_argument("--prompt", required=True, help="the user message; may contain <image> tags")
+    ap.add_argument("--video", action="append", default=[],
+                    help="a video file; repeat for several, placed at the prompt's <video> tags in order (without "
+                         "tags, in front of the prompt, before the images)")
+    ap.add_argument("--prompt", required=True, help="the user message; may contain <image> and <video> tags")
     ap.add_argument("--system", default=None, help="an optional system message")
     ap.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     ap.add_argument("--temperature", type=float, default=0.0,
@@ -301,6 +345,14 @@ def main(argv: list[str] | None = None) -> int:
                     help="pre-resize images above this many pixels, as data.json's image_max_pixels (default: "
                          "only the model's preprocessor_config.json limits)")
     ap.add_argument("--image-min-pixels", type=int, default=None, help="as data.json's image_min_pixels")
+    ap.add_argument("--video-fps", type=float, default=None,
+                    help="frames sampled per second, as data.json's video_fps (default: the processor's, 2; "
+                         "GLM-4.6V processors choose it by duration)")
+    ap.add_argument("--video-maxlen", type=int, default=None, help="at most this many frames per video, as "
+                    "data.json's video_maxlen (default: no cap)")
+    ap.add_argument("--video-max-pixels", type=int, default=None,
+                    help="pre-resize video frames above this many pixels, as data.json's video_max_pixels")
+    ap.add_argument("--video-min-pixels", type=int, default=None, help="as data.json's video_min_pixels")
     ap.add_argument("--device", choices=["cpu", "cuda"], default=None, help="default: cuda when available")
     ap.add_argument("--dtype", choices=["fp32", "bf16"], default=None, help="default: bf16 on cuda, fp32 on cpu")
     args = ap.parse_args(argv)
@@ -312,6 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
 
     from mmtune.data.images import ImageProcessor, open_image
+    from mmtune.data.video import VideoProcessor
 
     t0 = time.perf_counter()
     model, hf = load_model(args.model, hf_dir=args.hf_dir, device=device, dtype=dtype)
@@ -319,10 +372,17 @@ def main(argv: list[str] | None = None) -> int:
     images = [open_image(p).convert("RGB") for p in args.image]
     improc = ImageProcessor.from_pretrained(hf, image_min_pixels=args.image_min_pixels,
                                             image_max_pixels=args.image_max_pixels) if images else None
+    for path in args.video:
+        if not Path(path).is_file():
+            raise FileNotFoundError(f"--video {path}: no such file")
+    vidproc = VideoProcessor.from_pretrained(hf, video_fps=args.video_fps, video_maxlen=args.video_maxlen,
+                                             video_min_pixels=args.video_min_pixels,
+                                             video_max_pixels=args.video_max_pixels) if args.video else None
     t1 = time.perf_counter()
     result = generate(model, tokenizer, args.prompt, images, image_processor=improc,
                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
-                      enable_thinking=args.enable_thinking, system=args.system, seed=args.seed)
+                      enable_thinking=args.enable_thinking, system=args.system, seed=args.seed,
+                      videos=args.video, video_processor=vidproc)
     t2 = time.perf_counter()
     print(result.text)
     print(f"[{len(result.prompt_ids)} prompt + {len(result.token_ids)} new tokens, "

@@ -82,3 +82,28 @@ def test_llava_to_mllm(tmp_path, capsys):
     assert rc == 1 and not (tmp_path / "s.json").exists()
     report = llava_to_mllm(src, tmp_path / "r.json", image_dir=imgs)
     assert report.kept == 3 and len(report.skipped) == 4
+
+
+def test_video_task_answer_needs_the_motion(tmp_path):
+    """make-shapes --videos: the stated direction is where the shape's centre goes from the first
+    sampled frame to the last; llava-to-mllm keeps the videos."""
+    import numpy as np
+
+    from mmtune.data.shapes import BACKGROUND, DIRECTIONS
+    from mmtune.data.video import VideoProcessor, decode_frames
+
+    assert data_main(["make-shapes", "--out", str(tmp_path), "--num", "2", "--seed", "1", "--videos", "6"]) == 0
+    path = tmp_path / "llava_format.json"
+    videos = [s for s in json.loads(path.read_text()) if "video" in s]
+    assert len(videos) == 6 and {s["conversations"][1]["value"] for s in videos} <= set(DIRECTIONS)
+    for s in videos:
+        plan = VideoProcessor().plan_file(tmp_path / s["video"])
+        assert plan.grid[0] == 2  # two temporal patches: the answer needs more than one frame
+        first, last = decode_frames(tmp_path / s["video"], [plan.indices[0], plan.indices[-1]])
+        centres = [np.argwhere(np.abs(f.astype(int) - BACKGROUND).sum(-1) > 60).mean(0) for f in (first, last)]
+        dy, dx = centres[1] - centres[0]
+        want_x, want_y = DIRECTIONS[s["conversations"][1]["value"]]
+        assert np.sign(round(dx / 4)) == want_x and np.sign(round(dy / 4)) == want_y, (s, dx, dy)
+    mllm = tmp_path / "mllm.json"
+    report = llava_to_mllm(path, mllm)
+    assert report.kept == 8 and sum(1 for r in json.loads(mllm.read_text()) if r.get("videos")) == 6

@@ -61,3 +61,42 @@ def test_chat_template_official_format(tok):
     assert gen.endswith("Q1/nothink<|assistant|>\n<think></think>\n")
     text_only = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "  yo "}]
     assert tok.apply_chat_template(text_only, tokenize=False) == "[gMASK]<sop><|user|>\nhi<|assistant|>\n<think></think>\nyo"
+
+
+TOOL_MSGS = [
+    {"role": "system", "content": "SYS"},
+    {"role": "user", "content": [{"type": "video"}, {"type": "text", "text": "Q1"}]},
+    {"role": "assistant", "content": "<think>R0</think>Checking.", "tool_calls": [
+        {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris", "days": 2}}}]},
+    {"role": "tool", "content": "sunny"},
+    {"role": "tool", "content": "rain"},
+    {"role": "assistant", "content": "A1", "reasoning_content": "R1"},
+    {"role": "user", "content": "Q2"},
+    {"role": "assistant", "content": "<think>R2</think>A2"},
+]
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+# docs/GLM45V.md section 7: what the official GLM-V chat_template.jinja renders for TOOL_MSGS
+TOOLS_SYSTEM = (
+    "<|system|>\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided "
+    "with function signatures within <tools></tools> XML tags:\n<tools>\n"
+    '{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}\n</tools>\n\n'
+    "For each function call, output the function name and arguments within the following XML format:\n"
+    "<tool_call>{function-name}\n<arg_key>{arg-key-1}</arg_key>\n<arg_value>{arg-value-1}</arg_value>\n"
+    "<arg_key>{arg-key-2}</arg_key>\n<arg_value>{arg-value-2}</arg_value>\n...\n</tool_call>"
+)
+CALL = ("\n<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n<arg_key>days</arg_key>\n"
+        "<arg_value>2</arg_value>\n</tool_call><|observation|>\n<tool_response>\nsunny\n</tool_response>\n\n"
+        "<tool_response>\nrain\n</tool_response>\n<|assistant|>\n")
+
+
+@pytest.mark.parametrize("thinking", [True, False])
+def test_chat_template_tools_video_thinking_official(tok, thinking):
+    nothink = "" if thinking else "/nothink"
+    assert tok.apply_chat_template(TOOL_MSGS, tools=TOOLS, tokenize=False, enable_thinking=thinking) == (
+        "[gMASK]<sop>" + TOOLS_SYSTEM + "<|system|>\nSYS<|user|>\n<|begin_of_video|><|video|><|end_of_video|>Q1"
+        + nothink + "<|assistant|>\n<think></think>\nChecking." + CALL + "<think></think>\nA1<|user|>\nQ2" + nothink
+        + "<|assistant|>\n<think>R2</think>\nA2"
+    )
+    # generating after the tool results: the call's reasoning is after the last user turn, so it stays
+    gen = tok.apply_chat_template(TOOL_MSGS[:5], tools=TOOLS, tokenize=False, add_generation_prompt=True)
+    assert gen.endswith("Q1<|assistant|>\n<think>R0</think>\nChecking." + CALL)

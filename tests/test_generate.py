@@ -132,3 +132,39 @@ def test_prompt_ids_equal_the_data_pipeline_template(tiny):
                                model.config.image_token_id, enable_thinking=False)
         theirs = template.encode_prompt([{"role": "user", "content": prompt}], [4] * n_images)
         assert ours == theirs
+
+
+def test_video_prompt_and_greedy_generation_equal_transformers(tiny, tiny_hf_dir, tmp_path):
+    """`--video`: the prompt expands the video as the processor does; greedy decoding equals
+    transformers' generate fed the same pixels (its own video path) and mm_token_type_ids."""
+    from transformers import Glm4vMoeForConditionalGeneration
+
+    from mmtune.data.shapes import MOVE_QUESTION, make_shapes
+    from mmtune.data.video import VideoProcessor
+    from mmtune.models.glm4v_moe.rope import mm_token_types
+
+    model, tok, improc = tiny
+    make_shapes(tmp_path, num=1, seed=0, videos=1)
+    video = tmp_path / "videos" / "000000.mp4"
+    vidproc = VideoProcessor.from_pretrained(tiny_hf_dir)
+    gen = G.generate(model, tok, MOVE_QUESTION, videos=[video], video_processor=vidproc, max_new_tokens=4)
+    assert tok.decode(gen.prompt_ids) == (
+        "[gMASK]<sop><|user|>\n<|begin_of_video|>"
+        + "".join(f"<|begin_of_image|>{'<|image|>' * 4}<|end_of_image|>{t}" for t in ("0", "1"))
+        + f"<|end_of_video|>\n{MOVE_QUESTION}/nothink<|assistant|>\n<think></think>\n")
+    rows, plan = vidproc.process(video)
+    hf = Glm4vMoeForConditionalGeneration.from_pretrained(str(tiny_hf_dir), dtype=torch.float32).eval()
+    ids = torch.tensor([gen.prompt_ids])
+    c = model.config
+    types = mm_token_types(ids, image_token_id=c.image_token_id, video_start_token_id=c.video_start_token_id,
+                           video_end_token_id=c.video_end_token_id)
+    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=types,
+                      pixel_values_videos=torch.from_numpy(rows), video_grid_thw=torch.tensor([plan.grid]),
+                      max_new_tokens=4, do_sample=False, eos_token_id=sorted(G.eos_ids(c)), pad_token_id=0)
+    assert gen.token_ids == out[0, ids.shape[1]:].tolist()
+    with pytest.raises(ValueError, match="video_processor"):
+        G.generate(model, tok, "x", videos=[video])
+    with pytest.raises(ValueError, match="1 <video> tag"):
+        G.build_messages("<video> a", 0, num_videos=2)
+    assert G.main(["--model", str(tiny_hf_dir), "--prompt", MOVE_QUESTION, "--video", str(video),
+                   "--max-new-tokens", "2", "--device", "cpu"]) == 0

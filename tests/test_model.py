@@ -376,3 +376,74 @@ def test_varlen_plumbing_with_a_stand_in_kernel(monkeypatch):
     torch.testing.assert_close(model(ids, **kw).logits, ref, atol=1e-5, rtol=0)
     # every text layer (causal) and every vision block (full) went through the varlen kernel
     assert calls.count((-1, 0)) == cfg.text.num_hidden_layers and calls.count((-1, -1)) == cfg.vision.depth
+
+
+def video_sample(cfg: Glm4vMoeConfig, items: list[tuple[str, tuple[int, int, int]]], text_len: int = 5, seed: int = 0):
+    """Token ids with images and videos as the processor lays them out (a video: <|begin_of_video|>, then
+    per temporal patch <|begin_of_image|> + h*w/4 placeholders + <|end_of_image|> + timestamp text,
+    <|end_of_video|>); pixel rows and grids for the images and for the videos."""
+    g = torch.Generator().manual_seed(seed)
+    m2 = cfg.vision.spatial_merge_size**2
+    ids: list[int] = torch.randint(0, 400, (text_len,), generator=g).tolist()
+    grids = {"image": [], "video": []}
+    for kind, (t, h, w) in items:
+        if kind == "image":
+            ids += [cfg.image_start_token_id] + [cfg.image_token_id] * (t * h * w // m2) + [cfg.image_end_token_id]
+        else:
+            ids.append(cfg.video_start_token_id)
+            for k in range(t):
+                ids += [cfg.image_start_token_id] + [cfg.image_token_id] * (h * w // m2) + [cfg.image_end_token_id]
+                ids += torch.randint(0, 400, (1 + k % 2,), generator=g).tolist()  # the timestamp digits
+            ids.append(cfg.video_end_token_id)
+        grids[kind].append((t, h, w))
+        ids += torch.randint(0, 400, (3,), generator=g).tolist()
+    out = {}
+    for kind, key in (("image", "pixel_values"), ("video", "pixel_values_videos")):
+        if grids[kind]:
+            rows = sum(t * h * w for t, h, w in grids[kind])
+            out[key] = torch.randn(rows, cfg.vision.patch_dim, generator=g)
+            out["image_grid_thw" if kind == "image" else "video_grid_thw"] = torch.tensor(grids[kind])
+    return torch.tensor([ids]), out
+
+
+def _hf_types(cfg, input_ids):
+    return mm_token_types(input_ids, image_token_id=cfg.image_token_id, video_start_token_id=cfg.video_start_token_id,
+                          video_end_token_id=cfg.video_end_token_id)
+
+
+def test_video_logits_equal_transformers():
+    """A video (and two videos) through transformers' own video path; images and videos mixed through
+    transformers' vision features and rope index (its forward cannot mix them: it fills both with the
+    same placeholder mask), all within 1e-4."""
+    cfg = config_a()
+    ours, hf = make_pair(cfg)
+    for items in ([("video", (2, 4, 6))], [("video", (3, 4, 4)), ("video", (1, 8, 4))]):
+        ids, kw = video_sample(cfg, items)
+        out = ours(ids, **kw).logits
+        ref = hf(input_ids=ids, mm_token_type_ids=_hf_types(cfg, ids), **kw).logits
+        diff = (out - ref).abs().max().item()
+        assert diff <= 1e-4, f"{items}: logits differ by {diff}"
+
+    ids, kw = video_sample(cfg, [("image", (1, 4, 6)), ("video", (2, 4, 4)), ("image", (1, 4, 4)), ("video", (1, 6, 4))])
+    types = _hf_types(cfg, ids)
+    with torch.no_grad():
+        img = torch.cat(hf.model.get_image_features(kw["pixel_values"], kw["image_grid_thw"]).pooler_output)
+        vid = torch.cat(hf.model.get_video_features(kw["pixel_values_videos"], kw["video_grid_thw"]).pooler_output)
+        embeds = hf.model.get_input_embeddings()(ids)
+        embeds[types == 1], embeds[types == 2] = img, vid
+        pos, _ = hf.model.get_rope_index(ids, types, kw["image_grid_thw"], kw["video_grid_thw"].clone())
+        ref = hf(inputs_embeds=embeds, position_ids=pos).logits
+    out = ours(ids, **kw)
+    diff = (out.logits - ref).abs().max().item()
+    assert diff <= 1e-4, f"image + video: logits differ by {diff}"
+    # a row with a video, packed next to an image row, equals it alone (3D positions restart per sample)
+    a_ids, a_kw = video_sample(cfg, [("video", (2, 4, 4))], seed=1)
+    b_ids, b_kw = video_sample(cfg, [("image", (1, 4, 4))], seed=2)
+    pos = torch.cat([ours._position_ids(x, k.get("image_grid_thw"), k.get("video_grid_thw"), None, None, 0)
+                     for x, k in ((a_ids, a_kw), (b_ids, b_kw))], dim=2)
+    packed = ours(torch.cat([a_ids, b_ids], 1), **a_kw, **b_kw, position_ids=pos,
+                  cu_seqlens=torch.tensor([0, a_ids.shape[1], a_ids.shape[1] + b_ids.shape[1]], dtype=torch.int32))
+    torch.testing.assert_close(packed.logits[0, : a_ids.shape[1]], ours(a_ids, **a_kw).logits[0], atol=1e-5, rtol=0)
+    with pytest.raises(ValueError, match="inside video spans"):
+        ours(ids, pixel_values=kw["pixel_values"], image_grid_thw=kw["image_grid_thw"],
+             pixel_values_videos=kw["pixel_values_videos"][:16], video_grid_thw=torch.tensor([[1, 4, 4]]))

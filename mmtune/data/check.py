@@ -39,7 +39,7 @@ def check_data(mm_data: str, *, seq_length: int | None = None, tokenizer_dir: st
         reason = cols["error"]
         if not reason:
             try:
-                materialise(cols, cols["length"], pre.image_processor, ids)
+                materialise(cols, cols["length"], pre.image_processor, ids, pre.video_processor)
             except ValueError as e:
                 reason = str(e).removeprefix(f"{src}: ")
         if not reason and seq_length is not None and cols["length"] > seq_length:

@@ -11,10 +11,14 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="tool", required=True, metavar="{make-shapes,llava-to-mllm,check}")
 
     s = sub.add_parser("make-shapes", help="write the synthetic shapes VQA data set (LLaVA format)",
-                       description="Write DIR/images/*.png (56x56 coloured shapes) and DIR/llava_format.json.")
+                       description="Write DIR/images/*.png (56x56 coloured shapes), with --videos DIR/videos/*.mp4 (a "
+                       "moving shape), and DIR/llava_format.json.")
     s.add_argument("--out", required=True, help="output directory (created if missing)")
     s.add_argument("--num", type=int, default=2000, help="number of samples (default 2000)")
     s.add_argument("--seed", type=int, default=0, help="random seed; the same seed gives the same files (default 0)")
+    s.add_argument("--videos", type=int, default=0,
+                   help="also write this many video samples (DIR/videos/*.mp4, 'Which way does the shape move?'; "
+                        "default 0)")
 
     s = sub.add_parser("llava-to-mllm", help="convert LLaVA-Instruct json to the MLLM format",
                        description="Convert LLaVA-Instruct samples (image, conversations) to MLLM samples "
@@ -44,8 +48,8 @@ def main(argv: list[str]) -> int:
         if args.tool == "make-shapes":
             from mmtune.data.shapes import make_shapes
 
-            path = make_shapes(args.out, num=args.num, seed=args.seed)
-            print(f"wrote {args.num} samples to {path}")
+            path = make_shapes(args.out, num=args.num, seed=args.seed, videos=args.videos)
+            print(f"wrote {args.num + args.videos} samples to {path}")
             return 0
         if args.tool == "llava-to-mllm":
             from mmtune.data.llava import llava_to_mllm

@@ -16,8 +16,15 @@ mmtune extras (all optional, in `basic_parameters`):
 - `streaming` (bool, default false): read the files lazily (no preprocessing pass, no cache); resumable.
 - `dataloader_param.num_workers` (int, default 2): loader worker processes (image decoding happens there).
 
-Accepted and not used yet: video_* (videos are rejected as bad samples), use_fast_tokenizer (always
-fast), preprocessing_batch_size, tool_format (must be null), observation/function tags,
+Videos (docs/GLM45V.md section 7): the `attr.videos` column (default "videos") lists video files, placed
+at the `<video>` tags; `video_fps` (default: the processor's, 2), `video_maxlen` (frames per video),
+`video_max_pixels` / `video_min_pixels` (per frame, H*W, as the image bounds) shape the sampling
+(data/video.py). Tools: `tool_format: glm4_moe` renders tools (`attr.tools` column, default "tools"),
+tool calls (`attr.function_tag` messages, default "function_call", or OpenAI `tool_calls`) and tool
+results (`attr.observation_tag`, default "observation", or role "tool") as the official template does;
+with null a sample that uses them is a bad sample.
+
+Accepted and not used yet: use_fast_tokenizer (always fast), preprocessing_batch_size,
 sampler_type/dataloader_mode (mmtune's sampler is always distributed, seeded and resumable),
 pin_memory, collate_param.
 """
@@ -87,8 +94,10 @@ class BasicParameters(_Strict):
     @field_validator("tool_format")
     @classmethod
     def _tools(cls, v):
-        if v is not None:
-            raise ValueError("tool_format is not supported yet; set it to null")
+        from mmtune.data.template import TOOL_FORMATS
+
+        if v is not None and v not in TOOL_FORMATS:
+            raise ValueError(f"tool_format {v!r} is not supported; use one of {TOOL_FORMATS} (GLM-4.5V's) or null")
         return v
 
     @field_validator("max_samples")
@@ -102,7 +111,8 @@ class BasicParameters(_Strict):
 class Attr(_Strict):
     system: str | None = None
     images: str | None = "images"
-    videos: str | None = None
+    videos: str | None = "videos"
+    tools: str | None = "tools"
     messages: str = "messages"
     role_tag: str = "role"
     content_tag: str = "content"

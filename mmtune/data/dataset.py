@@ -1,9 +1,10 @@
 """Data files -> tokenised samples: reading, per-sample preprocessing, and the HF `datasets` cache.
 
 A sample is preprocessed once into columns: `input_ids`, `labels` (unshifted), `images` (absolute
-paths), `grids` ([t, h, w] per image), `length`, `src` ("file:index") and `error` ("" when good). Image
-*pixels* are not stored: preprocessing reads only image headers (the token count follows from the size)
-and the loader workers decode pixels.
+paths), `grids` ([t, h, w] per image), `videos` (absolute paths), `video_grids` ([t, h, w] per video),
+`video_frames` (the frame indices read from each video), `length`, `src` ("file:index") and `error`
+("" when good). Pixels are not stored: preprocessing reads only image and video headers (token counts
+and timestamps follow from them) and the loader workers decode pixels.
 
 The cached path (`streaming: false`) runs this through `datasets.Dataset.map` (num_proc =
 `preprocessing_num_workers`) and saves the result under `cache_dir/mmtune-<fingerprint>`; the
@@ -25,10 +26,11 @@ from typing import Iterator
 
 from mmtune.data.config import DataConfig
 from mmtune.data.images import ImageProcessor, open_image
-from mmtune.data.template import BadSample, GlmTemplate
+from mmtune.data.template import BadSample, GlmTemplate, VideoTokens
+from mmtune.data.video import VideoProcessor
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2
 _BAD_SHOWN = 10
 
 
@@ -91,25 +93,72 @@ def _iter_json_array(f, p: Path, start: int) -> Iterator[tuple[int, object]]:
 # ---------------------------------------------------------------- one sample
 
 
-def resolve_image(name: object, dataset_dir: Path, allow_outside: bool) -> Path:
+def resolve_image(name: object, dataset_dir: Path, allow_outside: bool, what: str = "image") -> Path:
+    """The file of an image (or video) entry, under dataset_dir unless allow_outside."""
     if not isinstance(name, str) or not name:
-        raise BadSample(f"bad image entry {name!r}")
+        raise BadSample(f"bad {what} entry {name!r}")
     rel = Path(name)
     full = (dataset_dir / rel).resolve()
     if not allow_outside:
         if rel.is_absolute():
-            raise BadSample(f"absolute image path {name!r} (set allow_absolute_image_paths to accept)")
+            raise BadSample(f"absolute {what} path {name!r} (set allow_absolute_image_paths to accept)")
         try:
             full.relative_to(dataset_dir)
         except ValueError:
-            raise BadSample(f"image path {name!r} is outside dataset_dir {dataset_dir}") from None
+            raise BadSample(f"{what} path {name!r} is outside dataset_dir {dataset_dir}") from None
     if not full.is_file():
-        raise BadSample(f"missing image file {full}")
+        raise BadSample(f"missing {what} file {full}")
     return full
 
 
-def normalise_record(raw: object, cfg: DataConfig) -> tuple[list[dict], list]:
-    """(messages with role user/assistant/system and content, image entries) per the data.json attr."""
+@dataclass
+class Record:
+    """One sample in the template's terms (data/template.py): messages, tools, image and video entries."""
+
+    messages: list[dict]
+    images: list
+    videos: list
+    tools: list | None = None
+
+
+def _entries(value) -> list:
+    if value is None or value == "":
+        return []
+    return [value] if isinstance(value, str) else list(value)
+
+
+def _json(value, what: str):
+    if isinstance(value, str):
+        try:
+            return json.loads(value)
+        except json.JSONDecodeError as e:
+            raise BadSample(f"{what} is not valid JSON ({e})") from None
+    return value
+
+
+def _tool_calls(value, k: int) -> list[dict]:
+    """[{"name", "arguments": dict}] from a LLaMA-Factory function message's content (a call or a list,
+    JSON text or objects) or an OpenAI `tool_calls` list ({"function": {...}} wrappers, JSON-text arguments)."""
+    calls = _json(value, f"message {k}: the tool call")
+    calls = calls if isinstance(calls, list) else [calls]
+    out = []
+    for c in calls:
+        c = c.get("function", c) if isinstance(c, dict) else c
+        if not isinstance(c, dict) or not isinstance(c.get("name"), str):
+            raise BadSample(f"message {k}: a tool call needs a name and arguments, got {c!r}")
+        args = _json(c.get("arguments", {}), f"message {k}: the arguments of {c['name']!r}")
+        if not isinstance(args, dict):
+            raise BadSample(f"message {k}: the arguments of {c['name']!r} are not an object")
+        out.append({"name": c["name"], "arguments": args})
+    return out
+
+
+def normalise_record(raw: object, cfg: DataConfig) -> Record:
+    """The sample per the data.json attr: roles user/assistant/system/tool and string contents. Tool calls
+    come as LLaMA-Factory `function_tag` messages (content: a call {"name", "arguments"} or a list, with an
+    optional `<think>...</think>` in front) or OpenAI assistant `tool_calls`; tool results as
+    `observation_tag` or OpenAI `tool` messages; tools from the `attr.tools` column (JSON text or a list).
+    Anything about tools needs basic_parameters.tool_format."""
     a = cfg.attr
     if not isinstance(raw, dict):
         raise BadSample("sample is not a json object")
@@ -119,30 +168,53 @@ def normalise_record(raw: object, cfg: DataConfig) -> tuple[list[dict], list]:
     roles = {a.user_tag: "user", a.assistant_tag: "assistant"}
     if a.system_tag:
         roles[a.system_tag] = "system"
-    roles.setdefault("system", "system")
-    out = []
+    roles[a.function_tag or "function_call"] = "function"
+    roles[a.observation_tag or "observation"] = "tool"
+    for default in ("system", "tool"):
+        roles.setdefault(default, default)
+    out: list[dict] = []
     if a.system and raw.get(a.system):
         out.append({"role": "system", "content": raw[a.system]})
+    uses_tools = False
     for k, m in enumerate(msgs):
-        if not isinstance(m, dict) or a.role_tag not in m or a.content_tag not in m:
+        if not isinstance(m, dict) or a.role_tag not in m or (a.content_tag not in m and "tool_calls" not in m):
             raise BadSample(f"message {k} lacks {a.role_tag!r} or {a.content_tag!r}")
         role = roles.get(m[a.role_tag])
         if role is None:
             raise BadSample(f"message {k}: unknown role {m[a.role_tag]!r}")
-        out.append({"role": role, "content": m[a.content_tag]})
-    if a.videos and raw.get(a.videos):
-        raise BadSample("videos are not supported yet")
-    images = raw.get(a.images) if a.images else None
-    if images is None or images == "":
-        images = []
-    elif isinstance(images, str):
-        images = [images]
-    return out, list(images)
+        content = m.get(a.content_tag)
+        if role == "function":
+            uses_tools = True
+            reasoning = ""
+            if isinstance(content, str) and "</think>" in content:
+                head, _, content = content.partition("</think>")
+                reasoning = head.split("<think>")[-1]
+            msg = {"role": "assistant", "content": "", "tool_calls": _tool_calls(content, k)}
+            if reasoning.strip():
+                msg["reasoning_content"] = reasoning
+        else:
+            msg = {"role": role, "content": "" if content is None and m.get("tool_calls") else content}
+            if role == "assistant" and m.get("tool_calls"):
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], k)
+            if role == "assistant" and isinstance(m.get("reasoning_content"), str):
+                msg["reasoning_content"] = m["reasoning_content"]
+        uses_tools |= role == "tool" or bool(msg.get("tool_calls"))
+        out.append(msg)
+    tools = _json(raw.get(a.tools), "the tools column") if a.tools else None
+    if tools in (None, "", []):
+        tools = None
+    elif not isinstance(tools, list):
+        tools = [tools]
+    if (uses_tools or tools) and cfg.basic.tool_format is None:
+        raise BadSample("tool calls, tool results or tools need basic_parameters.tool_format: glm4_moe (it is null)")
+    images = _entries(raw.get(a.images) if a.images else None)
+    videos = _entries(raw.get(a.videos) if a.videos else None)
+    return Record(out, images, videos, tools)
 
 
 def tokenizer_fingerprint_files(tokenizer_dir: Path) -> list[Path]:
     names = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
-             "preprocessor_config.json")
+             "preprocessor_config.json", "video_preprocessor_config.json", "processor_config.json")
     return [tokenizer_dir / n for n in names if (tokenizer_dir / n).is_file()]
 
 
@@ -154,9 +226,11 @@ class SamplePreprocessor:
         self.tokenizer_dir = str(tokenizer_dir)
         self._template: GlmTemplate | None = None
         self._images: ImageProcessor | None = None
+        self._videos: VideoProcessor | None = None
 
     def __getstate__(self):
-        return {"cfg": self.cfg, "tokenizer_dir": self.tokenizer_dir, "_template": None, "_images": None}
+        return {"cfg": self.cfg, "tokenizer_dir": self.tokenizer_dir, "_template": None, "_images": None,
+                "_videos": None}
 
     def setup(self):
         if self._template is None:
@@ -169,6 +243,9 @@ class SamplePreprocessor:
             p = self.cfg.preprocess
             self._images = ImageProcessor.from_pretrained(self.tokenizer_dir, image_min_pixels=p.image_min_pixels,
                                                           image_max_pixels=p.image_max_pixels)
+            self._videos = VideoProcessor.from_pretrained(self.tokenizer_dir, video_fps=p.video_fps,
+                                                          video_maxlen=p.video_maxlen, video_min_pixels=p.video_min_pixels,
+                                                          video_max_pixels=p.video_max_pixels)
         return self._template, self._images
 
     @property
@@ -179,25 +256,34 @@ class SamplePreprocessor:
     def image_processor(self) -> ImageProcessor:
         return self.setup()[1]
 
+    @property
+    def video_processor(self) -> VideoProcessor:
+        self.setup()
+        return self._videos
+
     def __call__(self, raw: object, src: str) -> dict:
         template, improc = self.setup()
         try:
-            messages, entries = normalise_record(raw, self.cfg)
-            ddir = self.cfg.dataset_dir()
-            paths = [resolve_image(e, ddir, self.cfg.basic.allow_absolute_image_paths) for e in entries]
+            rec = normalise_record(raw, self.cfg)
+            ddir, allow = self.cfg.dataset_dir(), self.cfg.basic.allow_absolute_image_paths
+            paths = [resolve_image(e, ddir, allow) for e in rec.images]
+            video_paths = [resolve_image(e, ddir, allow, "video") for e in rec.videos]
             grids = []
             for path in paths:
                 with open_image(path, decode=False) as img:
                     grids.append(list(improc.grid_thw(img.width, img.height)))
+            plans = [self._videos.plan_file(p) for p in video_paths]
             merge = improc.merge_size**2
-            enc = template.encode(messages, [t * h * w // merge for t, h, w in grids])
+            videos = [VideoTokens(self._videos.frame_tokens(pl.grid), pl.timestamps) for pl in plans]
+            enc = template.encode(rec.messages, [t * h * w // merge for t, h, w in grids], videos, rec.tools)
             if not any(lab != -100 for lab in enc.labels):
                 raise BadSample("no trained token")
             return {"input_ids": enc.input_ids, "labels": enc.labels, "images": [str(p) for p in paths],
-                    "grids": grids, "length": len(enc.input_ids), "src": src, "error": ""}
+                    "grids": grids, "videos": [str(p) for p in video_paths], "video_grids": [list(pl.grid) for pl in plans],
+                    "video_frames": [pl.indices for pl in plans], "length": len(enc.input_ids), "src": src, "error": ""}
         except (BadSample, ValueError, FileNotFoundError) as e:
-            return {"input_ids": [], "labels": [], "images": [], "grids": [], "length": 0, "src": src,
-                    "error": str(e) or type(e).__name__}
+            return {"input_ids": [], "labels": [], "images": [], "grids": [], "videos": [], "video_grids": [],
+                    "video_frames": [], "length": 0, "src": src, "error": str(e) or type(e).__name__}
 
 
 # ---------------------------------------------------------------- the cached data set
@@ -230,12 +316,22 @@ def fingerprint(cfg: DataConfig, tokenizer_dir: Path, files: list[Path]) -> str:
         "files": [[str(f), _sha256_file(f)] for f in files],
         "tokenizer": [[f.name, _sha256_file(f)] for f in tokenizer_fingerprint_files(tokenizer_dir)],
         "basic": {k: getattr(b, k) for k in ("template", "enable_thinking", "train_on_prompt", "mask_history",
-                                             "max_samples", "allow_absolute_image_paths")},
+                                             "max_samples", "allow_absolute_image_paths", "tool_format")},
         "dataset_dir": str(cfg.dataset_dir()),
         "preprocess": p.model_dump(),
         "attr": cfg.attr.model_dump(),
     }
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def _features():
+    """The column types, fixed (a batch without videos would otherwise type their columns as null)."""
+    from datasets import Features, Sequence, Value
+
+    ints, strings = Sequence(Value("int64")), Sequence(Value("string"))
+    return Features({"src": Value("string"), "input_ids": ints, "labels": ints, "images": strings,
+                     "grids": Sequence(ints), "videos": strings, "video_grids": Sequence(ints),
+                     "video_frames": Sequence(ints), "length": Value("int64"), "error": Value("string")})
 
 
 def _map_batch(batch: dict, fn: SamplePreprocessor) -> dict:
@@ -283,7 +379,8 @@ def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc
             datasets.disable_progress_bars()
         try:
             ds = raw_ds.map(_map_batch, batched=True, batch_size=256, fn_kwargs={"fn": SamplePreprocessor(cfg, tokenizer_dir)},
-                            remove_columns=["raw"], num_proc=nproc, desc="preprocess samples", load_from_cache_file=False)
+                            remove_columns=["raw"], num_proc=nproc, desc="preprocess samples", load_from_cache_file=False,
+                            features=_features())
         finally:
             if was and not progress:
                 datasets.enable_progress_bars()

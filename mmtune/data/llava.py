@@ -1,7 +1,9 @@
 """LLaVA-Instruct json -> MLLM json (`mmtune data llava-to-mllm`).
 
-LLaVA sample: {"id", "image": "rel/path.jpg" (optional), "conversations": [{"from": "human"|"gpt", "value"}]}.
-MLLM sample:  {"id", "messages": [{"role": "user"|"assistant"|"system", "content"}], "images": [path]}.
+LLaVA sample: {"id", "image": "rel/path.jpg" (optional), "video": "rel/clip.mp4" (optional, LLaVA-Video
+style), "conversations": [{"from": "human"|"gpt", "value"}]}; "image"/"video" may also be lists.
+MLLM sample:  {"id", "messages": [{"role": "user"|"assistant"|"system", "content"}], "images": [path]} (+
+"videos": [path] when the sample has videos).
 
 Text is kept byte for byte (non-ASCII too; the json is written with ensure_ascii=False). A sample without
 an image (no key, null or "") becomes text-only with images: []. Image paths are looked up under
@@ -18,6 +20,7 @@ from pathlib import Path
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
+VIDEO_TAG = "<video>"
 
 
 @dataclass
@@ -52,6 +55,23 @@ def _inside(path: Path, root: Path) -> bool:
         return False
 
 
+def _media(value, what: str, image_dir: Path, out_dir: Path) -> list[str]:
+    """An "image"/"video" entry (absent, a path or a list) -> paths relative to out_dir."""
+    names = [] if value in (None, "") else [value] if isinstance(value, str) else list(value)
+    out = []
+    for name in names:
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"bad {what} entry {name!r}")
+        rel = Path(name)
+        full = (image_dir / rel).resolve()
+        if rel.is_absolute() or not _inside(full, image_dir.resolve()):
+            raise ValueError(f"{what} path {name!r} escapes the image dir {image_dir}")
+        if not full.is_file():
+            raise ValueError(f"{what} file missing: {full}")
+        out.append(Path(os.path.relpath(full, out_dir.resolve())).as_posix())
+    return out
+
+
 def convert_sample(sample: dict, image_dir: Path, out_dir: Path) -> dict:
     """One LLaVA sample -> MLLM; raises ValueError(reason) when it cannot be converted."""
     if not isinstance(sample, dict):
@@ -69,23 +89,15 @@ def convert_sample(sample: dict, image_dir: Path, out_dir: Path) -> dict:
         if not isinstance(turn["value"], str):
             raise ValueError(f"turn {k}: value is not a string")
         messages.append({"role": role, "content": turn["value"]})
-    image = sample.get("image")
-    names = [] if image in (None, "") else [image] if isinstance(image, str) else list(image)
-    images = []
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ValueError(f"bad image entry {name!r}")
-        rel = Path(name)
-        full = (image_dir / rel).resolve()
-        if rel.is_absolute() or not _inside(full, image_dir.resolve()):
-            raise ValueError(f"image path {name!r} escapes the image dir {image_dir}")
-        if not full.is_file():
-            raise ValueError(f"image file missing: {full}")
-        images.append(Path(os.path.relpath(full, out_dir.resolve())).as_posix())
-    tags = sum(m["content"].count(IMAGE_TAG) for m in messages)
-    if tags != len(images):
-        raise ValueError(f"{tags} {IMAGE_TAG} tags for {len(images)} images")
+    images = _media(sample.get("image"), "image", image_dir, out_dir)
+    videos = _media(sample.get("video"), "video", image_dir, out_dir)
+    for tag, found, what in ((IMAGE_TAG, images, "images"), (VIDEO_TAG, videos, "videos")):
+        tags = sum(m["content"].count(tag) for m in messages)
+        if tags != len(found):
+            raise ValueError(f"{tags} {tag} tags for {len(found)} {what}")
     out = {"messages": messages, "images": images}
+    if videos:
+        out["videos"] = videos
     if "id" in sample:
         out = {"id": sample["id"], **out}
     return out

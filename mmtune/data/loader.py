@@ -60,7 +60,8 @@ class _Materialiser:
         cut = None
         if self.cfg.basic.too_long == "truncate":
             cut = truncation_point(columns["input_ids"], columns["labels"], self.seq_length,
-                                   image_token_id=self.ids.image, image_start_token_id=self.ids.image_start)
+                                   image_token_id=self.ids.image, image_start_token_id=self.ids.image_start,
+                                   video_start_token_id=self.ids.video_start, video_end_token_id=self.ids.video_end)
         if cut is None:
             stats.dropped_too_long += 1
         else:
@@ -69,7 +70,7 @@ class _Materialiser:
 
     def sample(self, columns: dict, keep: int) -> Sample | None:
         try:
-            return materialise(columns, keep, self.pre.image_processor, self.ids)
+            return materialise(columns, keep, self.pre.image_processor, self.ids, self.pre.video_processor)
         except ValueError as e:
             _skip_or_raise(self.cfg, e)
             return None

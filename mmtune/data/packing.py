@@ -8,8 +8,9 @@ into the open row it fits best, else a new row opens and, when too many are open
 Its open rows are named by item keys, so a stream can save them and rebuild them on resume. Both report efficiency = real tokens / (rows * seq_length).
 
 A sample longer than seq_length is dropped or truncated (`too_long`). Truncation never cuts inside an
-image: the cut moves back to before the image's `<|begin_of_image|>`, and the images after the cut are
-dropped with it. A truncated sample with no trained token left is dropped.
+image or a video: the cut moves back to before the image's `<|begin_of_image|>` (the video's
+`<|begin_of_video|>`), and the images and videos after the cut are dropped with it. A truncated sample
+with no trained token left is dropped.
 """
 
 from __future__ import annotations
@@ -38,10 +39,16 @@ class PackStats:
 
 
 def truncation_point(input_ids: list[int], labels: list[int], seq_length: int, *, image_token_id: int,
-                     image_start_token_id: int) -> int | None:
-    """The kept length of a too-long sample cut to <= seq_length without splitting an image, or None
-    when nothing trainable would remain (labels are unshifted: position 0 is never a target)."""
+                     image_start_token_id: int, video_start_token_id: int | None = None,
+                     video_end_token_id: int | None = None) -> int | None:
+    """The kept length of a too-long sample cut to <= seq_length without splitting an image or a video,
+    or None when nothing trainable would remain (labels are unshifted: position 0 is never a target)."""
     cut = seq_length
+    if video_start_token_id is not None and cut < len(input_ids):
+        head = input_ids[:cut]
+        starts = [i for i, t in enumerate(head) if t == video_start_token_id]
+        if starts and head.count(video_start_token_id) > head.count(video_end_token_id):
+            cut = starts[-1]  # inside a video: keep none of it
     if cut < len(input_ids) and input_ids[cut] == image_token_id:
         while cut > 0 and input_ids[cut - 1] == image_token_id:
             cut -= 1

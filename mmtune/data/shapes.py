@@ -6,6 +6,12 @@ first question). Questions ask the colour ("red") or the shape ("circle"); about
 ask both (two turns); about 10% of all samples are text-only, with answers readable from the question
 ("Name the color in: a red circle." -> "red"). Everything follows from `seed`.
 
+`make_shapes(..., videos=N)` adds N video samples after them (their own random stream, so the image
+samples stay the same): out_dir/videos/NNNNNN.mp4, 8 frames at 4 fps (2 s, so 4 frames = 2 temporal
+patches at the processor's 2 fps) of one shape moving left, right, up or down, with "<video>\nWhich way
+does the shape move?" -> the direction; about 30% ask the colour as a second turn. The answer needs more
+than one frame.
+
 `eval_questions(num, seed)` gives held-out (PIL image, question, answer) triples for greedy-answer
 accuracy; it draws from a different random stream than `make_shapes`, so the images are new.
 """
@@ -33,7 +39,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
 SHAPES = ("circle", "square", "triangle", "cross")
 COLOR_QUESTION = "What color is the shape?"
 SHAPE_QUESTION = "What shape is this?"
+MOVE_QUESTION = "Which way does the shape move?"
+DIRECTIONS = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+VIDEO_FRAMES, VIDEO_FPS = 8, 4
 _EVAL_STREAM = 0x5EED_E7A1  # xor-ed into the seed so eval images never repeat training ones
+_VIDEO_STREAM = 0x71DE_0005  # the video samples' own stream
 
 
 @dataclass(frozen=True)
@@ -100,10 +110,36 @@ def _sample(i: int, rng: random.Random) -> tuple[dict, Image.Image | None]:
     return sample, draw(spec)
 
 
-def make_shapes(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0) -> Path:
-    """Write `num` samples to out_dir (images/*.png + llava_format.json); returns the json path."""
+def moving_frames(spec: ShapeSpec, direction: str, n: int = VIDEO_FRAMES) -> list:
+    """n RGB frames [56, 56, 3] of the shape travelling 24 px through the centre in `direction`."""
+    import numpy as np
+
+    dx, dy = DIRECTIONS[direction]
+    frames = []
+    for k in range(n):
+        step = round(-12 + 24 * k / (n - 1))
+        moved = ShapeSpec(spec.color, spec.shape, IMAGE_SIZE // 2 + dx * step, IMAGE_SIZE // 2 + dy * step, spec.radius)
+        frames.append(np.asarray(draw(moved)))
+    return frames
+
+
+def _video_sample(j: int, rng: random.Random) -> tuple[dict, list]:
+    spec = ShapeSpec(rng.choice(list(COLORS)), rng.choice(SHAPES), 0, 0, rng.randint(9, 12))
+    direction = rng.choice(list(DIRECTIONS))
+    turns = [{"from": "human", "value": "<video>\n" + MOVE_QUESTION}, {"from": "gpt", "value": direction}]
+    if rng.random() < 0.3:
+        turns += [{"from": "human", "value": COLOR_QUESTION}, {"from": "gpt", "value": spec.color}]
+    sample = {"id": f"shapes_video_{j:06d}", "video": f"videos/{j:06d}.mp4", "conversations": turns}
+    return sample, moving_frames(spec, direction)
+
+
+def make_shapes(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0, videos: int = 0) -> Path:
+    """Write `num` image/text samples and `videos` video samples to out_dir (images/*.png, videos/*.mp4,
+    llava_format.json); returns the json path."""
     if num < 1:
         raise ValueError(f"make-shapes: --num must be >= 1, got {num}")
+    if videos < 0:
+        raise ValueError(f"make-shapes: --videos must be >= 0, got {videos}")
     from tqdm import tqdm
 
     out = Path(out_dir)
@@ -115,6 +151,14 @@ def make_shapes(out_dir: str | os.PathLike, num: int = 2000, seed: int = 0) -> P
         if img is not None:
             img.save(out / sample["image"], format="PNG")
         samples.append(sample)
+    if videos:
+        from mmtune.data.video import write_video
+
+        vrng = random.Random(seed ^ _VIDEO_STREAM)
+        for j in tqdm(range(videos), desc="make-shapes videos", unit="video", disable=videos < 200):
+            sample, frames = _video_sample(j, vrng)
+            write_video(out / sample["video"], frames, VIDEO_FPS)
+            samples.append(sample)
     path = out / "llava_format.json"
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(samples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -30,7 +30,8 @@ from mmtune.train.loss import LossContext, lm_loss
 from mmtune.train.metrics import MetricsLogger, StepStats
 from mmtune.train.profiling import Profiler
 
-_TENSOR_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw")
+_TENSOR_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw",
+                "pixel_values_videos", "video_grid_thw")
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +139,7 @@ class Trainer:
                 input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"), position_ids=batch.get("position_ids"),
                 cu_seqlens=batch.get("cu_seqlens"), return_logits=False, run_vision_without_images=True,
+                pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=batch.get("video_grid_thw"),
             )
             token_mask = None
             if s.pad_token_id is not None:

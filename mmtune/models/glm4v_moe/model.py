@@ -1,7 +1,9 @@
 """GLM-4.5V (`glm4v_moe`): vision tower + MoE text decoder + lm head, single-device PyTorch.
 
-`model.visual` (vision.py) turns each image into t*h*w/4 LLM-width vectors; they replace the
-`<|image|>` placeholder embeddings in order; `model.language_model` (text.py) runs the decoder on
+`model.visual` (vision.py) turns each image into t*h*w/4 LLM-width vectors and each video, split into
+its temporal patches as single-step (1, h, w) grids (as transformers does), into h*w/4 vectors per
+patch; they replace the `<|image|>` placeholder embeddings in order, images at the placeholders outside
+video spans and videos at those inside (`mm_token_types`); `model.language_model` (text.py) runs the decoder on
 3D (M-RoPE) positions; `lm_head` gives the logits. Parameter names equal transformers>=5's
 `Glm4vMoeForConditionalGeneration` (either loads the other's state dict). Everything around the text
 decoder lives in `GlmVForConditionalGeneration`, which the dense GLM-4.1V model (models/glm4v) shares.
@@ -19,7 +21,7 @@ from torch import nn
 
 from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
-from mmtune.models.glm4v_moe.rope import get_rope_index
+from mmtune.models.glm4v_moe.rope import get_rope_index, mm_token_types
 from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextModel
 from mmtune.models.glm4v_moe.vision import VisionModel
 from mmtune.ops.attention import build_mask
@@ -76,20 +78,23 @@ class GlmVForConditionalGeneration(nn.Module):
         run_vision_without_images: bool = False,
         past_key_values: KVCache | None = None,
         use_cache: bool = False,
+        pixel_values_videos: torch.Tensor | None = None,
+        video_grid_thw: torch.Tensor | None = None,
     ) -> GlmVOutput:
         """See docs/INTERNALS.md "Model". `input_ids` [B, S]; `pixel_values` [P, patch_dim] of all images
-        in token order with `image_grid_thw` [I, 3]; `position_ids` [3, B, S] (computed when None);
-        `attention_mask` [B, past + S] (1 = token, 0 = pad); `cu_seqlens` int32 segment bounds over the
-        flattened B*S tokens for packed rows."""
+        in token order with `image_grid_thw` [I, 3]; `pixel_values_videos` / `video_grid_thw` [V, 3] the
+        same for videos; `position_ids` [3, B, S] (computed when None); `attention_mask` [B, past + S]
+        (1 = token, 0 = pad); `cu_seqlens` int32 segment bounds over the flattened B*S tokens for packed rows."""
         B, S = input_ids.shape
-        embeds_BSH = self._embed(input_ids, pixel_values, image_grid_thw, run_vision_without_images)
+        embeds_BSH = self._embed(input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+                                 run_vision_without_images)
 
         cache = past_key_values if past_key_values is not None else (KVCache() if use_cache else None)
         num_past = cache.get_seq_length() if cache is not None else 0
         if cache is not None:
             attention_mask = cache.update_mask(attention_mask, B, S, input_ids.device)
         if position_ids is None:
-            position_ids = self._position_ids(input_ids, image_grid_thw, attention_mask, cache, num_past)
+            position_ids = self._position_ids(input_ids, image_grid_thw, video_grid_thw, attention_mask, cache, num_past)
         else:
             if position_ids.dim() == 2:
                 position_ids = position_ids[None].expand(3, -1, -1)
@@ -103,30 +108,50 @@ class GlmVForConditionalGeneration(nn.Module):
         logits = self.lm_head(hidden_BSH) if return_logits else None
         return GlmVOutput(logits, hidden_BSH, router_logits, cache)
 
-    def _embed(self, input_ids, pixel_values, image_grid_thw, run_vision_without_images) -> torch.Tensor:
+    def _embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
+               run_vision_without_images) -> torch.Tensor:
         embed = self.model.language_model.embed_tokens
         embeds_BSH = embed(input_ids)
-        if pixel_values is not None:
-            if image_grid_thw is None:
-                raise ValueError("pixel_values given without image_grid_thw (one [t, h, w] row per image)")
-            feats_MH = self.model.visual(pixel_values, image_grid_thw).to(embeds_BSH.dtype)
-            is_image_BS = input_ids == self.config.image_token_id
-            n_tokens = int(is_image_BS.sum())
-            if n_tokens != feats_MH.shape[0]:
-                raise ValueError(
-                    f"input_ids hold {n_tokens} <|image|> tokens (id {self.config.image_token_id}) but the images "
-                    f"(image_grid_thw {image_grid_thw.tolist()}) give {feats_MH.shape[0]} features"
-                )
-            embeds_BSH = embeds_BSH.masked_scatter(is_image_BS[..., None], feats_MH)
+        c = self.config
+        pixels, grids, kinds = [], [], []  # one vision tower pass over the images, then the video steps
+        for what, px, grid, kind in (("pixel_values", pixel_values, image_grid_thw, 1),
+                                     ("pixel_values_videos", pixel_values_videos, video_grid_thw, 2)):
+            if px is None:
+                continue
+            if grid is None:
+                raise ValueError(f"{what} given without its grid_thw (one [t, h, w] row per "
+                                 f"{'image' if kind == 1 else 'video'})")
+            if kind == 2:  # each temporal patch of a video is its own (1, h, w) image
+                grid = torch.cat([torch.ones_like(grid[:, :1]), grid[:, 1:]], 1).repeat_interleave(grid[:, 0], 0)
+            pixels.append(px)
+            grids.append(grid)
+            kinds.append(kind)
+        if pixels:
+            feats_MH = self.model.visual(torch.cat(pixels), torch.cat(grids)).to(embeds_BSH.dtype)
+            types_BS = mm_token_types(input_ids, image_token_id=c.image_token_id,
+                                      video_start_token_id=c.video_start_token_id, video_end_token_id=c.video_end_token_id)
+            merge = c.vision.spatial_merge_size**2
+            sizes = [int(g.prod(-1).sum()) // merge for g in grids]
+            for kind, feats_mH, grid in zip(kinds, feats_MH.split(sizes), grids):
+                mask_BS = types_BS == kind
+                n_tokens = int(mask_BS.sum())
+                if n_tokens != feats_mH.shape[0]:
+                    where, what = ("outside", "images") if kind == 1 else ("inside", "video steps")
+                    raise ValueError(
+                        f"input_ids hold {n_tokens} <|image|> tokens (id {c.image_token_id}) {where} video spans but "
+                        f"the {what} (grids {grid.tolist()}) give {feats_mH.shape[0]} features"
+                    )
+                embeds_BSH = embeds_BSH.masked_scatter(mask_BS[..., None], feats_mH)
         elif run_vision_without_images:
             # every rank must run the vision tower (FSDP all-gathers its weights), so run a dummy image
-            m = self.config.vision.spatial_merge_size
-            dummy = torch.zeros(m * m, self.config.vision.patch_dim, device=input_ids.device, dtype=embeds_BSH.dtype)
+            m = c.vision.spatial_merge_size
+            dummy = torch.zeros(m * m, c.vision.patch_dim, device=input_ids.device, dtype=embeds_BSH.dtype)
             grid = torch.tensor([[1, m, m]], device=input_ids.device)
             embeds_BSH = embeds_BSH + 0.0 * self.model.visual(dummy, grid).sum().to(embeds_BSH.dtype)
         return embeds_BSH
 
-    def _position_ids(self, input_ids, image_grid_thw, attention_mask, cache: KVCache | None, num_past: int):
+    def _position_ids(self, input_ids, image_grid_thw, video_grid_thw, attention_mask, cache: KVCache | None,
+                      num_past: int):
         """[3, B, S] M-RoPE positions. Prefill (no past): per sample over its unpadded tokens (pads get 0);
         decoding: past length (or the mask's count) + the row's rope delta, like transformers."""
         B, S = input_ids.shape
@@ -140,11 +165,16 @@ class GlmVForConditionalGeneration(nn.Module):
         c = self.config
         position_ids = torch.zeros(3, B, S, dtype=torch.long, device=device)
         deltas = []
-        grids = _split_grids(image_grid_thw, input_ids, attention_mask, c)
+        types_BS = mm_token_types(input_ids, image_token_id=c.image_token_id,
+                                  video_start_token_id=c.video_start_token_id, video_end_token_id=c.video_end_token_id)
+        if attention_mask is not None:
+            types_BS = types_BS * attention_mask.bool()
+        grids = _split_grids(image_grid_thw, (types_BS == 1).sum(1).tolist(), "image", c)
+        video_grids = _split_grids(video_grid_thw, (types_BS == 2).sum(1).tolist(), "video", c)
         for b in range(B):
             keep = attention_mask[b].bool() if attention_mask is not None else slice(None)
             pos_3L, delta = get_rope_index(
-                input_ids[b][keep], grids[b],
+                input_ids[b][keep], grids[b], video_grids[b],
                 image_token_id=c.image_token_id, video_start_token_id=c.video_start_token_id,
                 video_end_token_id=c.video_end_token_id, spatial_merge_size=c.vision.spatial_merge_size,
             )
@@ -206,16 +236,12 @@ def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
     t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
 
-def _split_grids(image_grid_thw, input_ids_BS, attention_mask_BS, c) -> list[torch.Tensor | None]:
-    """Split the batch's image grids (in token order) into each row's grids by counting its placeholders."""
-    B = input_ids_BS.shape[0]
-    if image_grid_thw is None:
-        return [None] * B
-    is_image_BS = input_ids_BS == c.image_token_id
-    if attention_mask_BS is not None:
-        is_image_BS &= attention_mask_BS.bool()
-    counts = is_image_BS.sum(1).tolist()
-    tokens_per_grid = (image_grid_thw.prod(-1) // c.vision.spatial_merge_size**2).tolist()
+def _split_grids(grid_thw, counts: list[int], what: str, c) -> list[torch.Tensor | None]:
+    """Split the batch's image (or video) grids, in token order, into each row's by counting the row's
+    placeholders (`counts`; video placeholders are those inside video spans)."""
+    if grid_thw is None:
+        return [None] * len(counts)
+    tokens_per_grid = (grid_thw.prod(-1) // c.vision.spatial_merge_size**2).tolist()
     out, g = [], 0
     for b, n in enumerate(counts):
         start = g
@@ -223,10 +249,9 @@ def _split_grids(image_grid_thw, input_ids_BS, attention_mask_BS, c) -> list[tor
             n -= tokens_per_grid[g]
             g += 1
         if n != 0:
-            raise ValueError(
-                f"row {b}: its <|image|> tokens do not match the image grids {image_grid_thw.tolist()} in order"
-            )
-        out.append(image_grid_thw[start:g] if g > start else None)
+            raise ValueError(f"row {b}: its {what} placeholder tokens do not match the {what} grids "
+                             f"{grid_thw.tolist()} in order")
+        out.append(grid_thw[start:g] if g > start else None)
     if g != len(tokens_per_grid):
-        raise ValueError(f"{len(tokens_per_grid) - g} image grid(s) left over after the placeholders of all rows")
+        raise ValueError(f"{len(tokens_per_grid) - g} {what} grid(s) left over after the placeholders of all rows")
     return out

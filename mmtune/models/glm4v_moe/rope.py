@@ -16,10 +16,11 @@ import torch
 def mm_token_types(
     input_ids_L: torch.Tensor, *, image_token_id: int, video_start_token_id: int, video_end_token_id: int
 ) -> torch.Tensor:
-    """0 text, 1 image placeholder, 2 image placeholder inside a video span (transformers' mm_token_type_ids)."""
+    """0 text, 1 image placeholder, 2 image placeholder inside a video span (transformers' mm_token_type_ids);
+    over the last dimension (one sample [L] or rows [B, L])."""
     is_image = input_ids_L == image_token_id
-    inside_video = (torch.cumsum((input_ids_L == video_start_token_id).long(), 0)
-                    - torch.cumsum((input_ids_L == video_end_token_id).long(), 0)) > 0
+    inside_video = (torch.cumsum((input_ids_L == video_start_token_id).long(), -1)
+                    - torch.cumsum((input_ids_L == video_end_token_id).long(), -1)) > 0
     types = is_image.long()
     types[is_image & inside_video] = 2
     return types
