@@ -108,6 +108,19 @@ def test_logits_and_every_gradient_equal_transformers(cfg_name):
         assert err <= 1e-4 * max(1.0, scale), f"{name}: grad differs by {err} (max |grad| {scale})"
 
 
+def test_video_logits_equal_transformers():
+    """Videos (each temporal step a grid, timestamps between them) through transformers' video path."""
+    from test_model import video_sample
+
+    cfg = config_a()
+    ours, hf = make_pair(cfg)
+    ids, kw = video_sample(cfg, [("video", (3, 4, 4)), ("video", (1, 8, 4))])
+    ref = hf(input_ids=ids, mm_token_type_ids=torch.tensor(
+        [[2 if t == cfg.image_token_id else 0 for t in ids[0].tolist()]]), use_cache=False, **kw).logits
+    diff = (ours(ids, **kw).logits - ref).abs().max().item()
+    assert diff <= 1e-4, f"video logits differ by {diff}"
+
+
 def test_packed_row_equals_transformers_packed_and_separate_runs():
     """Three samples (two images of different sizes, one image, text only) and a pad run packed in one row:
     ours with cu_seqlens + per-sample 3D positions; transformers with its packed form (4-row position ids,

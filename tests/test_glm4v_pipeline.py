@@ -257,32 +257,26 @@ GLM46V_PREPROCESSOR = {  # GLM-4.6V / GLM-4.6V-Flash style: the Glm46V classes, 
 
 @pytest.mark.parametrize("arch", ["glm4v", "glm4v_moe"])
 def test_glm46v_processor_is_chosen_from_the_model_dir_and_its_images_match_transformers(arch, tmp_path):
-    """The processor family comes from the dir's processor files, whatever the architecture; a GLM-4.6V dir's
-    images come out as transformers' Glm46VImageProcessorPil makes them."""
+    """The processor (GLM-4.6V's video rules or the older ones) comes from the dir's processor files,
+    whatever the architecture; a GLM-4.6V dir's images come out as transformers' Glm46VImageProcessorPil
+    makes them."""
     import numpy as np
     from PIL import Image
     from transformers.models.glm46v.image_processing_pil_glm46v import Glm46VImageProcessorPil
 
     from mmtune.data.images import ImageProcessor
-    from mmtune.data.processor_family import processor_family
+    from mmtune.data.video import VideoProcessor
 
     get_architecture(arch).tiny_config().save_pretrained(tmp_path)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "Glm4vImageProcessor"}))
-    assert processor_family(tmp_path) == "glm4v"
-    (tmp_path / "video_preprocessor_config.json").write_text(json.dumps({"video_processor_type": "Glm46VVideoProcessor"}))
-    assert processor_family(tmp_path) == "glm46v"
-    (tmp_path / "video_preprocessor_config.json").unlink()
+    assert VideoProcessor.from_pretrained(tmp_path).flavour == "glm4v"
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(GLM46V_PREPROCESSOR))
-    assert processor_family(tmp_path) == "glm46v"
+    assert VideoProcessor.from_pretrained(tmp_path).flavour == "glm46v"
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)) for h, w in ((700, 1000), (50, 50))]
     pv, grid = ImageProcessor.from_pretrained(tmp_path).process(images)
-    ref = Glm46VImageProcessorPil(**{k: v for k, v in GLM46V_PREPROCESSOR.items() if "type" not in k and "class" not in k})(
-        images=images, return_tensors="np")
+    settings = {k: v for k, v in GLM46V_PREPROCESSOR.items() if "type" not in k and "class" not in k}
+    ref = Glm46VImageProcessorPil(**settings)(images=images, return_tensors="np")
     assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 50, 72], [1, 6, 6]]
     assert np.array_equal(pv, ref["pixel_values"])
-    (tmp_path / "processor_config.json").write_text("{not json")
-    (tmp_path / "preprocessor_config.json").write_text("{}")
-    with pytest.raises(ValueError, match="processor_config.json: not valid JSON"):
-        processor_family(tmp_path)
