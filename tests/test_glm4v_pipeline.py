@@ -280,3 +280,22 @@ def test_glm46v_processor_is_chosen_from_the_model_dir_and_its_images_match_tran
     ref = Glm46VImageProcessorPil(**settings)(images=images, return_tensors="np")
     assert grid.tolist() == ref["image_grid_thw"].tolist() == [[1, 50, 72], [1, 6, 6]]
     assert np.array_equal(pv, ref["pixel_values"])
+
+
+def test_dense_recipe_example_files_load_and_name_the_dense_architecture():
+    from pathlib import Path
+
+    from mmtune.data.config import load_data_config
+    from mmtune.models.glm4v import glm41v_config
+    from mmtune.train.args import ModelJsonConfig
+
+    ex = Path(__file__).resolve().parents[1] / "examples" / "glm4.1v"
+    m = ModelJsonConfig.load(ex / "model_9B.json")
+    get_architecture("glm4v").check_model_ids(
+        {"model": m.model_id, "vision_encoder": m.image_encoder.vision_encoder.model_id,
+         "text_decoder": m.text_decoder.model_id}, "model_9B.json", "config.json")
+    real = glm41v_config()
+    assert (m.text_decoder.num_layers, m.text_decoder.num_attention_heads) == (real.text.num_hidden_layers, 32)
+    assert m.freeze_vision_encoder and not m.freeze_text_decoder
+    data = load_data_config(ex / "data_9B.json")
+    assert data.preprocess.model_name_or_path == m.init_from_hf_path  # the 9B dir's own tokenizer and processor
