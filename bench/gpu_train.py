@@ -19,6 +19,12 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
     python bench/gpu_train.py --cpu            # CPU, fp32: the 7.3M-param model of docs/PERFORMANCE.md, 4 x 512
     python bench/gpu_train.py --arch glm4v     # GLM-4.1V-9B's widths, 8 of its 40 layers (about 3.8B params)
 
+Context parallelism (one long row split over N GPUs, Ulysses): launch N ranks with torchrun, e.g.
+    torchrun --nproc_per_node 4 bench/gpu_train.py --context-parallel-size 4 --bs 1 --seq 65536 --skip-hf
+    torchrun --nproc_per_node 2 bench/gpu_train.py --dry-run --context-parallel-size 2   # CPU, gloo
+Each rank holds seq/N tokens; tokens/s counts the group's tokens, MFU is per GPU, peak memory is rank 0's.
+transformers runs on one device: with N > 1 only the --dry-run runs it (on rank 0, to check the loss).
+
 Environment knobs are flags; results also go to $OUT/gpu_train.json when OUT is set.
 """
 
@@ -53,6 +59,8 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
     p.add_argument("--chunk-size", type=int, default=4096, help="chunked-loss tokens per chunk (default 4096)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
+    p.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split each row over this many ranks (Ulysses; launch as many with torchrun; default 1)")
     p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
     p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 wide, "
@@ -160,6 +168,7 @@ def run_mmtune(cfg, args, device, batch, res):
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from mmtune.distributed import FSDPOptions, init_distributed
+    from mmtune.distributed.context_parallel import ContextParallel
     from mmtune.distributed.parallelize import materialize, parallelize, unshard_lm_head
     from mmtune.models import architecture_for_config
     from mmtune.train.loss import LossContext, lm_loss
@@ -170,15 +179,20 @@ def run_mmtune(cfg, args, device, batch, res):
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    env = init_distributed(device.type)
+    own_group = not torch.distributed.is_initialized()  # a caller's process group is left as it was
+    env = init_distributed(device.type, cp=args.context_parallel_size)
     res["backend"] = torch.distributed.get_backend()
+    cp = ContextParallel.from_mesh(env.dims.cp_mesh)
+    dp_group = env.dims.dp_mesh.get_group() if env.dims.dp_mesh is not None else None
+    if cp is not None:  # every rank holds the row; the model keeps seq/cp tokens of it
+        batch, _ = cp.pad_batch(batch, None, cfg.text.pad_token_id)
     with torch.device("meta"):
         model = architecture_for_config(cfg).model_class(cfg)
     for p in model.model.visual.parameters():
         p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
     bf16 = device.type == "cuda"
     opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
-    parallelize(model, env.mesh, opts, device)
+    parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh)
     materialize(model, device)
     fast_init(model, cfg.text.initializer_range)
     res["params"] = sum(p.numel() for p in model.parameters())
@@ -187,14 +201,16 @@ def run_mmtune(cfg, args, device, batch, res):
     def fwd_bwd():
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
                     return_logits=False, run_vision_without_images=True)
-        ctx = LossContext.for_window("per_token_loss", ctx_window)
+        ctx = LossContext.for_window("per_token_loss", ctx_window, group=dp_group)
         lo = lm_loss(out.hidden_states, unshard_lm_head(model), batch["labels"], ctx, cu_seqlens=batch["cu_seqlens"],
-                     compute_mode="chunk", chunk_size=args.chunk_size)
+                     compute_mode="chunk", chunk_size=args.chunk_size, cp=cp)
         lo.loss_for_backward.backward()
         model.zero_grad(set_to_none=True)
         return lo.loss_value
 
-    res["mmtune_first_loss"] = float(fwd_bwd())
+    first = fwd_bwd().double()
+    torch.distributed.all_reduce(first)  # each cp rank holds its tokens' part of the loss
+    res["mmtune_first_loss"] = float(first)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     res["mmtune_fwd_bwd_s"] = timed(fwd_bwd, device, args.warmup, args.steps, "mmtune_fwd_bwd")
@@ -220,7 +236,8 @@ def run_mmtune(cfg, args, device, batch, res):
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    torch.distributed.destroy_process_group()
+    if own_group:
+        torch.distributed.destroy_process_group()
     return full_sd
 
 
@@ -277,30 +294,39 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("bench/gpu_train.py needs a CUDA GPU (use --dry-run on a CPU)", file=sys.stderr)
             return 2
-        device = torch.device("cuda", 0)
-    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "arch": args.arch, "seq": args.seq, "bs": args.bs}
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cp = args.context_parallel_size
+    if cp > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) != cp:
+            print(f"--context-parallel-size {cp}: launch {cp} ranks with torchrun --nproc_per_node {cp}", file=sys.stderr)
+            return 2
+        args.skip_hf = args.skip_hf or not args.dry_run  # transformers' model runs on rank 0 alone: a CPU check
+    rank0 = int(os.environ.get("RANK", "0")) == 0
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "arch": args.arch, "seq": args.seq, "bs": args.bs, "context_parallel_size": cp}
     res.update({"moe_layers": args.moe_layers} if args.arch == "glm4v_moe" else {"layers": args.layers})
     cfg = build_config(args)
     peak = matmul_peak(device)
     res["matmul_tflops"] = peak / 1e12 if peak else None
     batch = make_batch(cfg, args, device)
     full_sd = run_mmtune(cfg, args, device, batch, res)
-    if not args.skip_hf:
+    if not args.skip_hf and rank0:
         run_hf(cfg, args, device, batch, full_sd, res)
     tokens = args.bs * args.seq
     flops = res["flops_per_token"] * tokens
     for who in ("mmtune", "hf"):
         t = res.get(f"{who}_fwd_bwd_s")
         if t:
-            res[f"{who}_tokens_per_s"] = tokens / t
-            if peak:
-                res[f"{who}_mfu_vs_measured"] = flops / t / peak
-                res[f"{who}_mfu_vs_989"] = flops / t / 989e12
+            res[f"{who}_tokens_per_s"] = tokens / t  # of the cp group
+            if peak:  # per GPU: the group's FLOPs over its cp GPUs
+                res[f"{who}_mfu_vs_measured"] = flops / t / peak / cp
+                res[f"{who}_mfu_vs_989"] = flops / t / 989e12 / cp
     res.update({f"best_{k}_s": v for k, v in BEST.items()})
     if res.get("hf_fwd_bwd_s") and res.get("mmtune_fwd_bwd_s"):
         res["speedup_fwd_bwd_mmtune_over_hf"] = res["hf_fwd_bwd_s"] / res["mmtune_fwd_bwd_s"]
         res["speedup_best_fwd_bwd_mmtune_over_hf"] = BEST["hf_fwd_bwd"] / BEST["mmtune_fwd_bwd"]
+    if not rank0:
+        return 0
     for k, v in res.items():
         print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}", flush=True)
     if os.environ.get("OUT"):

@@ -65,9 +65,9 @@ def run(cfg, *, print_fn=print) -> dict:
         arch, mcfg = load_config(hf_path)  # the architecture comes from config.json's model_type
         check_model_json(cfg, arch, hf_path)
         env.dims.check_model(num_experts=arch.num_experts(mcfg), num_heads=mcfg.text.num_attention_heads)
-        if env.dims.cp > 1 or env.dims.ep > 1:
-            raise ValueError(f"{PROG}: context and expert parallelism are not implemented yet "
-                             "(--context-parallel-size / --expert-model-parallel-size must be 1)")
+        if env.dims.ep > 1:
+            raise ValueError(f"{PROG}: expert parallelism is not implemented yet "
+                             "(--expert-model-parallel-size must be 1)")
         source = resolve_load_path(cfg.load) if cfg.load else None
         freeze = FreezeSpec(vision_encoder=cfg.model.freeze_vision_encoder,
                             vision_projector=cfg.model.freeze_vision_projector,

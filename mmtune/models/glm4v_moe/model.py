@@ -8,6 +8,11 @@ video spans and videos at those inside (`mm_token_types`); `model.language_model
 `Glm4vMoeForConditionalGeneration` (either loads the other's state dict). Everything around the text
 decoder lives in `GlmVForConditionalGeneration`, which the dense GLM-4.1V model (models/glm4v) shares.
 
+Context parallelism (distributed/context_parallel.py) applies from outside at three places: `model.visual`
+(each rank encodes a share of the images; all features come back), `model.language_model`'s input (the
+embeddings and positions below are computed on the whole sequence, then cut to the rank's tokens; the mask
+stays global) and each `TextAttention.attention_fn`. The outputs then hold the rank's tokens only.
+
 Legend: B batch, S tokens per row, H hidden, V vocab, P image patches, I images, E experts.
 """
 
