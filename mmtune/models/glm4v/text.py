@@ -19,7 +19,7 @@ from torch import nn
 
 from mmtune.models.glm4v.config import TextConfig
 from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextAttention, _padding_idx, mrope_angles
-from mmtune.ops.attention import AttentionMask, attention
+from mmtune.ops.attention import AttentionMask
 
 
 def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: torch.dtype):
@@ -84,7 +84,7 @@ class DenseAttention(TextAttention):
         v_BGSD = qkv_BSFD[:, :, N + G :].transpose(1, 2)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
-        o_BNSD = attention(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5)
+        o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5)
         return self.o_proj(o_BNSD.transpose(1, 2).reshape(B, S, N * D))
 
 
