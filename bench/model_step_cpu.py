@@ -9,6 +9,7 @@ machine noise hits all alike; the median step time of each is reported, and the 
 the uncontended cost on a shared machine).
 
     python bench/model_step_cpu.py [--arch glm4v_moe|glm4v] [--steps 6] [--batch 4] [--seq 512] [--packed N] [--profile]
+                                   [--threads 1 --cpu-time]   # on a shared machine
 """
 
 from __future__ import annotations
@@ -97,6 +98,9 @@ def main(argv=None) -> int:
                    help="also time ours on packed rows: N samples per row (cu_seqlens); transformers has no CPU equivalent")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each step by the process's CPU time instead of the wall clock (with --threads 1: "
+                        "what a step costs when other jobs share the cores, which the wall clock does not show)")
     p.add_argument("--arch", choices=["glm4v_moe", "glm4v"], default="glm4v_moe",
                    help="glm4v_moe: GLM-4.5V (MoE, default); glm4v: the dense GLM-4.1V")
     args = p.parse_args(argv)
@@ -167,18 +171,20 @@ def main(argv=None) -> int:
 
         runs.update({f"hf-{k}-packed{args.packed}": make_step_hf_packed(m) for k, m in hf.items()})
 
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):
         for name, fn in runs.items():
             ours.zero_grad(set_to_none=True)
             for m in hf.values():
                 m.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= 2:
                 times[name].append(dt)
 
+    print(f"timing: {'process CPU time' if args.cpu_time else 'wall clock'}")
     print(f"config: {arch.model_type}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} tokens, one {tuple(grids[0].tolist())} "
           f"image per row, torch {torch.__version__}, {torch.get_num_threads()} threads")
     med = {k: statistics.median(v) for k, v in times.items()}
