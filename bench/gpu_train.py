@@ -25,6 +25,13 @@ Context parallelism (one long row split over N GPUs, Ulysses): launch N ranks wi
 Each rank holds seq/N tokens; tokens/s counts the group's tokens, MFU is per GPU, peak memory is rank 0's.
 transformers runs on one device: with N > 1 only the --dry-run runs it (on rank 0, to check the loss).
 
+Expert parallelism (one node of N GPUs): mmtune with FSDP over all N GPUs next to mmtune with EP (each GPU
+owns E/EP experts of every MoE layer, tokens by all-to-all), each GPU its own batch, side by side
+(`speedup_*_ep{EP}_over_fsdp`; the routing balance of the initial weights in `*_moe_load_max_mean`);
+transformers is skipped. tokens/s count every GPU's tokens.
+    torchrun --nproc_per_node 8 bench/gpu_train.py --expert-model-parallel-size 8 --moe-layers 4
+    torchrun --nproc_per_node 4 bench/gpu_train.py --dry-run --expert-model-parallel-size 2   # CPU, gloo
+
 Environment knobs are flags; results also go to $OUT/gpu_train.json when OUT is set.
 """
 
@@ -61,6 +68,9 @@ def parse_args(argv=None):
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
     p.add_argument("--context-parallel-size", type=int, default=1,
                    help="split each row over this many ranks (Ulysses; launch as many with torchrun; default 1)")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="under torchrun: also run mmtune with this expert-parallel size next to FSDP only "
+                        "(each rank its own batch; default 1)")
     p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
     p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 wide, "
@@ -136,10 +146,10 @@ def build_config(args):
     return cfg
 
 
-def make_batch(cfg, args, device):
+def make_batch(cfg, args, device, seed: int = 0):
     from mmtune.tokens import TINY_SPECIAL_BASE, TINY_VOCAB_SIZE
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seed)
     high = TINY_SPECIAL_BASE if cfg.text.vocab_size == TINY_VOCAB_SIZE else 150000  # no special tokens
     ids = torch.randint(0, high, (args.bs, args.seq), generator=g)
     labels = torch.full_like(ids, -100)
@@ -152,7 +162,9 @@ def make_batch(cfg, args, device):
 
 @torch.no_grad()
 def fast_init(model, std: float, seed: int = 0) -> None:
-    """Random weights drawn on the device (init_weights draws on the CPU: minutes for billions)."""
+    """Random weights drawn on the device (init_weights draws on the CPU: minutes for billions). On the CPU
+    with several ranks DTensor draws the same values on every shard (it has no distributed RNG there), so
+    a dry run's routers send every token to the same experts: a stress case for EP, not a benchmark."""
     torch.manual_seed(seed)
     for name, p in model.named_parameters():
         if p.dim() == 1:
@@ -164,7 +176,9 @@ def fast_init(model, std: float, seed: int = 0) -> None:
             b.zero_()
 
 
-def run_mmtune(cfg, args, device, batch, res):
+def run_mmtune(cfg, args, device, batch, res, ep: int = 1, key: str = "mmtune"):
+    """Time mmtune's fwd+bwd and full optimizer step into res[f"{key}_..."]; returns the full state dict
+    for transformers' run (None with --skip-hf)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from mmtune.distributed import FSDPOptions, init_distributed
@@ -173,15 +187,16 @@ def run_mmtune(cfg, args, device, batch, res):
     from mmtune.models import architecture_for_config
     from mmtune.train.loss import LossContext, lm_loss
     from mmtune.train.metrics import text_flops_per_token
+    from mmtune.train.moe_balance import load_summary
     from mmtune.train.optim import build_optimizer, build_scheduler
     from mmtune.train.trainer import LoopSettings, Trainer
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    own_group = not torch.distributed.is_initialized()  # a caller's process group is left as it was
-    env = init_distributed(device.type, cp=args.context_parallel_size)
+    env = init_distributed(device.type, cp=args.context_parallel_size, ep=ep)
     res["backend"] = torch.distributed.get_backend()
+    res["world_size"] = env.world_size
     cp = ContextParallel.from_mesh(env.dims.cp_mesh)
     dp_group = env.dims.dp_mesh.get_group() if env.dims.dp_mesh is not None else None
     if cp is not None:  # every rank holds the row; the model keeps seq/cp tokens of it
@@ -192,7 +207,7 @@ def run_mmtune(cfg, args, device, batch, res):
         p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
     bf16 = device.type == "cuda"
     opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
-    parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh)
+    parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh, expert_mesh=env.dims.expert_mesh)
     materialize(model, device)
     fast_init(model, cfg.text.initializer_range)
     res["params"] = sum(p.numel() for p in model.parameters())
@@ -210,15 +225,17 @@ def run_mmtune(cfg, args, device, batch, res):
 
     first = fwd_bwd().double()
     torch.distributed.all_reduce(first)  # each cp rank holds its tokens' part of the loss
-    res["mmtune_first_loss"] = float(first)
+    res[f"{key}_first_loss"] = float(first)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res["mmtune_fwd_bwd_s"] = timed(fwd_bwd, device, args.warmup, args.steps, "mmtune_fwd_bwd")
+    res[f"{key}_fwd_bwd_s"] = timed(fwd_bwd, device, args.warmup, args.steps, f"{key}_fwd_bwd")
     if device.type == "cuda":
-        res["mmtune_fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if device.type == "cpu":  # cpu_offload does not copy CPU tensors: keep these weights from the optimizer
-        full_sd = {k: v.clone() for k, v in full_sd.items()}
+        res[f"{key}_fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    full_sd = None
+    if not args.skip_hf:
+        full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if device.type == "cpu":  # cpu_offload does not copy CPU tensors: keep these weights from the optimizer
+            full_sd = {k: v.clone() for k, v in full_sd.items()}
     if not args.skip_optimizer:
         opt = build_optimizer(model, lr=1e-6, weight_decay=0.0)
         res["fused_adamw"] = bool(opt.defaults.get("fused"))
@@ -226,18 +243,19 @@ def run_mmtune(cfg, args, device, batch, res):
         s = LoopSettings(train_iters=10**6, grad_accum_steps=1, loss_type="per_token_loss", compute_mode="chunk",
                          chunk_size=args.chunk_size, clip_grad=1.0)
         trainer = Trainer(s, env, model, opt, sched, [batch])
-        res["mmtune_step_s"] = timed(lambda: trainer.train_step([batch]), device, args.warmup, args.steps,
-                                     "mmtune_step")
+        load = trainer.train_step([batch]).expert_load  # routing balance of the initial weights: EP's speed
+        if load is not None:                            # depends on it (1.0 = every expert equally busy)
+            res[f"{key}_moe_load_max_mean"] = load_summary(load)["moe_load_max_mean"]
+        res[f"{key}_step_s"] = timed(lambda: trainer.train_step([batch]), device, args.warmup, args.steps,
+                                     f"{key}_step")
         if device.type == "cuda":
-            res["mmtune_step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            res[f"{key}_step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         del opt, sched, trainer
     res["flops_per_token"] = text_flops_per_token(cfg.text, args.seq)
     del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    if own_group:
-        torch.distributed.destroy_process_group()
     return full_sd
 
 
@@ -301,6 +319,13 @@ def main(argv=None) -> int:
             print(f"--context-parallel-size {cp}: launch {cp} ranks with torchrun --nproc_per_node {cp}", file=sys.stderr)
             return 2
         args.skip_hf = args.skip_hf or not args.dry_run  # transformers' model runs on rank 0 alone: a CPU check
+    ep = args.expert_model_parallel_size
+    if ep > 1:
+        if "LOCAL_RANK" not in os.environ or int(os.environ["WORLD_SIZE"]) % ep:
+            print(f"--expert-model-parallel-size {ep}: launch a multiple of {ep} ranks with torchrun "
+                  f"--nproc_per_node", file=sys.stderr)
+            return 2
+        args.skip_hf = True
     rank0 = int(os.environ.get("RANK", "0")) == 0
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "arch": args.arch, "seq": args.seq, "bs": args.bs, "context_parallel_size": cp}
@@ -308,23 +333,35 @@ def main(argv=None) -> int:
     cfg = build_config(args)
     peak = matmul_peak(device)
     res["matmul_tflops"] = peak / 1e12 if peak else None
-    batch = make_batch(cfg, args, device)
+    # the ranks of a cp group share a row; each data-parallel rank (EP runs: every rank) has its own tokens
+    batch = make_batch(cfg, args, device, seed=int(os.environ.get("RANK", "0")) // cp)
+    own_group = not torch.distributed.is_initialized()  # a caller's process group is left as it was
     full_sd = run_mmtune(cfg, args, device, batch, res)
+    if ep > 1:
+        run_mmtune(cfg, args, device, batch, res, ep=ep, key=f"mmtune_ep{ep}")
+    if own_group:
+        torch.distributed.destroy_process_group()
     if not args.skip_hf and rank0:
         run_hf(cfg, args, device, batch, full_sd, res)
-    tokens = args.bs * args.seq
+    world = res["world_size"]
+    tokens = args.bs * args.seq * world // cp  # every data-parallel rank's row(s)
     flops = res["flops_per_token"] * tokens
-    for who in ("mmtune", "hf"):
+    for who in ("mmtune", "hf", f"mmtune_ep{ep}"):
         t = res.get(f"{who}_fwd_bwd_s")
         if t:
-            res[f"{who}_tokens_per_s"] = tokens / t  # of the cp group
-            if peak:  # per GPU: the group's FLOPs over its cp GPUs
-                res[f"{who}_mfu_vs_measured"] = flops / t / peak / cp
-                res[f"{who}_mfu_vs_989"] = flops / t / 989e12 / cp
+            res[f"{who}_tokens_per_s"] = tokens / t  # of all ranks
+            if peak:  # per GPU: all ranks' FLOPs over the GPUs
+                res[f"{who}_mfu_vs_measured"] = flops / t / peak / world
+                res[f"{who}_mfu_vs_989"] = flops / t / 989e12 / world
     res.update({f"best_{k}_s": v for k, v in BEST.items()})
     if res.get("hf_fwd_bwd_s") and res.get("mmtune_fwd_bwd_s"):
         res["speedup_fwd_bwd_mmtune_over_hf"] = res["hf_fwd_bwd_s"] / res["mmtune_fwd_bwd_s"]
         res["speedup_best_fwd_bwd_mmtune_over_hf"] = BEST["hf_fwd_bwd"] / BEST["mmtune_fwd_bwd"]
+    if ep > 1:  # the target on a GPU node: EP >= 1.3x the tokens/s of FSDP only at the same batch
+        for what in ("fwd_bwd", "step"):
+            if f"mmtune_ep{ep}_{what}_s" in res:
+                res[f"speedup_{what}_ep{ep}_over_fsdp"] = res[f"mmtune_{what}_s"] / res[f"mmtune_ep{ep}_{what}_s"]
+                res[f"speedup_best_{what}_ep{ep}_over_fsdp"] = BEST[f"mmtune_{what}"] / BEST[f"mmtune_ep{ep}_{what}"]
     if not rank0:
         return 0
     for k, v in res.items():

@@ -154,6 +154,10 @@ def test_mmtune_train_checks_model_json_against_config_json(tiny_dense_hf_dir, s
     (work / "model.json").write_text(json.dumps(model))
     assert main(train_argv(work, tmp_path / "save", 1)) == 2
     assert "router_aux_loss_coef 0.01 needs a model with routed experts" in capsys.readouterr().err
+    model["loss_cfg"]["router_aux_loss_coef"] = 0.0
+    (work / "model.json").write_text(json.dumps(model))
+    assert main(train_argv(work, tmp_path / "save", 1, "--moe-router-bias-update-rate", "0.001")) == 2
+    assert "--moe-router-bias-update-rate 0.001 needs a model with routed experts" in capsys.readouterr().err
     # expert parallelism asks the registry how many experts there are: none
     arch, cfg = load_config(tiny_dense_hf_dir)
     with pytest.raises(ValueError, match="expert-model-parallel-size 2 needs a model with routed experts"):

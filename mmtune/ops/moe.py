@@ -10,6 +10,11 @@ Experts: one tensor per projection, `gate_up_proj` [E, 2I, H] (gate rows first) 
 once and runs each projection as one grouped matmul over the sorted rows (`grouped_mm`); where the
 platform has no grouped matmul for the dtype it loops over the experts that got tokens.
 
+The one seam for parallelism: `GroupedExperts.dispatch` takes the expert-sorted rows, their routing
+weights, the rows per expert and the two weight tensors and returns the rows' expert outputs. The
+default, `expert_ffn`, runs every expert here; expert parallelism (distributed/expert_parallel.py)
+replaces it with an all-to-all to the ranks that own the experts.
+
 Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size, R = T*K rows.
 """
 
@@ -51,19 +56,31 @@ class TopKRouter(nn.Module):
         """Returns router logits [T, E] (fp32), expert weights [T, K] (fp32) and expert ids [T, K]."""
         logits_TE = F.linear(x_TH.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid()
-        with torch.no_grad():
-            choice_TE = scores_TE + self.e_score_correction_bias
-            if self.topk_group < self.n_group:
-                groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
-                group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
-                keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-                keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
-                choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
-            experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        experts_TK = self.choose(scores_TE)
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         return logits_TE, weights_TK * self.routed_scaling_factor, experts_TK
+
+    @torch.no_grad()
+    def choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The experts [T, K] each token goes to: top-k of the biased scores within the best groups.
+        (Also used outside the forward to count the experts' loads from the router logits.)"""
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+            choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    def expert_load(self, logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens per expert [E] (int64) for router logits of a forward (`token_mask_T`: the tokens to count)."""
+        experts_TK = self.choose(logits_TE.detach().float().sigmoid())
+        if token_mask_T is not None:
+            experts_TK = experts_TK[token_mask_T.reshape(-1)]
+        return torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
 
 
 class GroupedExperts(nn.Module):
@@ -74,6 +91,8 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # (x_RH, w_R1, counts_E, gate_up_proj, down_proj) -> y_RH; see the module docstring
+        self.dispatch = expert_ffn
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         T, K = experts_TK.shape
@@ -81,15 +100,22 @@ class GroupedExperts(nn.Module):
         order_R = experts_TK.view(-1).argsort(stable=True)
         counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
-        h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
-        gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
-        # the routing weight scales the (narrower) down-projection input: the same as scaling its output
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
+        y_RH = self.dispatch(x_RH, w_R1, counts_E, self.gate_up_proj, self.down_proj)
         # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
+
+
+def expert_ffn(x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor, gate_up_EIH: torch.Tensor,
+               down_EHI: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of expert e over the e-th block of rows (counts_E[e] rows, blocks in expert order), each
+    row's output scaled by its routing weight. Shapes: gate_up [E, 2I, H], down [E, H, I]."""
+    h_RI2 = grouped_linear(x_RH, gate_up_EIH, counts_E)
+    gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
+    # the routing weight scales the (narrower) down-projection input: the same as scaling its output
+    return grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), down_EHI, counts_E)
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -104,8 +130,9 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
         if n:
             outs.append(x_RIn[start : start + n] @ w_EOutIn[e].T)
             start += n
-    if not outs:
-        return x_RIn.new_zeros(0, w_EOutIn.shape[1])
+    if not outs:  # no rows: an empty matmul, so the weight still gets a (zero) gradient. Under expert
+        # parallelism a rank's experts can receive no row while FSDP reduces their gradients on every rank.
+        return x_RIn[:0] @ w_EOutIn[0].T
     return torch.cat(outs)
 
 

@@ -33,6 +33,8 @@ def check_model_json(cfg, arch, hf_path) -> None:
                           "text_decoder": m.text_decoder.model_id}, str(cfg.mm_model), f"{hf_path}/config.json")
     if cfg.loss.router_aux_loss_coef > 0:
         arch.require_experts(f"{cfg.mm_model}: loss_cfg.router_aux_loss_coef {cfg.loss.router_aux_loss_coef}")
+    if cfg.moe_router_bias_update_rate > 0:
+        arch.require_experts(f"--moe-router-bias-update-rate {cfg.moe_router_bias_update_rate}")
 
 
 def run(cfg, *, print_fn=print) -> dict:
@@ -65,9 +67,6 @@ def run(cfg, *, print_fn=print) -> dict:
         arch, mcfg = load_config(hf_path)  # the architecture comes from config.json's model_type
         check_model_json(cfg, arch, hf_path)
         env.dims.check_model(num_experts=arch.num_experts(mcfg), num_heads=mcfg.text.num_attention_heads)
-        if env.dims.ep > 1:
-            raise ValueError(f"{PROG}: expert parallelism is not implemented yet "
-                             "(--expert-model-parallel-size must be 1)")
         source = resolve_load_path(cfg.load) if cfg.load else None
         freeze = FreezeSpec(vision_encoder=cfg.model.freeze_vision_encoder,
                             vision_projector=cfg.model.freeze_vision_projector,
