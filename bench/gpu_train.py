@@ -1,4 +1,5 @@
-"""mmtune's training step on one GPU next to transformers' Glm4vMoe on the same batch and weights.
+"""mmtune's training step on one GPU next to transformers' Glm4vMoe on the same batch and weights
+(`--arch glm4v`: the dense GLM-4.1V next to transformers' Glm4v, real width, `--layers` dense layers).
 
 A reduced-depth, real-width GLM-4.5V (text: 1 dense + N MoE layers of 4096 wide, 128 experts top-8,
 vocab 151552; vision: 1 block), bf16 compute. mmtune runs its real CUDA training path: a 1-rank NCCL
@@ -21,6 +22,7 @@ Printed, side by side in one run (the ratio is what to compare; absolute numbers
     python bench/gpu_train.py --save-dir /local/disk/tmp   # + checkpoint save blocked time, sync vs async
     python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
     python bench/gpu_train.py --cpu            # CPU, fp32: the 7.3M-param model of docs/PERFORMANCE.md, 4 x 512
+    python bench/gpu_train.py --arch glm4v     # GLM-4.1V-9B's widths, 8 of its 40 layers (about 3.8B params)
 
 Context parallelism (one long row split over N GPUs, Ulysses): launch N ranks with torchrun, e.g.
     torchrun --nproc_per_node 4 bench/gpu_train.py --context-parallel-size 4 --bs 1 --seq 65536 --skip-hf
@@ -59,6 +61,10 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/gpu_train.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--moe-layers", type=int, default=1, help="MoE decoder layers after the dense one (default 1; "
                    "each adds 2.2B params — with fp32 AdamW state 3 layers do not fit 80 GB)")
+    p.add_argument("--arch", choices=["glm4v_moe", "glm4v"], default="glm4v_moe",
+                   help="glm4v_moe: GLM-4.5V (default); glm4v: the dense GLM-4.1V / GLM-4.6V-Flash")
+    p.add_argument("--layers", type=int, default=8, help="--arch glm4v: dense decoder layers (default 8 of the "
+                   "real 40; fp32 AdamW state for all 40 needs about 154 GiB)")
     p.add_argument("--seq", type=int, default=4096, help="tokens per row (default 4096)")
     p.add_argument("--bs", type=int, default=1, help="rows per micro-batch (default 1)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement (default 4)")
@@ -122,6 +128,19 @@ def matmul_peak(device) -> float | None:
 
 
 def build_config(args):
+    if args.arch == "glm4v":
+        from mmtune.models.glm4v import glm41v_config, tiny_config as dense_tiny
+
+        cfg = dense_tiny() if (args.dry_run or args.cpu) else glm41v_config()
+        cfg.vision.depth = 1
+        if not (args.dry_run or args.cpu):
+            cfg.text.num_hidden_layers = args.layers
+        if args.cpu:  # the dense model of bench/model_step_cpu.py --arch glm4v
+            t = cfg.text
+            t.hidden_size, t.intermediate_size, t.num_hidden_layers = 256, 1024, 4
+            t.num_attention_heads, t.num_key_value_heads, t.mrope_section = 4, 2, [4, 6, 6]
+            cfg.vision.depth, cfg.vision.out_hidden_size = 2, 256
+        return cfg
     from mmtune.models.glm4v_moe import glm45v_config, tiny_config
 
     cfg = tiny_config() if (args.dry_run or args.cpu) else glm45v_config()
@@ -175,7 +194,7 @@ def run_mmtune(cfg, args, device, batch, res, ep: int = 1, key: str = "mmtune"):
     from mmtune.distributed import FSDPOptions, init_distributed
     from mmtune.distributed.context_parallel import ContextParallel
     from mmtune.distributed.parallelize import materialize, parallelize, unshard_lm_head
-    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
+    from mmtune.models import architecture_for_config
     from mmtune.train.loss import LossContext, lm_loss
     from mmtune.train.metrics import text_flops_per_token
     from mmtune.train.moe_balance import load_summary
@@ -193,7 +212,7 @@ def run_mmtune(cfg, args, device, batch, res, ep: int = 1, key: str = "mmtune"):
     if cp is not None:  # every rank holds the row; the model keeps seq/cp tokens of it
         batch, _ = cp.pad_batch(batch, None, cfg.text.pad_token_id)
     with torch.device("meta"):
-        model = Glm4vMoeForConditionalGeneration(cfg)
+        model = architecture_for_config(cfg).model_class(cfg)
     for p in model.model.visual.parameters():
         p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
     bf16 = device.type == "cuda"
@@ -317,15 +336,19 @@ def time_saves(model, opt, args, res) -> None:
 def run_hf(cfg, args, device, batch, full_sd, res):
     import transformers
 
-    hf_cfg = transformers.Glm4vMoeConfig.from_dict(cfg.to_dict())
+    from mmtune.models import architecture_for_config
+
+    arch = architecture_for_config(cfg)
+    hf_class = getattr(transformers, arch.hf_class_name)
+    hf_cfg = getattr(transformers, arch.hf_class_name.replace("ForConditionalGeneration", "Config")).from_dict(cfg.to_dict())
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     with torch.device(device):
-        model = transformers.Glm4vMoeForConditionalGeneration._from_config(hf_cfg, dtype=dtype,
-                                                                            attn_implementation="sdpa")
-    try:
-        model.set_experts_implementation("grouped_mm")  # transformers' fastest on CPU too (docs/PERFORMANCE.md)
-    except Exception as e:  # older transformers: the default implementation
-        res["hf_experts_impl_error"] = repr(e)[:200]
+        model = hf_class._from_config(hf_cfg, dtype=dtype, attn_implementation="sdpa")
+    if arch.has_experts:
+        try:
+            model.set_experts_implementation("grouped_mm")  # transformers' fastest on CPU too (docs/PERFORMANCE.md)
+        except Exception as e:  # older transformers: the default implementation
+            res["hf_experts_impl_error"] = repr(e)[:200]
     missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in full_sd.items()}, strict=False)
     res["hf_missing_keys"] = len(missing)
     for p in model.model.visual.parameters():
@@ -379,7 +402,8 @@ def main(argv=None) -> int:
         args.skip_hf = True
     rank0 = int(os.environ.get("RANK", "0")) == 0
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-           "moe_layers": args.moe_layers, "seq": args.seq, "bs": args.bs, "context_parallel_size": cp}
+           "arch": args.arch, "seq": args.seq, "bs": args.bs, "context_parallel_size": cp}
+    res.update({"moe_layers": args.moe_layers} if args.arch == "glm4v_moe" else {"layers": args.layers})
     cfg = build_config(args)
     peak = matmul_peak(device)
     res["matmul_tflops"] = peak / 1e12 if peak else None

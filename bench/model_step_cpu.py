@@ -1,12 +1,15 @@
 """CPU train step (forward + cross-entropy + backward) of mmtune's GLM-4.5V model against transformers'
-Glm4vMoeForConditionalGeneration on the same config, weights and batch; prints tokens/s and the ratio.
+Glm4vMoeForConditionalGeneration on the same config, weights and batch (or, with --arch glm4v, of the
+dense GLM-4.1V model against transformers' Glm4vForConditionalGeneration); prints tokens/s and the ratio.
 
-transformers runs with its best experts implementation on this machine: both `grouped_mm` and `eager`
-are timed and the faster one is the baseline. Runs are interleaved (ours, hf-grouped_mm, hf-eager,
-ours, ...) so that machine noise hits all alike; the median step time of each is reported, and the
-best step (closest to the uncontended cost on a shared machine).
+transformers runs with its best implementation on this machine: for GLM-4.5V both experts
+implementations `grouped_mm` and `eager` are timed, for GLM-4.1V both attention implementations `sdpa`
+and `eager`; the faster one is the baseline. Runs are interleaved (ours, hf-a, hf-b, ours, ...) so that
+machine noise hits all alike; the median step time of each is reported, and the best step (closest to
+the uncontended cost on a shared machine).
 
-    python bench/model_step_cpu.py [--steps 6] [--batch 4] [--seq 512] [--packed] [--profile]
+    python bench/model_step_cpu.py [--arch glm4v_moe|glm4v] [--steps 6] [--batch 4] [--seq 512] [--packed N] [--profile]
+                                   [--threads 1 --cpu-time]   # on a shared machine
 """
 
 from __future__ import annotations
@@ -25,8 +28,20 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config  # noqa: E402
+from mmtune.models import get_architecture  # noqa: E402
+from mmtune.models.glm4v_moe import tiny_config  # noqa: E402
 from mmtune.models.glm4v_moe.rope import get_rope_index, mm_token_types  # noqa: E402
+
+
+def dense_bench_config():
+    """The dense counterpart of bench_config(): text 256 wide, 4 layers, MLP 1024, GQA 4/2; vision 2 blocks."""
+    from mmtune.models.glm4v import tiny_config as dense_tiny
+
+    c = dense_tiny()
+    text = dataclasses.replace(c.text, hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
+                               num_attention_heads=4, num_key_value_heads=2, mrope_section=[4, 6, 6])
+    vision = dataclasses.replace(c.vision, depth=2, hidden_size=128, num_heads=2, intermediate_size=256, out_hidden_size=256)
+    return dataclasses.replace(c, text=text, vision=vision)
 
 
 def bench_config():
@@ -83,22 +98,33 @@ def main(argv=None) -> int:
                    help="also time ours on packed rows: N samples per row (cu_seqlens); transformers has no CPU equivalent")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each step by the process's CPU time instead of the wall clock (with --threads 1: "
+                        "what a step costs when other jobs share the cores, which the wall clock does not show)")
+    p.add_argument("--arch", choices=["glm4v_moe", "glm4v"], default="glm4v_moe",
+                   help="glm4v_moe: GLM-4.5V (MoE, default); glm4v: the dense GLM-4.1V")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    from transformers import Glm4vMoeConfig as HFConfig
-    from transformers import Glm4vMoeForConditionalGeneration as HF
+    import transformers
 
-    cfg = bench_config()
+    arch = get_architecture(args.arch)
+    cfg = bench_config() if args.arch == "glm4v_moe" else dense_bench_config()
+    HF = getattr(transformers, arch.hf_class_name)
+    HFConfig = getattr(transformers, arch.hf_class_name.replace("ForConditionalGeneration", "Config"))
     torch.manual_seed(0)
-    ours = Glm4vMoeForConditionalGeneration(cfg)
+    ours = arch.model_class(cfg)
     ours.init_weights(0)
     hf = {}
-    for impl in ("grouped_mm", "eager"):
-        m = HF._from_config(HFConfig(**cfg.to_dict()), attn_implementation="sdpa", experts_implementation=impl)
+    if arch.has_experts:
+        variants = {impl: dict(attn_implementation="sdpa", experts_implementation=impl) for impl in ("grouped_mm", "eager")}
+    else:
+        variants = {impl: dict(attn_implementation=impl) for impl in ("sdpa", "eager")}
+    for name, kw in variants.items():
+        m = HF._from_config(HFConfig(**cfg.to_dict()), **kw)
         m.load_state_dict(ours.state_dict())
-        hf[impl] = m.train()
+        hf[name] = m.train()
     ours.train()
     n_params = sum(x.numel() for x in ours.parameters())
 
@@ -128,28 +154,54 @@ def main(argv=None) -> int:
             loss_of(out.logits).backward()
 
         runs[f"ours-packed{args.packed}"] = step_packed
+        # transformers' packed form: a 4th (first) position row with each sample's text positions, no
+        # attention mask; its mask code then keeps attention inside each sample (docs/GLM45V.md section 3)
+        starts = torch.zeros(ids.numel(), dtype=torch.long)
+        starts[cu[:-1].long()] = 1
+        seg_id = starts.cumsum(0) - 1
+        text_pos = (torch.arange(ids.numel()) - cu[:-1].long()[seg_id]).view(ids.shape)
+        pos4 = torch.cat([text_pos[None], pos])
 
+        def make_step_hf_packed(m):
+            def step():
+                out = m(input_ids=ids, pixel_values=pixels, image_grid_thw=grids, mm_token_type_ids=types,
+                        position_ids=pos4, use_cache=False)
+                loss_of(out.logits).backward()
+            return step
+
+        runs.update({f"hf-{k}-packed{args.packed}": make_step_hf_packed(m) for k, m in hf.items()})
+
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):
         for name, fn in runs.items():
             ours.zero_grad(set_to_none=True)
             for m in hf.values():
                 m.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= 2:
                 times[name].append(dt)
 
-    print(f"config: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} tokens, one {tuple(grids[0].tolist())} "
+    print(f"timing: {'process CPU time' if args.cpu_time else 'wall clock'}")
+    print(f"config: {arch.model_type}, {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} tokens, one {tuple(grids[0].tolist())} "
           f"image per row, torch {torch.__version__}, {torch.get_num_threads()} threads")
     med = {k: statistics.median(v) for k, v in times.items()}
     low = {k: min(v) for k, v in times.items()}
     for name, t in med.items():
-        print(f"{name:>16}: median {t:.3f} s/step  {tokens / t:8.0f} tokens/s   (best step {low[name]:.3f} s)")
-    best = min(("hf-grouped_mm", "hf-eager"), key=lambda k: med[k])
+        print(f"{name:>{max(map(len, med))}}: median {t:.3f} s/step  {tokens / t:8.0f} tokens/s   (best step {low[name]:.3f} s)")
+    hf_runs = [f"hf-{k}" for k in hf]
+    best = min(hf_runs, key=lambda k: med[k])
     print(f"ratio ours / transformers ({best}): {med[best] / med['ours']:.2f}x tokens/s (median steps), "
-          f"{min(low['hf-grouped_mm'], low['hf-eager']) / low['ours']:.2f}x (best steps)")
+          f"{min(low[k] for k in hf_runs) / low['ours']:.2f}x (best steps)")
+    if args.packed:
+        n = args.packed
+        hf_packed = [f"{k}-packed{n}" for k in hf_runs]
+        best_p = min(hf_packed, key=lambda k: med[k])
+        print(f"packed rows ({n} samples per row) ours / transformers ({best_p}): "
+              f"{med[best_p] / med[f'ours-packed{n}']:.2f}x (median steps), "
+              f"{min(low[k] for k in hf_packed) / low[f'ours-packed{n}']:.2f}x (best steps)")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile

@@ -8,9 +8,9 @@ import sys
 
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
-    "make-tiny": ("mmtune.tiny", "write a tiny GLM-4.5V-architecture HF model dir (hub layout, tokenizer, processor)"),
+    "make-tiny": ("mmtune.tiny", "write a tiny GLM-V HF model dir (hub layout, tokenizer, processor; --arch glm4v: dense)"),
     "data": ("mmtune.data.cli", "data tools: make-shapes, llava-to-mllm, check"),
-    "convert": ("mmtune.convert.cli", "checkpoint conversion: hf-to-dcp, dcp-to-hf (expert merge/split)"),
+    "convert": ("mmtune.convert.cli", "checkpoint conversion: hf-to-dcp, dcp-to-hf (expert merge/split; dense: copy)"),
     "train": ("mmtune.train.cli", "finetune (one process, or torchrun -m mmtune train ...)"),
     "generate": ("mmtune.generate", "generate an answer from an HF dir or a training checkpoint"),
     "demo": ("mmtune.demo", "the whole recipe end to end on a tiny model and a synthetic data set"),

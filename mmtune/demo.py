@@ -1,10 +1,11 @@
 """`mmtune demo`: the whole GLM-4.5V recipe on the CPU, on the embedded default, with no downloads.
 
-Stages (each printed with its time), the recipe's steps on a tiny GLM-4.5V-architecture model:
+Stages (each printed with its time), the recipe's steps on a tiny GLM-4.5V-architecture model (or, with
+`--arch glm4v`, a tiny dense GLM-4.1V-architecture one):
   1. make-tiny       a random-weight model dir in hub layout (per-expert tensors, tokenizer, processor)
   2. make-shapes     synthetic VQA in LLaVA format (56x56 images of one coloured shape)
   3. llava-to-mllm   the recipe's data conversion
-  4. hf-to-dcp       expert merge into a DCP checkpoint (what --load reads)
+  4. hf-to-dcp       expert merge (dense: a plain copy) into a DCP checkpoint (what --load reads)
   5. train           `mmtune train` (FSDP2; torchrun with --nproc > 1) on data.json / model.json written
                      into the workdir like the recipe's (the package's mmtune/examples/tiny/)
   6. dcp-to-hf       export of the last checkpoint into WORKDIR/export
@@ -39,6 +40,7 @@ EXAMPLES = Path(__file__).resolve().parent / "examples" / "tiny"  # shipped in t
 MARKER = ".mmtune_demo"
 EVAL_SEED = 10_000  # held-out questions: eval_questions() draws from its own stream, with this seed
 LORA_R, LORA_LR = 16, 2e-3  # demo --lora: rank and default lr (docs/PERFORMANCE.md "LoRA")
+TINY_NAMES = {"glm4v_moe": "GLM-4.5V-tiny", "glm4v": "GLM-4.1V-tiny"}  # the tiny model's dir name per arch
 
 
 @dataclass
@@ -55,6 +57,7 @@ class DemoSettings:
     threads: int = 1
     overwrite: bool = False
     lora_r: int | None = None  # LoRA of this rank (alpha = 2 r) instead of full finetuning
+    arch: str = "glm4v_moe"  # config.json model_type of the tiny model (mmtune.models.ARCHITECTURES)
 
 
 class _Stages:
@@ -86,14 +89,23 @@ def _prepare_workdir(workdir: Path, overwrite: bool) -> None:
     (workdir / MARKER).write_text("made by mmtune demo\n")
 
 
-def write_recipe_configs(workdir: Path, hf_dir: Path, data_dir: Path, dataset: str) -> tuple[Path, Path]:
-    """data.json and model.json of the recipe (mmtune/examples/tiny/) with this workdir's absolute paths."""
+def write_recipe_configs(workdir: Path, hf_dir: Path, data_dir: Path, dataset: str,
+                         arch: str = "glm4v_moe") -> tuple[Path, Path]:
+    """data.json and model.json of the recipe (the package's mmtune/examples/tiny/) with this workdir's absolute paths; the
+    model_ids of architecture `arch` (the chat template stays GLM-4.5V's: the tiny tokenizer's format)."""
+    from mmtune.models import get_architecture
+
+    ids = get_architecture(arch).model_ids
     data = json.loads((EXAMPLES / "data.json").read_text())
     dp = data["dataset_param"]
     dp["preprocess_parameters"]["model_name_or_path"] = str(hf_dir)
     dp["basic_parameters"].update(dataset_dir=str(data_dir), dataset=dataset, cache_dir=str(data_dir / "cache_dir"))
+    data["dataloader_param"]["collate_param"]["model_name"] = arch
     model = json.loads((EXAMPLES / "model.json").read_text())
     model["init_from_hf_path"] = str(hf_dir)
+    model["model_id"] = ids.model[0]
+    model["image_encoder"]["vision_encoder"]["model_id"] = ids.vision_encoder[0]
+    model["text_decoder"]["model_id"] = ids.text_decoder[0]
     data_json, model_json = workdir / "data.json", workdir / "model.json"
     data_json.write_text(json.dumps(data, indent=4) + "\n")
     model_json.write_text(json.dumps(model, indent=4) + "\n")
@@ -169,26 +181,30 @@ def run_demo(s: DemoSettings) -> dict:
     from mmtune.convert.hf_to_dcp import hf_to_dcp
     from mmtune.data.llava import llava_to_mllm
     from mmtune.data.shapes import make_shapes
+    from mmtune.models import get_architecture
     from mmtune.plot import plot_metrics
     from mmtune.tiny import make_tiny
 
     torch.set_num_threads(s.threads)
     t_start = time.perf_counter()
+    arch = get_architecture(s.arch)
     w = s.workdir.resolve()
     _prepare_workdir(w, s.overwrite)
     stage = _Stages(8)
-    hf_dir, data_dir, dcp_dir, save, export = (w / "GLM-4.5V-tiny", w / "data", w / "ckpt" / "mm_path" / "GLM-4.5V-tiny",
-                                               w / "save", w / "export")
-    with stage("make-tiny", f"a random GLM-4.5V-architecture model (hub layout) -> {hf_dir}"):
-        make_tiny(hf_dir, seed=s.seed)
+    name = TINY_NAMES[s.arch]
+    hf_dir, data_dir, dcp_dir, save, export = (w / name, w / "data", w / "ckpt" / "mm_path" / name, w / "save",
+                                               w / "export")
+    with stage("make-tiny", f"a random {arch.name} architecture model (hub layout) -> {hf_dir}"):
+        make_tiny(hf_dir, seed=s.seed, arch=s.arch)
     with stage("make-shapes", f"{s.num_samples} synthetic VQA samples (LLaVA format) -> {data_dir}"):
         llava_json = make_shapes(data_dir, num=s.num_samples, seed=s.seed)
     with stage("llava-to-mllm", "LLaVA json -> the recipe's MLLM json"):
         report = llava_to_mllm(llava_json, data_dir / "mllm_format_shapes.json", image_dir=data_dir)
         print(f"    kept {report.kept} samples, skipped {len(report.skipped)}")
-    with stage("hf-to-dcp", f"merge experts, write the DCP that --load reads -> {dcp_dir}"):
+    what = "merge experts" if arch.has_experts else "copy the dense weights"
+    with stage("hf-to-dcp", f"{what}, write the DCP that --load reads -> {dcp_dir}"):
         hf_to_dcp(hf_dir, dcp_dir, progress=False)
-    data_json, model_json = write_recipe_configs(w, hf_dir, data_dir, "mllm_format_shapes.json")
+    data_json, model_json = write_recipe_configs(w, hf_dir, data_dir, "mllm_format_shapes.json", s.arch)
     cmd = train_command(s, data_json, model_json, dcp_dir, save)
     what = f"LoRA r={s.lora_r}, " if s.lora_r else ""
     with stage("train", f"{what}{s.steps} steps, batch {s.batch_size}, lr {s.lr}, {s.nproc} process(es):\n    "
@@ -208,7 +224,7 @@ def run_demo(s: DemoSettings) -> dict:
         for q, a, said in ev["rows"][:4]:
             print(f"    Q: {q!r}  expected {a!r}  model: {said!r}")
     with stage("plot", f"loss curve -> {w / 'loss.png'}"):
-        plot_metrics(save / "metrics.jsonl", w / "loss.png", title="mmtune demo: tiny GLM-4.5V on shapes", smooth=5)
+        plot_metrics(save / "metrics.jsonl", w / "loss.png", title=f"mmtune demo: {name} on shapes", smooth=5)
     total = time.perf_counter() - t_start
     result = {"accuracy": ev["accuracy"], "chance": ev["chance"], "steps": step, "train_s": stage.times["train"],
               "total_s": total, "workdir": str(w), "export": str(export)}
@@ -245,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, the data and training (default 0)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (default 1: fastest for this tiny model)")
+    ap.add_argument("--arch", choices=list(TINY_NAMES), default="glm4v_moe",
+                    help="the tiny model's architecture: glm4v_moe = GLM-4.5V (MoE, default), glm4v = GLM-4.1V / "
+                         "GLM-4.6V-Flash (dense)")
     args = ap.parse_args(argv)
     for name in ("steps", "nproc", "num_samples", "num_eval", "batch_size", "threads", "lora_r"):
         if getattr(args, name) < 1:
@@ -253,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
                      num_eval=args.num_eval, batch_size=args.batch_size, seed=args.seed,
                      lr=args.lr if args.lr is not None else (LORA_LR if args.lora else DemoSettings.lr),
                      warmup_fraction=args.warmup_fraction, lora_r=args.lora_r if args.lora else None,
-                     threads=args.threads, overwrite=args.overwrite)
+                     threads=args.threads, overwrite=args.overwrite, arch=args.arch)
     r = run_demo(s)
     print(f"\nsummary: the exported model ({r['export']}) answers {r['accuracy']:.1%} of {s.num_eval} held-out "
           f"questions correctly (chance {r['chance']:.1%}) after {r['steps']} steps; training took "

@@ -1,4 +1,5 @@
-"""`mmtune generate`: answer a prompt (with images and videos) from an HF model dir or a training checkpoint.
+"""`mmtune generate`: answer a prompt (with images and videos) from an HF model dir or a training checkpoint,
+with any GLM-V architecture (config.json's `model_type`, mmtune.models).
 
 The prompt is rendered with the tokenizer's own chat template (`apply_chat_template`, with
 `enable_thinking` as the data pipeline's data.json sets it; the recipe uses false), images go through
@@ -30,8 +31,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
-from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+from mmtune.models import architecture_for_config, architecture_of, load_config
 
 IMAGE_TAG = "<image>"
 VIDEO_TAG = "<video>"
@@ -87,13 +89,13 @@ def encode_prompt(tokenizer, messages: list[dict], image_tokens: list[int], imag
 
 
 # ---- decoding -----------------------------------------------------------------------------------
-def eos_ids(config: Glm4vMoeConfig) -> set[int]:
+def eos_ids(config) -> set[int]:
     eos = config.text.eos_token_id
     return set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
 
 
 @torch.no_grad()
-def generate_ids(model: Glm4vMoeForConditionalGeneration, prompt_ids: list[int], *,
+def generate_ids(model: nn.Module, prompt_ids: list[int], *,
                  pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0,
                  stop_ids: set[int] | None = None, generator: torch.Generator | None = None,
@@ -140,7 +142,7 @@ def _pick(logits_V: torch.Tensor, temperature: float, top_p: float, generator: t
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def generate(model: Glm4vMoeForConditionalGeneration, tokenizer, prompt: str, images=(), *, image_processor=None,
+def generate(model: nn.Module, tokenizer, prompt: str, images=(), *, image_processor=None,
              max_new_tokens: int = 64, temperature: float = 0.0, top_p: float = 1.0, enable_thinking: bool = False,
              system: str | None = None, seed: int = 0, videos=(), video_processor=None) -> Generation:
     """Answer `prompt` about `images` (PIL images) and `videos` (video files): chat template, image and
@@ -196,7 +198,7 @@ def _prepare(model, tokenizer, prompt: str, images: list, image_processor, enabl
 
 
 @torch.no_grad()
-def generate_batch(model: Glm4vMoeForConditionalGeneration, tokenizer, requests: list[tuple[str, list]], *,
+def generate_batch(model: nn.Module, tokenizer, requests: list[tuple[str, list]], *,
                    image_processor=None, max_new_tokens: int = 64, enable_thinking: bool = False,
                    system: str | None = None) -> list[Generation]:
     """Greedy answers to many (prompt, images) requests at once: prompts left-padded into one batch
@@ -277,14 +279,14 @@ def load_dcp_weights(model: torch.nn.Module, ckpt: Path) -> None:
     model.load_state_dict({k: flat[prefix + k] for k in sd})
 
 
-def cuda_devices(config: Glm4vMoeConfig, dtype: torch.dtype, free: list[int] | None = None) -> list[str]:
+def cuda_devices(config, dtype: torch.dtype, free: list[int] | None = None) -> list[str]:
     """The CUDA device of each placement unit (mmtune/placement.py): all "cuda:0" when the model fits one
     GPU, else its layers over the visible GPUs in order; ValueError before loading when it does not fit.
     `free`: free bytes per GPU (default: what CUDA reports)."""
     from mmtune.placement import cuda_free_memory, plan_devices, unit_bytes
 
     with torch.device("meta"):
-        model = Glm4vMoeForConditionalGeneration(config)
+        model = architecture_for_config(config).model_class(config)
     _cast(model, dtype)
     gpus = plan_devices(unit_bytes(model), cuda_free_memory() if free is None else free,
                         what=f"the model in {str(dtype).removeprefix('torch.')}")
@@ -299,7 +301,7 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, device: str = "cpu",
-               dtype: torch.dtype = torch.float32) -> tuple[Glm4vMoeForConditionalGeneration, Path]:
+               dtype: torch.dtype = torch.float32) -> tuple[nn.Module, Path]:
     """(model in eval mode, the HF dir holding its tokenizer and processor) from an HF dir or a training
     checkpoint (see the module docstring). `device="cuda"`: one GPU, or the layers over all visible GPUs
     when it needs more (`cuda_devices`)."""
@@ -311,12 +313,12 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
         raise FileNotFoundError(f"--model {path}: no such file or directory")
     ckpt = resolve_checkpoint(path)
     if ckpt is None:
-        devices = cuda_devices(Glm4vMoeConfig.from_pretrained(path), dtype) if device == "cuda" else [device]
+        devices = cuda_devices(load_config(path)[1], dtype) if device == "cuda" else [device]
         if len(set(devices)) > 1:
-            model = load_pretrained(Glm4vMoeForConditionalGeneration, path, dtype=dtype,
+            model = load_pretrained(architecture_of(path).model_class, path, dtype=dtype,
                                     place=lambda m: place(m, devices, materialize=True))
         else:
-            model = Glm4vMoeForConditionalGeneration.from_pretrained(path, dtype=dtype, device=devices[0])
+            model = architecture_of(path).model_class.from_pretrained(path, dtype=dtype, device=devices[0])
         return model.eval(), path
     hf = Path(hf_dir) if hf_dir else _hf_dir_of_run(ckpt)
     if hf is None or not (hf / "config.json").is_file():
@@ -326,16 +328,16 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
 
     lora = lora_info(ckpt)
     if lora is not None:  # adapters only: the base from the HF dir, the adapters merged in
-        model = Glm4vMoeForConditionalGeneration.from_pretrained(hf, dtype=torch.float32, device="cpu")
+        model = architecture_of(hf).model_class.from_pretrained(hf, dtype=torch.float32, device="cpu")
         _merge_lora(ckpt, lora, model)
         for name, module in model.named_modules():
             if not name.endswith("mlp.gate"):  # the router stays fp32, as from_pretrained keeps it
                 module.to(dtype)
         return model.to(device).eval(), hf
-    config = Glm4vMoeConfig.from_pretrained(hf)
+    arch, config = load_config(hf)
     devices = cuda_devices(config, dtype) if device == "cuda" else [device]
     with torch.device("meta"):
-        model = Glm4vMoeForConditionalGeneration(config)
+        model = arch.model_class(config)
     model.to_empty(device="cpu")
     load_dcp_weights(model, ckpt)
     _cast(model, dtype)
@@ -373,7 +375,8 @@ def load_tokenizer(hf_dir: str | Path):
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mmtune generate",
-        description="Answer a prompt (optionally about images and videos) with a GLM-4.5V-architecture model: an HF dir, "
+        description="Answer a prompt (optionally about images and videos) with a GLM-V model (GLM-4.5V / GLM-4.6V "
+                    "or the dense GLM-4.1V / GLM-4.6V-Flash, as its config.json says): an HF dir, "
                     "a training run's save dir, an iter_XXXXXXX checkpoint or a converted DCP.",
     )
     ap.add_argument("--model", required=True,

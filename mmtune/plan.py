@@ -1,4 +1,5 @@
-"""`mmtune plan`: per-GPU memory of a GLM-4.5V finetune under FSDP2, before spending GPU hours.
+"""`mmtune plan`: per-GPU memory of a GLM-V finetune under FSDP2, before spending GPU hours (any
+architecture of mmtune.models: GLM-4.5V / GLM-4.6V MoE, GLM-4.1V / GLM-4.6V-Flash dense).
 
 What mmtune's FSDP2 stores (mmtune/distributed/parallelize.py):
 - The model is built on the meta device and materialised in fp32; `fully_shard` keeps each rank's 1/N
@@ -67,19 +68,20 @@ from pathlib import Path
 import torch
 
 from mmtune.config_files import DTYPE_NAMES
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, TextConfig, VisionConfig, glm45v_config, tiny_config
+from mmtune.models import architecture_for_config, presets
+from mmtune.models import load_config as load_hf_config
+from mmtune.models.glm4v_moe.config import VisionConfig
 from mmtune.train.freeze import MODULES, module_of
 
-PRESETS = {"glm4.5v": glm45v_config, "tiny": tiny_config}
+PRESETS = {name: make for name, (_, make) in presets().items()}
 GiB = 1024**3
 _DTYPE_BYTES = {name: getattr(torch, attr).itemsize for name, attr in DTYPE_NAMES.items()}
 
-def build_meta_model(config: Glm4vMoeConfig) -> torch.nn.Module:
-    """mmtune's GLM-4.5V model on the meta device: shapes only, no memory."""
-    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
-
+def build_meta_model(config) -> torch.nn.Module:
+    """mmtune's model of this config's architecture on the meta device: shapes only, no memory."""
+    model_class = architecture_for_config(config).model_class
     with torch.device("meta"):
-        return Glm4vMoeForConditionalGeneration(config)
+        return model_class(config)
 
 
 @dataclass
@@ -119,7 +121,7 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
 
 
 # ---- activations ---------------------------------------------------------------------------------
-def decoder_layer_bytes_per_token(t: TextConfig, layer_idx: int, act_bytes: int, kv_repeat: int = 1) -> float:
+def decoder_layer_bytes_per_token(t, layer_idx: int, act_bytes: int, kv_repeat: int = 1) -> float:
     """Bytes autograd saves for backward in one decoder layer, per token (no recompute).
 
     Attention: the input norm's input and output, q/k/v projections' outputs and their rotated
@@ -127,12 +129,13 @@ def decoder_layer_bytes_per_token(t: TextConfig, layer_idx: int, act_bytes: int,
     copies of k/v hold `kv_repeat` times the KV heads. MLP: the post-attention norm's input and output;
     dense layers the gate/up output and the activation; MoE layers the fp32 router input and scores,
     and for each of the top-k experts a token copy, gate/up output, activation and down output,
-    plus the shared expert's gate/up output and activation.
+    plus the shared expert's gate/up output and activation. GLM-4.1V's two extra norms per layer
+    (`norms_per_layer` 4) save their inputs: the attention and MLP outputs.
     """
     q = t.num_attention_heads * t.head_dim
     kv = t.num_key_value_heads * t.head_dim
     h = t.hidden_size
-    attn = 2 * h + (q + 2 * kv) + (q + kv) + q + (2 * kv * (kv_repeat - 1))
+    attn = 2 * h + (q + 2 * kv) + (q + kv) + q + (2 * kv * (kv_repeat - 1)) + (getattr(t, "norms_per_layer", 2) - 2) * h
     if t.is_moe_layer(layer_idx):
         k, i_m = t.num_experts_per_tok, t.moe_intermediate_size
         i_s = i_m * t.n_shared_experts
@@ -202,7 +205,7 @@ class AdapterCounts:
         return sum(self.by_module.values())
 
 
-def count_adapters(config: Glm4vMoeConfig, lora, frozen: tuple[str, ...]) -> AdapterCounts:
+def count_adapters(config, lora, frozen: tuple[str, ...]) -> AdapterCounts:
     """Apply LoRA (a train.lora.LoRAConfig) to the meta model with the freeze flags `frozen` and count."""
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.lora import apply_lora
@@ -220,7 +223,7 @@ def count_adapters(config: Glm4vMoeConfig, lora, frozen: tuple[str, ...]) -> Ada
     return AdapterCounts(by_module, max(layers), lora.r, (len(text) - banks) // n_layers + 1, banks // n_layers + 1)
 
 
-def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: int = 4096,
+def estimate(config, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: int = 4096,
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
@@ -251,7 +254,7 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
         raise ValueError(f"--freeze {sorted(unknown)}: modules are {sorted(MODULES)}")
     from mmtune.distributed.parallel_dims import ParallelDims
 
-    ParallelDims(gpus, cp=cp, ep=ep).check_model(num_experts=config.text.n_routed_experts)  # errors name the numbers
+    ParallelDims(gpus, cp=cp, ep=ep).check_model(num_experts=architecture_for_config(config).num_experts(config))
     params = params or count_params(build_meta_model(config))
     c = _DTYPE_BYTES[compute_dtype]
     t, v = config.text, config.vision
@@ -367,7 +370,7 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     return plan
 
 
-def communication(config: Glm4vMoeConfig, params: ParamCounts, *, gpus: int, ep: int, tokens: int,
+def communication(config, params: ParamCounts, *, gpus: int, ep: int, tokens: int,
                   compute_dtype: str = "bf16", recompute: str = "full", reduce_bytes: int = 4,
                   frozen: tuple[str, ...] = ()) -> dict[str, float]:
     """Bytes one GPU sends for the routed experts (see the module docstring): per micro-batch of `tokens`
@@ -520,7 +523,7 @@ class _LiveTensorBytes:
         self.current -= self.live.pop(key, 0)
 
 
-def measure_training_step(config: Glm4vMoeConfig, *, micro_batch_size: int, seq_length: int,
+def measure_training_step(config, *, micro_batch_size: int, seq_length: int,
                           recompute: str = "none", frozen: tuple[str, ...] = (), images_per_sample: int = 1,
                           seed: int = 0) -> dict[str, int]:
     """Measured peak bytes of one fp32 training step on the CPU: forward, cross-entropy over all logits,
@@ -528,10 +531,9 @@ def measure_training_step(config: Glm4vMoeConfig, *, micro_batch_size: int, seq_
     parameter bytes + the peak of everything the step allocates (see `_LiveTensorBytes`). One process,
     no sharding (the FSDP2 layout over one rank holds the same tensors)."""
     from mmtune.distributed.parallelize import apply_activation_checkpointing
-    from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
 
     torch.manual_seed(seed)
-    model = Glm4vMoeForConditionalGeneration(config)
+    model = architecture_for_config(config).model_class(config)
     model.init_weights(seed=seed)
     for name, p in model.named_parameters():
         p.requires_grad_(module_of(name) not in frozen)
@@ -559,13 +561,14 @@ def measure_training_step(config: Glm4vMoeConfig, *, micro_batch_size: int, seq_
     return {"params": params, "peak_step": tracker.peak, "peak": params + tracker.peak}
 
 
-def load_config(model: str) -> tuple[Glm4vMoeConfig, str]:
+def load_config(model: str) -> tuple[object, str]:
+    """(config, name) of a preset or an HF model dir (its architecture from config.json's model_type)."""
     if model in PRESETS:
         return PRESETS[model](), model
     path = Path(model)
     if not path.exists():
         raise FileNotFoundError(f"--model {model}: neither a preset ({', '.join(PRESETS)}) nor an HF model dir")
-    return Glm4vMoeConfig.from_pretrained(path), str(path)
+    return load_hf_config(path)[1], str(path)
 
 
 def frozen_from_model_json(path: str | Path) -> tuple[str, ...]:
@@ -588,7 +591,8 @@ def frozen_from_model_json(path: str | Path) -> tuple[str, ...]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="mmtune plan",
-        description="Per-GPU memory of finetuning a GLM-4.5V-architecture model under FSDP2: sharded fp32 "
+        description="Per-GPU memory of finetuning a GLM-V model (GLM-4.5V / GLM-4.6V MoE, GLM-4.1V / "
+                    "GLM-4.6V-Flash dense) under FSDP2: sharded fp32 "
                     "parameters, gradients and AdamW state, all-gather buffers and activations; says whether "
                     "it fits and what to change.",
     )

@@ -1,10 +1,12 @@
-"""`mmtune make-tiny`: a tiny GLM-4.5V-architecture HF model dir, laid out like zai-org/GLM-4.5V.
+"""`mmtune make-tiny`: a tiny GLM-V HF model dir, laid out like the real one of its architecture:
+`--arch glm4v_moe` (default) like zai-org/GLM-4.5V, `--arch glm4v` like zai-org/GLM-4.1V-9B-Thinking.
 
 What it writes (deterministic for a seed, a few MB):
-- config.json (config.tiny_config(), transformers>=5 style; AutoConfig reads it)
-- safetensors in the hub layout (one tensor per expert per projection), bf16 except the router's
-  weight and score-correction bias (fp32), in 3 shards + model.safetensors.index.json, plus an
-  MTP-style extra layer `model.language_model.layers.{num_hidden_layers}.*` like the real checkpoint
+- config.json (the architecture's tiny_config(), transformers>=5 style; AutoConfig reads it)
+- safetensors in the hub layout (GLM-4.5V: one tensor per expert per projection), bf16 except the
+  router's weight and score-correction bias (fp32), in 3 shards + model.safetensors.index.json; for
+  GLM-4.5V plus an MTP-style extra layer `model.language_model.layers.{num_hidden_layers}.*` like the
+  real checkpoint
 - tokenizer.json, tokenizer_config.json, chat_template.jinja (mmtune.data.tokenizer_tiny)
 - preprocessor_config.json (GLM image processor; 56x56 images stay 56x56 = 4 LLM tokens)
 - generation_config.json (eos ids, pad id)
@@ -21,10 +23,9 @@ from pathlib import Path
 
 import torch
 
+from mmtune.models import ARCHITECTURES, DEFAULT_ARCH, architecture_for_config, get_architecture
 from mmtune.weights.hf_files import INDEX_FILE
 from mmtune.weights.safetensors_io import write_file
-from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig, tiny_config
 
 NUM_SHARDS = 3
 PREPROCESSOR = {
@@ -40,12 +41,13 @@ PREPROCESSOR = {
 }  # fmt: skip
 
 
-def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
-    """Write the tiny model dir to `out_dir` (replaced if it exists) and return its path."""
+def make_tiny(out_dir: str | os.PathLike, seed: int = 0, arch: str = DEFAULT_ARCH) -> Path:
+    """Write the tiny model dir of architecture `arch` (a config.json model_type) to `out_dir` (replaced if
+    it exists) and return its path."""
     from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
 
     out = Path(out_dir)
-    cfg = tiny_config()
+    cfg = get_architecture(arch).tiny_config()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,22 +68,25 @@ def make_tiny(out_dir: str | os.PathLike, seed: int = 0) -> Path:
     return out
 
 
-def hub_state_dict(cfg: Glm4vMoeConfig, seed: int) -> list[tuple[str, torch.Tensor]]:
+def hub_state_dict(cfg, seed: int) -> list[tuple[str, torch.Tensor]]:
     """Hub-layout tensors of a freshly initialised model (our init_weights) plus the MTP layer(s)."""
-    from mmtune.models.glm4v_moe.model import Glm4vMoeForConditionalGeneration
-
-    model = Glm4vMoeForConditionalGeneration(cfg)
+    arch = architecture_for_config(cfg)
+    model = arch.model_class(cfg)
     model.init_weights(seed)
     native = list(model.state_dict().items())
     native += _mtp_layers(cfg, seed)
-    adapter = StateDictAdapter(cfg)
+    adapter = arch.adapter_class(cfg)
     return [(n, _storage_dtype(n, t)) for name, t in native for n, t in adapter.to_hub(name, t)]
 
 
-def _mtp_layers(cfg: Glm4vMoeConfig, seed: int) -> list[tuple[str, torch.Tensor]]:
-    """MTP-style layers after the last decoder layer, as in the real checkpoint: a full MoE decoder layer
-    plus eh_proj, enorm, hnorm, shared_head.norm. The model never runs them; they only travel along."""
+def _mtp_layers(cfg, seed: int) -> list[tuple[str, torch.Tensor]]:
+    """MTP-style layers after the last decoder layer, as in the real GLM-4.5V checkpoint: a full MoE
+    decoder layer plus eh_proj, enorm, hnorm, shared_head.norm. The model never runs them; they only
+    travel along. (The dense GLM-4.1V checkpoint has none.)"""
     t = cfg.text
+    if not getattr(t, "num_nextn_predict_layers", 0):
+        return []
+    from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
     moe_layer = next(i for i in range(t.num_hidden_layers) if t.is_moe_layer(i))
     template = f"model.language_model.layers.{moe_layer}."
     gen = torch.Generator().manual_seed(seed + 1)
@@ -132,13 +137,16 @@ def _write_weights(out: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         prog="mmtune make-tiny",
-        description="Write a tiny GLM-4.5V-architecture HF model dir (hub layout, >=2 safetensors shards + index, "
-        "bf16 weights with fp32 router, an MTP-style extra layer, GLM tokenizer + chat template, image "
-        "processor config). Deterministic for a seed; a few MB.",
+        description="Write a tiny GLM-V HF model dir (hub layout, >=2 safetensors shards + index, bf16 weights "
+        "with fp32 router, GLM tokenizer + chat template, image processor config; GLM-4.5V's with an MTP-style "
+        "extra layer). Deterministic for a seed; a few MB.",
     )
     p.add_argument("--out", required=True, help="output dir (replaced if it exists; written to a temp dir, then renamed)")
     p.add_argument("--seed", type=int, default=0, help="weight init seed (default 0); same seed, same bytes")
+    p.add_argument("--arch", choices=list(ARCHITECTURES), default=DEFAULT_ARCH,
+                   help="architecture (config.json model_type): glm4v_moe = GLM-4.5V / GLM-4.6V (MoE, default), "
+                   "glm4v = GLM-4.1V / GLM-4.6V-Flash (dense)")
     args = p.parse_args(argv)
-    out = make_tiny(args.out, seed=args.seed)
+    out = make_tiny(args.out, seed=args.seed, arch=args.arch)
     print(f"wrote {out}")
     return 0

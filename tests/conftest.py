@@ -33,3 +33,11 @@ def shapes_dir(tmp_path_factory):
     out = tmp_path_factory.mktemp("shapes")
     make_shapes(out, num=64, seed=0)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dense_hf_dir(tmp_path_factory):
+    """`mmtune make-tiny --arch glm4v` output: the dense GLM-4.1V-architecture tiny model, made once."""
+    from mmtune.tiny import make_tiny
+
+    return make_tiny(tmp_path_factory.mktemp("tiny_dense") / "GLM-4.1V-tiny", seed=0, arch="glm4v")

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from mmtune.data.collate import Sample, collate
-from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+from mmtune.models.glm4v_moe import tiny_config
 from mmtune.models.glm4v_moe.rope import get_rope_index
 from mmtune.train.freeze import FreezeSpec
 
@@ -36,14 +36,26 @@ class Case:
     loss_type: str
     compute_mode: str
     freeze: FreezeSpec
+    arch: str = "glm4v_moe"  # config.json model_type (mmtune.models): the dense glm4v has no router aux loss
 
     def settings(self, grad_accum_steps: int):
         from mmtune.train.trainer import LoopSettings
 
-        t = tiny_config().text
+        t = self.architecture.tiny_config().text
+        moe = self.architecture.has_experts
         return LoopSettings(train_iters=STEPS, grad_accum_steps=grad_accum_steps, loss_type=self.loss_type,
-                            compute_mode=self.compute_mode, chunk_size=16, router_aux_loss_coef=0.1,
-                            pad_token_id=t.pad_token_id, num_experts=t.n_routed_experts, top_k=t.num_experts_per_tok)
+                            compute_mode=self.compute_mode, chunk_size=16, router_aux_loss_coef=0.1 if moe else 0.0,
+                            pad_token_id=t.pad_token_id, num_experts=t.n_routed_experts if moe else None,
+                            top_k=t.num_experts_per_tok if moe else None)
+
+    @property
+    def architecture(self):
+        from mmtune.models import get_architecture
+
+        return get_architecture(self.arch)
+
+    def model(self):
+        return self.architecture.model_class(self.architecture.tiny_config())
 
 
 CASES = [
@@ -51,6 +63,8 @@ CASES = [
     Case("per_token_frozen_tower", "per_token_loss", "chunk", FreezeSpec(vision_encoder=True, vision_projector=True, text_decoder=False)),
     # everything trains: the gathered features send their gradients back to the rank that encoded them
     Case("per_sample_trainable_tower", "per_sample_loss", "default", FreezeSpec(vision_encoder=False, vision_projector=False, text_decoder=False)),
+    # the dense GLM-4.1V model (its own attention and four norms per layer), towers trainable
+    Case("dense_per_token", "per_token_loss", "chunk", FreezeSpec(vision_encoder=False, vision_projector=False, text_decoder=False), "glm4v"),
 ]
 
 
@@ -128,7 +142,7 @@ def reference(case: Case) -> dict:
 
     env = init_distributed("cpu")
     assert not env.distributed
-    model = Glm4vMoeForConditionalGeneration(tiny_config())
+    model = case.model()
     model.init_weights(seed=0)
     apply_freeze(model, case.freeze)
     opt, sched = adamw(model, lr=0.05, sgd=True)
@@ -172,7 +186,8 @@ def _worker(job_path: str) -> None:
             t0 = time.perf_counter()
             torch.manual_seed(0)
             opts = FSDPOptions(activation_checkpointing=layout.get("recompute", False))
-            model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), env, opts, case.freeze, seed=0)
+            arch = case.architecture
+            model = build_model(arch.model_class, arch.tiny_config(), env, opts, case.freeze, seed=0)
             opt, sched = adamw(model, lr=0.05, sgd=True)
             # dp rank r takes micro-batch r of each step (dp 2) or both, in order (dp 1)
             mine = [mb for k in range(STEPS) for i, mb in enumerate(micro_batches(k)) if i % dp == env.dp_rank]

@@ -11,6 +11,7 @@ import torch
 from mmtune import generate as G
 from mmtune.data.images import ImageProcessor
 from mmtune.data.shapes import eval_questions
+from mmtune.models import load_config
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def _hf_generate(hf_dir, gen: G.Generation, pixel_values, grid, max_new_tokens):
     mm_types = (ids == hf.config.image_token_id).long()
     out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids), mm_token_type_ids=mm_types,
                       pixel_values=pixel_values, image_grid_thw=grid, max_new_tokens=max_new_tokens,
-                      do_sample=False, eos_token_id=sorted(G.eos_ids(G.Glm4vMoeConfig.from_pretrained(hf_dir))),
+                      do_sample=False, eos_token_id=sorted(G.eos_ids(load_config(hf_dir)[1])),
                       pad_token_id=0)
     return out[0, ids.shape[1]:].tolist()
 

@@ -7,7 +7,11 @@ import importlib.util
 from pathlib import Path
 
 
-def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
+import pytest
+
+
+@pytest.mark.parametrize("arch", ["glm4v_moe", "glm4v"])
+def test_gpu_train_bench_dry_run(arch, monkeypatch, tmp_path):
     path = Path(__file__).resolve().parents[1] / "bench" / "gpu_train.py"
     spec = importlib.util.spec_from_file_location("gpu_train_bench", path)
     bench = importlib.util.module_from_spec(spec)
@@ -16,11 +20,11 @@ def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
         monkeypatch.delenv(k, raising=False)
     monkeypatch.setenv("WORLD_SIZE", "1")  # restored after the test; the bench sets the rest
     monkeypatch.setenv("OUT", str(tmp_path))
-    assert bench.main(["--dry-run"]) == 0
+    assert bench.main(["--dry-run", "--arch", arch]) == 0
     import json
 
     res = json.loads((tmp_path / "gpu_train.json").read_text())
-    assert res["backend"] == "gloo" and res["mmtune_step_s"] > 0 and res["hf_missing_keys"] == 0
+    assert res["backend"] == "gloo" and res["mmtune_step_s"] > 0 and res["hf_missing_keys"] == 0 and res["arch"] == arch
     assert abs(res["mmtune_first_loss"] - res["hf_first_loss"]) < 1e-4 * res["hf_first_loss"]
     # the bf16 loss-memory part ran (chunked == plain up to bf16 rounding; no fp32-out addmm on the CPU)
     assert abs(res["loss_chunk_value"] - res["loss_default_value"]) < 1e-2 * res["loss_default_value"]

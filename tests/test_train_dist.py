@@ -1,8 +1,8 @@
 """2 gloo ranks (one torchrun launch for everything, see test_train_helpers._worker): per_token_loss and its
 gradients identical for a global batch of 4 split 4x1, 1x4 and 2 ranks x 2; 2-rank FSDP2 == 1 rank over 3
-steps with rank 1's batches text-only (with activation checkpointing + prefetch, and again as HSDP);
-expert parallelism (EP=2) == 1 rank and its dispatch on adversarial routings (tests/expert_parallel_worker.py);
-`torchrun -m mmtune train` on 2 ranks with EP=2, then resumed on 1 rank."""
+steps with rank 1's batches text-only (with activation checkpointing + prefetch, and again as HSDP; the
+dense glm4v model too); expert parallelism (EP=2) == 1 rank and its dispatch on adversarial routings
+(tests/expert_parallel_worker.py); `torchrun -m mmtune train` on 2 ranks with EP=2, then resumed on 1 rank."""
 
 from __future__ import annotations
 
@@ -76,6 +76,35 @@ def test_two_ranks_equal_one_rank_with_a_text_only_rank(dist):
         ref = dist["result"][run]
         for a, b in zip(t.losses, ref["losses"]):
             assert _close(a, b, rel=1e-5), (run, t.losses, ref["losses"])
+        for name, value in ref["params"].items():
+            torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
+
+
+def test_dense_glm4v_two_ranks_equal_one_rank(dist):
+    """The dense model (no experts, four norms per layer) under FSDP2 with activation checkpointing, and
+    as HSDP: the 1-rank run's losses and parameters after 3 steps (rank 1's batches text-only)."""
+    from mmtune.models.glm4v import Glm4vForConditionalGeneration, tiny_config
+    from mmtune.train.freeze import apply_freeze
+    from test_train_helpers import ListLoader, adamw
+    from test_train_loop import FREEZE
+
+    steps = [[make_sample(100 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
+    model = Glm4vForConditionalGeneration(tiny_config())
+    model.init_weights(seed=0)
+    apply_freeze(model, FREEZE)
+    opt, sched = adamw(model, sgd=True)
+    from mmtune.distributed import init_distributed
+    from mmtune.train.trainer import LoopSettings, Trainer
+
+    s = LoopSettings(train_iters=3, grad_accum_steps=1, loss_type="per_token_loss")
+    t = Trainer(s, init_distributed("cpu"), model, opt, sched, ListLoader([windows_for(st, 4)[0] for st in steps]))
+    for _ in range(3):
+        t.losses.append(t.train_step([t._next_batch()]).loss)
+    sd = model.state_dict()
+    for run in ("dense_fsdp_recompute", "dense_hsdp"):
+        ref = dist["result"][run]
+        assert all(_close(a, b, rel=1e-5) for a, b in zip(t.losses, ref["losses"])), (run, t.losses, ref["losses"])
+        assert "model.language_model.layers.1.post_self_attn_layernorm.weight" in ref["params"]
         for name, value in ref["params"].items():
             torch.testing.assert_close(sd[name], torch.tensor(value), rtol=1e-4, atol=1e-5, msg=f"{run} {name}")
 

@@ -202,6 +202,21 @@ def _worker(job_path: str) -> None:
     for _ in range(3):
         trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
     result["three_steps_hsdp"] = {"losses": trainer.losses, "params": full_sd(model)}
+
+    # (2c) the dense glm4v model, the same 3 steps: FSDP with activation checkpointing, and HSDP
+    from mmtune.models.glm4v import Glm4vForConditionalGeneration, tiny_config as dense_tiny_config
+
+    for run, run_env, opts in (("dense_fsdp_recompute", env, FSDPOptions(activation_checkpointing=True)),
+                               ("dense_hsdp", hsdp_env, FSDPOptions())):
+        torch.manual_seed(0)
+        model = build_model(Glm4vForConditionalGeneration, dense_tiny_config(), run_env, opts, freeze, seed=0)
+        opt, sched = adamw(model, sgd=True)
+        trainer = Trainer(s, run_env, model, opt, sched, ListLoader(batches))
+        for _ in range(3):
+            trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        result[run] = {"losses": trainer.losses, "params": {
+            k: v.tolist() for k, v in sd.items() if "layers.1." in k or "lm_head" in k or "merger.proj" in k}}
     result["times"] = [t1 - t0, t2 - t1, time.perf_counter() - t2]
     # (3) bf16 mixed precision (as on CUDA): decoder weights gathered in bf16, routers kept fp32
     model = sharded(FSDPOptions(param_dtype=torch.bfloat16, reduce_dtype=torch.float32))

@@ -11,16 +11,18 @@ _CONVERTER = "ExpertMergeDcpConverter"
 def _parser(prog: str, hf_to_dcp_name: str, dcp_to_hf_name: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog=prog,
-        description="Convert GLM-4.5V checkpoints between an HF dir in hub layout (one tensor per expert) and a "
-        "torch.distributed.checkpoint (DCP) with merged experts and native names, streaming.",
+        description="Convert GLM-V checkpoints between an HF dir in hub layout and a torch.distributed.checkpoint "
+        "(DCP) with native names, streaming. The architecture comes from config.json's model_type: GLM-4.5V / "
+        "GLM-4.6V (glm4v_moe) have one tensor per expert on the hub and merged experts in the DCP; the dense "
+        "GLM-4.1V / GLM-4.6V-Flash (glm4v) are copied as they are.",
     )
     sub = p.add_subparsers(dest="cmd", required=True, metavar="{%s,%s}" % (hf_to_dcp_name, dcp_to_hf_name))
-    a = sub.add_parser(hf_to_dcp_name, help="HF dir -> DCP (merges each MoE layer's experts)")
+    a = sub.add_parser(hf_to_dcp_name, help="HF dir -> DCP (merges each MoE layer's experts; dense models: a plain copy)")
     a.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True,
                    help="HF model dir: config.json + safetensors (index json or model.safetensors)")
     a.add_argument("--save-dir", "--save_dir", dest="save_dir", required=True,
                    help="output DCP dir (must not exist or be empty; written under a temporary name, then renamed)")
-    b = sub.add_parser(dcp_to_hf_name, help="DCP -> HF dir (splits experts back to the hub layout)")
+    b = sub.add_parser(dcp_to_hf_name, help="DCP -> HF dir (splits experts back to the hub layout; dense models: a plain copy)")
     b.add_argument("--hf-dir", "--hf_dir", dest="hf_dir", required=True,
                    help="the original HF dir: its config.json defines the model; its tokenizer, processor, chat "
                    "template, generation config (every non-weight file) are copied; its tensors the DCP lacks "

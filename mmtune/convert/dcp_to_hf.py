@@ -24,8 +24,7 @@ from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata, re
 from mmtune.convert.lora_export import lora_info, merged_export
 from mmtune.weights.hf_files import INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir
 from mmtune.weights.safetensors_io import TensorEntry, iter_tensors, write_file
-from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter, is_expert_hub_name
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
+from mmtune.models import load_config
 
 DEFAULT_PIECE_BYTES = 256 * 2**20
 _UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
@@ -69,8 +68,8 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
     lora = lora_info(ckpt)
     if lora is not None:  # adapters only: merged into the base weights of hf_dir
         return merged_export(hf_dir, ckpt, save_dir, lora, dtype=dtype, force=force, progress=progress)
-    config = Glm4vMoeConfig.from_pretrained(hf_dir)
-    adapter = StateDictAdapter(config)
+    arch, config = load_config(hf_dir)
+    adapter = arch.adapter_class(config)
     tensors = model_tensors(read_metadata(ckpt))
     if not tensors:
         raise ValueError(f"{ckpt}: the checkpoint holds no model tensors")
@@ -87,7 +86,7 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
                for n, (k, md) in tensors.items()]
     for shard in hf_shards:  # what the checkpoint lacks and the model does not know: MTP, extras
         for e in shard.entries:
-            if e.name not in tensors and e.name not in adapter.shapes and not _model_expert(e.name, config):
+            if e.name not in tensors and not adapter.knows_hub_name(e.name):
                 sources.append(_Source(hf_path=shard.path, hf_entry=e, nbytes=e.nbytes))
 
     # plan hub tensors -> shards
@@ -135,7 +134,7 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
         raise
 
 
-def _hub_stream(ckpt: Path, sources: list[_Source], adapter: StateDictAdapter, dtypes: dict[str, torch.dtype],
+def _hub_stream(ckpt: Path, sources: list[_Source], adapter, dtypes: dict[str, torch.dtype],
                 piece_bytes: int, bar, n_total: int) -> Iterator[tuple[str, torch.Tensor]]:
     """Hub (name, tensor) in plan order: DCP tensors loaded in batches of <= piece_bytes, split by to_hub."""
     done = 0
@@ -186,12 +185,6 @@ def _hub_stream(ckpt: Path, sources: list[_Source], adapter: StateDictAdapter, d
                 for name, part in adapter.to_hub(b.native, tensor):
                     yield emit(name, part)
                 del tensor
-
-
-def _model_expert(name: str, config: Glm4vMoeConfig) -> bool:
-    if not is_expert_hub_name(name):
-        return False
-    return int(name.split(".layers.")[1].split(".")[0]) < config.text.num_hidden_layers
 
 
 def _numel(size) -> int:

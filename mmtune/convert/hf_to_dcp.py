@@ -1,7 +1,7 @@
 """HF dir (hub layout) -> DCP checkpoint with native names, streaming shard by shard.
 
 Tensors are read one at a time; each MoE layer's experts are merged into their stacked tensor as they
-arrive (StateDictAdapter.from_hub); native tensors are written in pieces of at most `piece_bytes`
+arrive (the architecture's StateDictAdapter.from_hub; a dense model's tensors pass unchanged); native tensors are written in pieces of at most `piece_bytes`
 (dcp_io.PieceWriter, which writes one piece while the next is read). Peak memory: two pieces + the
 stacked expert tensors of the layers in flight.
 """
@@ -16,18 +16,18 @@ from tqdm import tqdm
 from mmtune.convert.dcp_io import PieceWriter
 from mmtune.weights.hf_files import INDEX_FILE, list_shards, publish, staging_dir
 from mmtune.weights.safetensors_io import iter_tensors
-from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
+from mmtune.models import load_config
 
 DEFAULT_PIECE_BYTES = 256 * 2**20
 
 
 def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
               piece_bytes: int = DEFAULT_PIECE_BYTES, progress: bool = True) -> Path:
-    """Convert `hf_dir` to a DCP checkpoint at `save_dir` (native names, experts merged, dtypes kept,
-    MTP/unknown tensors kept). Returns `save_dir`."""
+    """Convert `hf_dir` (any architecture of mmtune.models, by config.json's model_type) to a DCP
+    checkpoint at `save_dir` (native names, experts merged, dtypes kept, MTP/unknown tensors kept).
+    Returns `save_dir`."""
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
-    config = Glm4vMoeConfig.from_pretrained(hf_dir)
+    arch, config = load_config(hf_dir)
     shards = list_shards(hf_dir)  # every header checked before anything is written
     total = sum(s.nbytes for s in shards)
     n_tensors = sum(len(s.entries) for s in shards)
@@ -50,7 +50,7 @@ def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
 
         piece, size = {}, 0
         try:
-            for name, tensor in StateDictAdapter(config).from_hub(hub_items()):
+            for name, tensor in arch.adapter_class(config).from_hub(hub_items()):
                 piece[name] = tensor
                 size += tensor.nbytes
                 if size >= piece_bytes:

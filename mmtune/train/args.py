@@ -71,9 +71,10 @@ _Strict = StrictModel
 
 class VisionEncoderConfig(_Strict):
     """model.json `image_encoder.vision_encoder`. Architecture numbers are informational: the
-    architecture always comes from `init_from_hf_path`'s config.json (the recipe says the same)."""
+    architecture always comes from `init_from_hf_path`'s config.json (the recipe says the same); a
+    `model_id` given here must belong to it (`glm4v_moe` / `glm4v`; checked when training starts)."""
 
-    model_id: str = "glm4v_moe"
+    model_id: str | None = None
     num_layers: int | None = None
     hidden_size: int | None = None
     num_attention_heads: int | None = None
@@ -98,7 +99,7 @@ class TextDecoderConfig(_Strict):
     """model.json `text_decoder`; `freeze` covers the embeddings, decoder layers, final norm and lm head.
     `use_npu_fused_moe` selects the grouped-GEMM MoE path (the recipe's fused NPU kernels)."""
 
-    model_id: str = "glm_4v_moe_text"
+    model_id: str | None = None  # glm_4v_moe_text (GLM-4.5V) or glm4v_text (GLM-4.1V); checked like model_id
     num_layers: int | None = None
     hidden_size: int | None = None
     num_attention_heads: int | None = None
@@ -123,9 +124,10 @@ ATTN_IMPLEMENTATIONS = ("sdpa", "eager", "flash_attention_2", "flash_attention_3
 
 
 class ModelJsonConfig(_Strict):
-    """The recipe's model.json (`--mm-model`), e.g. examples/glm4.5v/model_106B.json (keys: docs/RECIPE.md)."""
+    """The recipe's model.json (`--mm-model`), e.g. examples/glm4.5v/model_106B.json (keys: docs/RECIPE.md).
+    `model_id` (`glm4v_moe` or `glm4v`) must agree with init_from_hf_path's config.json `model_type` when given."""
 
-    model_id: str = "glm4v_moe"
+    model_id: str | None = None
     init_from_hf_path: str | None = None
     image_encoder: ImageEncoderConfig = ImageEncoderConfig()
     text_decoder: TextDecoderConfig = TextDecoderConfig()
@@ -239,8 +241,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog=PROG, allow_abbrev=False, formatter_class=_Formatter,
                 usage=f"{PROG} --mm-data DATA.json --mm-model MODEL.json --train-iters N --lr LR [--config TRAIN.yaml] "
                       "[options]",
-                description="Finetune GLM-4.5V (glm4v_moe) with FSDP2 (one process, or torchrun -m mmtune train). "
-                            "Flags follow MindSpeed-MM's launch script.")
+                description="Finetune a GLM-V model with FSDP2 (one process, or torchrun -m mmtune train): GLM-4.5V / "
+                            "GLM-4.6V (glm4v_moe) or GLM-4.1V / GLM-4.6V-Flash (glm4v), as model.json's "
+                            "init_from_hf_path config.json says. Flags follow MindSpeed-MM's launch script.")
     a = p.add_argument_group("inputs").add_argument
     a("--mm-data", help="data.json (MindSpeed-MM format): datasets, template, image processor, loader")
     a("--mm-model", help="model.json: init_from_hf_path, freeze flags, attention, loss_cfg")

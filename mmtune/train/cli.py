@@ -29,13 +29,25 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def check_model_json(cfg, arch, hf_path) -> None:
+    """model.json must describe the architecture of its init_from_hf_path (ValueError naming both files);
+    features that need routed experts must not be asked of a dense model."""
+    m = cfg.model
+    arch.check_model_ids({"model": m.model_id, "vision_encoder": m.image_encoder.vision_encoder.model_id,
+                          "text_decoder": m.text_decoder.model_id}, str(cfg.mm_model), f"{hf_path}/config.json")
+    if cfg.loss.router_aux_loss_coef > 0:
+        arch.require_experts(f"{cfg.mm_model}: loss_cfg.router_aux_loss_coef {cfg.loss.router_aux_loss_coef}")
+    if cfg.moe_router_bias_update_rate > 0:
+        arch.require_experts(f"--moe-router-bias-update-rate {cfg.moe_router_bias_update_rate}")
+
+
 def run(cfg, *, print_fn=print) -> dict:
     """Train per a resolved TrainConfig; returns the end-of-run summary (rank 0; {} elsewhere)."""
     from mmtune.distributed import FSDPOptions, init_distributed, shutdown_distributed
     from mmtune.distributed.errors import CollectiveError, collective_failure
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.model_build import build_model
-    from mmtune.models.glm4v_moe import Glm4vMoeConfig, Glm4vMoeForConditionalGeneration
+    from mmtune.models import load_config
     from mmtune.train.checkpoint import Checkpointer, LoadSource, TrainState, latest_checkpoint, resolve_load_path
     from mmtune.train.metrics import MetricsLogger, text_flops_per_token
     from mmtune.train.optim import build_optimizer_and_scheduler
@@ -59,8 +71,9 @@ def run(cfg, *, print_fn=print) -> dict:
                              "describes the model; its weights are used unless --load gives others)")
         if not (Path(hf_path) / "config.json").is_file():
             raise FileNotFoundError(f"{cfg.mm_model}: init_from_hf_path {hf_path} has no config.json")
-        mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
-        env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
+        arch, mcfg = load_config(hf_path)  # the architecture comes from config.json's model_type
+        check_model_json(cfg, arch, hf_path)
+        env.dims.check_model(num_experts=arch.num_experts(mcfg), num_heads=mcfg.text.num_attention_heads)
         source = resolve_load_path(cfg.load) if cfg.load else None
         resume = None if cfg.no_auto_resume else latest_checkpoint(cfg.save)
         if resume is not None:  # automatic resume: --save holds a complete checkpoint, continue from it
@@ -117,7 +130,7 @@ def run(cfg, *, print_fn=print) -> dict:
         elif base_hf is not None:  # a resumed LoRA run: its base weights come from the HF dir it started from
             hf_path = base_hf
         model = build_model(
-            Glm4vMoeForConditionalGeneration, mcfg, env, opts, freeze, seed=cfg.seed,
+            arch.model_class, mcfg, env, opts, freeze, seed=cfg.seed,
             hf_path=hf_path if kind == "hf" or (lora is not None and weights_dcp is None) else None,
             weights_dcp=weights_dcp, load_weights=kind != "training" or lora is not None, lora=lora)
         apply_model_options(model, vision_attn=vision_attn, text_attn=text_attn, grouped_mm=cfg.model.grouped_gemm)

@@ -24,11 +24,10 @@ FLAG_REASONS = {
 }
 # names the recipe's files use for what mmtune does (other values are listed)
 SAMPLERS = (None, "BaseRandomBatchSampler", "stateful_distributed_sampler")
+# (model_id, vision_encoder.model_id and text_decoder.model_id are checked against config.json when
+# training starts: train/cli.check_model_json; only the projector's id is informational)
 MODEL_IDS = {
-    "model_id": ("glm4v_moe",),
-    "image_encoder.vision_encoder.model_id": ("glm4v_moe",),
     "image_encoder.vision_projector.model_id": ("lnmlp",),
-    "text_decoder.model_id": ("glm_4v_moe_text",),
 }
 # model.json size -> the config.json value (text_config / vision_config) it must equal
 SIZES = {
@@ -97,9 +96,9 @@ def _data_items(d) -> list[tuple[str, str]]:
         items.append(("data.json dataloader_param.drop_last=false",
                       "mmtune's sampler gives every rank whole batches and drops the remainder of an epoch"))
     c = dl.collate_param
-    if c.model_name not in (None, "glm4v_moe"):
+    if c.model_name not in (None, "glm4v_moe", "glm4v"):
         items.append((f"data.json dataloader_param.collate_param.model_name={c.model_name}",
-                      "the collator follows the model, GLM-4.5V's"))
+                      "the collator follows the model (config.json's model_type)"))
     if not c.ignore_pad_token_for_loss:
         items.append(("data.json dataloader_param.collate_param.ignore_pad_token_for_loss=false",
                       "pad tokens never count in mmtune's loss"))

@@ -48,10 +48,13 @@ def text_flops_per_token(text, seq_len: int) -> float:
     hd = getattr(text, "head_dim", None) or H // nh
     attn = H * nh * hd + 2 * H * nkv * hd + nh * hd * H
     dense_mlp = 3 * H * text.intermediate_size
-    moe_mlp = (H * text.n_routed_experts + 3 * H * text.moe_intermediate_size * text.n_shared_experts
-               + text.num_experts_per_tok * 3 * H * text.moe_intermediate_size)
     L = text.num_hidden_layers
-    n_dense = min(getattr(text, "first_k_dense_replace", 0), L)
+    if getattr(text, "n_routed_experts", 0):
+        moe_mlp = (H * text.n_routed_experts + 3 * H * text.moe_intermediate_size * text.n_shared_experts
+                   + text.num_experts_per_tok * 3 * H * text.moe_intermediate_size)
+        n_dense = min(getattr(text, "first_k_dense_replace", 0), L)
+    else:  # a dense decoder (GLM-4.1V)
+        moe_mlp, n_dense = 0, L
     active = L * attn + n_dense * dense_mlp + (L - n_dense) * moe_mlp + H * text.vocab_size
     causal_attn = 6 * L * seq_len * nh * hd  # per token: QK^T and AV, fwd+bwd, causal (half of 2*2*3)
     return 6 * active + causal_attn

@@ -39,7 +39,37 @@ def native_shapes(config: Glm4vMoeConfig) -> dict[str, tuple[int, ...]]:
     Equal to `Glm4vMoeForConditionalGeneration(config).state_dict()` of transformers>=5 (pinned by a test);
     conversion checks tensors against it so a checkpoint that disagrees with config.json fails by name.
     """
-    t, v = config.text, config.vision
+    t = config.text
+    shapes = vision_shapes(config.vision)
+    H = t.hidden_size
+    shapes["model.language_model.embed_tokens.weight"] = (t.vocab_size, H)
+    for i in range(t.num_hidden_layers):
+        p = f"{_LAYER_PREFIX}{i}."
+        shapes.update(attention_shapes(t, p))
+        if t.is_moe_layer(i):
+            E, I = t.n_routed_experts, t.moe_intermediate_size
+            S = I * t.n_shared_experts
+            shapes[p + "mlp.experts.gate_up_proj"] = (E, 2 * I, H)
+            shapes[p + "mlp.experts.down_proj"] = (E, H, I)
+            shapes[p + "mlp.gate.weight"] = (E, H)
+            shapes[p + "mlp.gate.e_score_correction_bias"] = (E,)
+            shapes[p + "mlp.shared_experts.gate_proj.weight"] = (S, H)
+            shapes[p + "mlp.shared_experts.up_proj.weight"] = (S, H)
+            shapes[p + "mlp.shared_experts.down_proj.weight"] = (H, S)
+        else:
+            shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, H)
+            shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, H)
+            shapes[p + "mlp.down_proj.weight"] = (H, t.intermediate_size)
+        shapes[p + "input_layernorm.weight"] = (H,)
+        shapes[p + "post_attention_layernorm.weight"] = (H,)
+    shapes["model.language_model.norm.weight"] = (H,)
+    if not config.tie_word_embeddings:
+        shapes["lm_head.weight"] = (t.vocab_size, H)
+    return shapes
+
+
+def vision_shapes(v) -> dict[str, tuple[int, ...]]:
+    """`model.visual.*` tensor shapes of a vision config (the whole GLM-V family shares the tower)."""
     shapes: dict[str, tuple[int, ...]] = {}
     vis = "model.visual."
     n_pos = (v.image_size // v.patch_size) ** 2
@@ -70,36 +100,19 @@ def native_shapes(config: Glm4vMoeConfig) -> dict[str, tuple[int, ...]]:
     shapes[vis + "downsample.weight"] = (o, v.hidden_size, m, m)
     shapes[vis + "downsample.bias"] = (o,)
     shapes[vis + "post_layernorm.weight"] = (v.hidden_size,)
+    return shapes
 
+
+def attention_shapes(t, prefix: str) -> dict[str, tuple[int, ...]]:
+    """`{prefix}self_attn.*` shapes of one decoder layer (MoE and dense text configs alike)."""
     H, D = t.hidden_size, t.head_dim
-    shapes["model.language_model.embed_tokens.weight"] = (t.vocab_size, H)
-    for i in range(t.num_hidden_layers):
-        p = f"{_LAYER_PREFIX}{i}."
-        q, kv = t.num_attention_heads * D, t.num_key_value_heads * D
-        for proj, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
-            shapes[p + f"self_attn.{proj}.weight"] = (out, H)
-            if t.attention_bias:
-                shapes[p + f"self_attn.{proj}.bias"] = (out,)
-        shapes[p + "self_attn.o_proj.weight"] = (H, q)
-        if t.is_moe_layer(i):
-            E, I = t.n_routed_experts, t.moe_intermediate_size
-            S = I * t.n_shared_experts
-            shapes[p + "mlp.experts.gate_up_proj"] = (E, 2 * I, H)
-            shapes[p + "mlp.experts.down_proj"] = (E, H, I)
-            shapes[p + "mlp.gate.weight"] = (E, H)
-            shapes[p + "mlp.gate.e_score_correction_bias"] = (E,)
-            shapes[p + "mlp.shared_experts.gate_proj.weight"] = (S, H)
-            shapes[p + "mlp.shared_experts.up_proj.weight"] = (S, H)
-            shapes[p + "mlp.shared_experts.down_proj.weight"] = (H, S)
-        else:
-            shapes[p + "mlp.gate_proj.weight"] = (t.intermediate_size, H)
-            shapes[p + "mlp.up_proj.weight"] = (t.intermediate_size, H)
-            shapes[p + "mlp.down_proj.weight"] = (H, t.intermediate_size)
-        shapes[p + "input_layernorm.weight"] = (H,)
-        shapes[p + "post_attention_layernorm.weight"] = (H,)
-    shapes["model.language_model.norm.weight"] = (H,)
-    if not config.tie_word_embeddings:
-        shapes["lm_head.weight"] = (t.vocab_size, H)
+    q, kv = t.num_attention_heads * D, t.num_key_value_heads * D
+    shapes: dict[str, tuple[int, ...]] = {}
+    for proj, out in (("q_proj", q), ("k_proj", kv), ("v_proj", kv)):
+        shapes[prefix + f"self_attn.{proj}.weight"] = (out, H)
+        if t.attention_bias:
+            shapes[prefix + f"self_attn.{proj}.bias"] = (out,)
+    shapes[prefix + "self_attn.o_proj.weight"] = (H, q)
     return shapes
 
 
@@ -206,6 +219,14 @@ class StateDictAdapter:
         """Split a stacked expert tensor of a model layer into per-expert hub tensors (views, in expert
         order, gate before up); any other tensor is returned as `[(name, tensor)]`."""
         return [(hub, tensor[index]) for hub, index in self.hub_slices(name, tuple(tensor.shape))]
+
+    def knows_hub_name(self, name: str) -> bool:
+        """True for a hub tensor the model holds (its experts in hub layout included); false for the MTP
+        layer and extras, which conversion carries over from the original dir."""
+        if name in self.shapes:
+            return True
+        m = _EXPERT_HUB_RE.match(name)
+        return m is not None and int(m["layer"]) < self.config.text.num_hidden_layers
 
     def hub_names_and_shapes(self, name: str, shape: tuple[int, ...]) -> list[tuple[str, tuple[int, ...]]]:
         """What `to_hub` would return for a tensor of this name and shape, without the data (planning)."""

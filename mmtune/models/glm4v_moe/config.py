@@ -211,6 +211,14 @@ def glm45v_config() -> Glm4vMoeConfig:
     return Glm4vMoeConfig()
 
 
+def glm46v_config() -> Glm4vMoeConfig:
+    """zai-org/GLM-4.6V: GLM-4.5V's architecture and shapes (106B total, 12B active) with a 128K context
+    window (docs/GLM45V.md section 8 lists the sources)."""
+    c = Glm4vMoeConfig()
+    c.text.max_position_embeddings = 131072
+    return c
+
+
 def tiny_config() -> Glm4vMoeConfig:
     """The embedded default: a tiny GLM-4.5V-architecture model (under 1M params) that learns the shapes
     task on a CPU in minutes. 3 decoder layers (1 dense + 2 MoE), 4 experts top-2, 2 vision blocks, and

@@ -1,9 +1,9 @@
-"""`Glm4vMoeForConditionalGeneration.from_pretrained`: an HF model dir -> a native model, shard by shard.
+"""`from_pretrained` of the GLM-V models: an HF model dir -> a native model, shard by shard.
 
 The model is built on the meta device, cast to the target dtype there (the router's weight and
 score-correction bias stay fp32), then materialised once on the target device; each safetensors
-shard is read tensor by tensor, hub-layout experts are merged by `StateDictAdapter.from_hub` (which
-also checks shapes against config.json), and every tensor is copied into its parameter. The whole
+shard is read tensor by tensor, hub-layout experts are merged by the model class's state-dict adapter
+(`from_hub`, which also checks shapes against config.json; the dense model's only checks), and every tensor is copied into its parameter. The whole
 model therefore exists once, plus one layer's experts being stacked. MTP layers
 (`layers.{num_hidden_layers}.*`) and names the model does not know are skipped.
 """
@@ -16,8 +16,6 @@ from pathlib import Path
 import torch
 
 from mmtune.weights.hf_files import list_shards
-from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 
 FP32_SUFFIXES = ("mlp.gate.weight", "mlp.gate.e_score_correction_bias")
 
@@ -30,7 +28,7 @@ def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str |
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: no such model dir (expected an HF dir with config.json and safetensors)")
-    config = Glm4vMoeConfig.from_pretrained(path)
+    config = cls.config_class.from_pretrained(path)
     files = [shard.path for shard in list_shards(path)]  # headers checked, missing shards named
     with torch.device("meta"):
         model = cls(config)
@@ -59,7 +57,7 @@ def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str |
     loaded: set[str] = set()
     try:
         with torch.no_grad():
-            for name, tensor in StateDictAdapter(config).from_hub(hub_items()):
+            for name, tensor in cls.adapter_class(config).from_hub(hub_items()):
                 target = targets.get(name)
                 if target is None:
                     continue  # MTP layer or a tensor the model does not know
@@ -79,7 +77,7 @@ def load_pretrained(cls, path, dtype: torch.dtype = torch.float32, device: str |
     return model.eval()
 
 
-def _wanted(name: str, config: Glm4vMoeConfig) -> bool:
+def _wanted(name: str, config) -> bool:
     """Skip MTP layers (layers.{>= num_hidden_layers}) before reading them."""
     prefix = "model.language_model.layers."
     if name.startswith(prefix):

@@ -5,7 +5,8 @@ its temporal patches as single-step (1, h, w) grids (as transformers does), into
 patch; they replace the `<|image|>` placeholder embeddings in order, images at the placeholders outside
 video spans and videos at those inside (`mm_token_types`); `model.language_model` (text.py) runs the decoder on
 3D (M-RoPE) positions; `lm_head` gives the logits. Parameter names equal transformers>=5's
-`Glm4vMoeForConditionalGeneration` (either loads the other's state dict).
+`Glm4vMoeForConditionalGeneration` (either loads the other's state dict). Everything around the text
+decoder lives in `GlmVForConditionalGeneration`, which the dense GLM-4.1V model (models/glm4v) shares.
 
 Context parallelism (distributed/context_parallel.py) applies from outside at three places: `model.visual`
 (each rank encodes a share of the images; all features come back), `model.language_model`'s input (the
@@ -23,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
 from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
 from mmtune.models.glm4v_moe.rope import get_rope_index, mm_token_types
 from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextModel
@@ -32,27 +34,38 @@ from mmtune.ops.moe import GroupedExperts, TopKRouter
 
 
 @dataclass
-class Glm4vMoeOutput:
+class GlmVOutput:
     logits: torch.Tensor | None  # [B, S, V], None with return_logits=False
     hidden_states: torch.Tensor  # [B, S, H] after the final norm
-    router_logits: tuple[torch.Tensor, ...]  # one fp32 [B*S, E] per MoE layer
+    router_logits: tuple[torch.Tensor, ...]  # one fp32 [B*S, E] per MoE layer (none for a dense model)
     past_key_values: KVCache | None = None
 
 
-class Glm4vMoeModel(nn.Module):
-    """`model`: `visual` and `language_model`."""
+Glm4vMoeOutput = GlmVOutput
 
-    def __init__(self, config: Glm4vMoeConfig):
+
+class GlmVModel(nn.Module):
+    """`model`: `visual` (GLM-4.5V's vision tower, shared by the whole family) and `language_model`."""
+
+    def __init__(self, config, language_model: nn.Module):
         super().__init__()
         self.visual = VisionModel(config.vision)
-        self.language_model = TextModel(config.text)
+        self.language_model = language_model
 
 
-class Glm4vMoeForConditionalGeneration(nn.Module):
-    def __init__(self, config: Glm4vMoeConfig):
+class GlmVForConditionalGeneration(nn.Module):
+    """What the GLM-V family shares around its text decoder: image features merged into the token
+    embeddings, 3D positions, the attention mask, the lm head, init and loading. A subclass passes its
+    text model (`forward(embeds, position_ids_3BS, mask, cache) -> (hidden, router_logits)`) and names
+    its config and state-dict adapter classes (models/__init__.py registers it by model_type)."""
+
+    config_class: type = None
+    adapter_class: type = None
+
+    def __init__(self, config, language_model: nn.Module):
         super().__init__()
         self.config = config
-        self.model = Glm4vMoeModel(config)
+        self.model = GlmVModel(config, language_model)
         self.lm_head = nn.Linear(config.text.hidden_size, config.text.vocab_size, bias=False)
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.language_model.embed_tokens.weight
@@ -72,7 +85,7 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
         use_cache: bool = False,
         pixel_values_videos: torch.Tensor | None = None,
         video_grid_thw: torch.Tensor | None = None,
-    ) -> Glm4vMoeOutput:
+    ) -> GlmVOutput:
         """See docs/INTERNALS.md "Model". `input_ids` [B, S]; `pixel_values` [P, patch_dim] of all images
         in token order with `image_grid_thw` [I, 3]; `pixel_values_videos` / `video_grid_thw` [V, 3] the
         same for videos; `position_ids` [3, B, S] (computed when None); `attention_mask` [B, past + S]
@@ -98,7 +111,7 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
         )
         hidden_BSH, router_logits = self.model.language_model(embeds_BSH, position_ids, mask, cache)
         logits = self.lm_head(hidden_BSH) if return_logits else None
-        return Glm4vMoeOutput(logits, hidden_BSH, router_logits, cache)
+        return GlmVOutput(logits, hidden_BSH, router_logits, cache)
 
     def _embed(self, input_ids, pixel_values, image_grid_thw, pixel_values_videos, video_grid_thw,
                run_vision_without_images) -> torch.Tensor:
@@ -214,10 +227,20 @@ class Glm4vMoeForConditionalGeneration(nn.Module):
     @classmethod
     def from_pretrained(
         cls, path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-    ) -> "Glm4vMoeForConditionalGeneration":
+    ) -> "GlmVForConditionalGeneration":
         from mmtune.models.glm4v_moe.loading import load_pretrained
 
         return load_pretrained(cls, path, dtype=dtype, device=device)
+
+
+class Glm4vMoeForConditionalGeneration(GlmVForConditionalGeneration):
+    """GLM-4.5V / GLM-4.6V: the MoE text decoder (text.py)."""
+
+    config_class = Glm4vMoeConfig
+    adapter_class = StateDictAdapter
+
+    def __init__(self, config: Glm4vMoeConfig):
+        super().__init__(config, TextModel(config.text))
 
 
 def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
@@ -225,7 +248,7 @@ def _normal_(t: torch.Tensor, std: float, gen: torch.Generator) -> None:
     t.copy_(torch.empty(t.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
 
-def _split_grids(grid_thw, counts: list[int], what: str, c: Glm4vMoeConfig) -> list[torch.Tensor | None]:
+def _split_grids(grid_thw, counts: list[int], what: str, c) -> list[torch.Tensor | None]:
     """Split the batch's image (or video) grids, in token order, into each row's by counting the row's
     placeholders (`counts`; video placeholders are those inside video spans)."""
     if grid_thw is None:

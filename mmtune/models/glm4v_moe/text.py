@@ -42,14 +42,20 @@ class SwiGLU(nn.Module):
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
-def mrope_cos_sin(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin `[B, S, R]` of the partial M-RoPE: frequency chunk i (sizes `mrope_section`, contiguous)
-    takes its angle from position row i (T, H, W); NeoX layout (the R/2 angles twice)."""
+def mrope_angles(cfg, position_ids_3BS: torch.Tensor) -> torch.Tensor:
+    """fp32 angles `[B, S, R/2]` of the partial M-RoPE: frequency chunk i (sizes `mrope_section`,
+    contiguous) takes its angle from position row i (T, H, W). `cfg` needs rotary_dim, rope_theta and
+    mrope_section (the MoE and the dense text configs both have them)."""
     R = cfg.rotary_dim
     inv_freq = 1.0 / (cfg.rope_theta ** (torch.arange(0, R, 2, dtype=torch.float32, device=position_ids_3BS.device) / R))
     angles_3BSf = position_ids_3BS[..., None].float() * inv_freq
     chunks = angles_3BSf.split(list(cfg.mrope_section), dim=-1)
-    angles_BSf = torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+    return torch.cat([c[i % 3] for i, c in enumerate(chunks)], dim=-1)
+
+
+def mrope_cos_sin(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin `[B, S, R]` of the partial M-RoPE in NeoX layout (the R/2 angles twice)."""
+    angles_BSf = mrope_angles(cfg, position_ids_3BS)
     angles_BSR = torch.cat([angles_BSf, angles_BSf], dim=-1)
     return angles_BSR.cos().to(dtype), angles_BSR.sin().to(dtype)
 
@@ -104,6 +110,11 @@ class KVCache:
 
 
 class TextAttention(nn.Module):
+    """GQA with q/k/v biases and partial rotary embeddings. `apply_rope` rotates q and k with the `rope`
+    pair the text model computed (NeoX halves here; the dense GLM-4.1V decoder swaps in interleaved pairs)."""
+
+    apply_rope = staticmethod(apply_partial_rope)
+
     def __init__(self, cfg: TextConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
@@ -133,7 +144,7 @@ class TextAttention(nn.Module):
         q_BNSD = self.q_proj(x_BSH).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGSD = self.k_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSD = self.v_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BNSD, k_BGSD = apply_partial_rope(q_BNSD, *rope), apply_partial_rope(k_BGSD, *rope)
+        q_BNSD, k_BGSD = self.apply_rope(q_BNSD, *rope), self.apply_rope(k_BGSD, *rope)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
         o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=self.head_dim**-0.5, backend=self.attn_backend)

@@ -1,0 +1,221 @@
+"""GLM-4.1V / GLM-4.6V-Flash (`glm4v`, dense) configuration: typed, read from an HF config.json.
+
+The vision tower is GLM-4.5V's (`VisionConfig` of models/glm4v_moe); the text decoder is dense and has
+its own, smaller set of keys (no experts, no head_dim: heads are hidden_size / num_attention_heads, as
+transformers' `Glm4vTextAttention` computes them). The defaults are the real GLM-4.1V-9B-Thinking's
+(docs/GLM45V.md section 8).
+
+Reading follows transformers 5.24's `Glm4vConfig` where a key is missing: `partial_rotary_factor`
+defaults to 1.0 and `pad_token_id` to None (the real config.json files carry both), the vision
+`intermediate_size` to 13696. Both config.json styles are read: transformers>=5 `rope_parameters`, the
+legacy `rope_scaling` + `rope_theta` + `partial_rotary_factor`; and the text keys either under
+`text_config` or (a pre-4.57 save) at the top level. Unknown keys go to `extra`, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mmtune.models.glm4v_moe.config import VisionConfig, _dataclass_from_dict
+
+# transformers' Glm4vVisionConfig default, GLM-4.1V's value (GLM-4.5V's vision merger is 10944 wide)
+DENSE_VISION_INTERMEDIATE = 13696
+
+
+@dataclass
+class TextConfig:
+    vocab_size: int = 151552
+    hidden_size: int = 4096
+    intermediate_size: int = 13696
+    num_hidden_layers: int = 40
+    num_attention_heads: int = 32
+    num_key_value_heads: int = 2
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 65536
+    rms_norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    partial_rotary_factor: float = 0.5
+    mrope_section: list[int] = field(default_factory=lambda: [8, 12, 12])
+    initializer_range: float = 0.02
+    tie_word_embeddings: bool = False
+    eos_token_id: int | list[int] | None = field(default_factory=lambda: [151329, 151336, 151338, 151348])
+    pad_token_id: int | None = 151329
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # what the shared attention and the planner read (transformers: q/k/v always carry a bias)
+    attention_bias = True
+    norms_per_layer = 4  # input, post-self-attention, post-attention, post-MLP RMSNorms
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def rotary_dim(self) -> int:
+        return int(self.head_dim * self.partial_rotary_factor)
+
+    def is_moe_layer(self, layer_idx: int) -> bool:  # the same question the MoE config answers
+        return False
+
+
+@dataclass
+class Glm4vConfig:
+    text: TextConfig = field(default_factory=TextConfig)
+    vision: VisionConfig = field(default_factory=lambda: VisionConfig(intermediate_size=DENSE_VISION_INTERMEDIATE))
+    image_token_id: int = 151343
+    video_token_id: int = 151344
+    image_start_token_id: int = 151339
+    image_end_token_id: int = 151340
+    video_start_token_id: int = 151341
+    video_end_token_id: int = 151342
+    tie_word_embeddings: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    model_type = "glm4v"
+
+    # ---- reading -----------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> "Glm4vConfig":
+        """Read `path/config.json` (or `path` itself when it is a file)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json (expected an HF model dir with config.json)")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        return cls.from_dict(data, source=str(file))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Glm4vConfig":
+        data = copy.deepcopy(data)
+        model_type = data.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(
+                f"{source}: model_type is {model_type!r}; mmtune's dense GLM-4.1V model reads model_type 'glm4v'"
+            )
+        data.pop("model_type")
+        data.pop("architectures", None)  # always written by to_dict()
+        own = {f.name for f in dataclasses.fields(cls)} - {"text", "vision", "extra"}
+        if "text_config" in data:
+            text_dict = data.pop("text_config") or {}
+        else:  # legacy: the text keys at the top level, beside the multimodal ones
+            text_dict = {k: data.pop(k) for k in list(data) if k not in own and k != "vision_config"}
+        text = _text_from_dict(text_dict, source)
+        vision_dict = dict(data.pop("vision_config", {}) or {})
+        vision_dict.setdefault("intermediate_size", DENSE_VISION_INTERMEDIATE)
+        vision = _dataclass_from_dict(VisionConfig, vision_dict, source, "vision_config")
+        kwargs = {k: data.pop(k) for k in own if k in data}
+        if not kwargs.get("tie_word_embeddings") and text.tie_word_embeddings:
+            kwargs["tie_word_embeddings"] = True  # a pre-v5 save keeps it inside text_config
+        return cls(text=text, vision=vision, extra=data, **kwargs)
+
+    # ---- writing -----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        """An HF config.json (transformers>=5 style) that `AutoConfig.from_pretrained` reads."""
+        t = self.text
+        text = {k: v for k, v in dataclasses.asdict(t).items() if k not in _ROPE_KEYS | {"extra"}}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "partial_rotary_factor": t.partial_rotary_factor,
+            "mrope_section": list(t.mrope_section),
+        }
+        text["model_type"] = "glm4v_text"
+        text.update(copy.deepcopy(t.extra))
+        vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k != "extra"}
+        vision["model_type"] = "glm4v_vision"
+        vision.update(copy.deepcopy(self.vision.extra))
+        out: dict[str, Any] = {"architectures": ["Glm4vForConditionalGeneration"], "model_type": self.model_type}
+        out.update(copy.deepcopy(self.extra))
+        out.update(text_config=text, vision_config=vision)
+        for f in dataclasses.fields(self):
+            if f.name not in ("text", "vision", "extra"):
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+_ROPE_KEYS = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+
+
+def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
+    d = dict(d)
+    d.pop("model_type", None)
+    rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
+    d.pop("rope_scaling", None)
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            d.setdefault(key, rope[key])
+    if "mrope_section" in rope:
+        d["mrope_section"] = list(rope["mrope_section"])
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "mrope"):
+        raise ValueError(f"{source}: text_config rope type {rope_type!r} is not supported (expected 'default')")
+    d.setdefault("partial_rotary_factor", 1.0)  # transformers' default when the file has none
+    d.setdefault("pad_token_id", None)
+    cfg = _dataclass_from_dict(TextConfig, d, source, "text_config")
+    head_dim = cfg.extra.get("head_dim")
+    if head_dim is not None and head_dim != cfg.head_dim:
+        raise ValueError(
+            f"{source}: text_config head_dim {head_dim} differs from hidden_size / num_attention_heads = "
+            f"{cfg.head_dim}; the dense GLM-4.1V attention (as transformers') always uses the latter"
+        )
+    if cfg.hidden_size % cfg.num_attention_heads or cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise ValueError(
+            f"{source}: text_config hidden_size {cfg.hidden_size} must be a multiple of num_attention_heads "
+            f"{cfg.num_attention_heads}, which must be a multiple of num_key_value_heads {cfg.num_key_value_heads}"
+        )
+    if sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
+        raise ValueError(
+            f"{source}: text_config mrope_section {cfg.mrope_section} sums to {sum(cfg.mrope_section)}, but "
+            f"head_dim * partial_rotary_factor / 2 = {cfg.rotary_dim // 2} (head_dim {cfg.head_dim}, "
+            f"partial_rotary_factor {cfg.partial_rotary_factor})"
+        )
+    return cfg
+
+
+# ---- presets (docs/GLM45V.md section 8) -------------------------------------------------
+def glm41v_config() -> Glm4vConfig:
+    """zai-org/GLM-4.1V-9B-Thinking: 40 dense layers 4096 wide, GQA 32/2, 64K positions."""
+    return Glm4vConfig()
+
+
+def glm46v_flash_config() -> Glm4vConfig:
+    """zai-org/GLM-4.6V-Flash: GLM-4.1V-9B's shapes (the hub's parameter count, 10,292,777,472, is that
+    model's exactly) with a 128K context window."""
+    c = Glm4vConfig()
+    c.text.max_position_embeddings = 131072
+    return c
+
+
+def tiny_config() -> Glm4vConfig:
+    """The dense embedded default: GLM-4.1V architecture at the size of the tiny GLM-4.5V (2 layers 128
+    wide, GQA 4/2; the same 2-block vision tower and the tiny tokenizer's 512-id vocabulary)."""
+    from mmtune.tokens import TINY_SPECIAL_BASE, TINY_VOCAB_SIZE, model_token_ids
+
+    ids = model_token_ids(TINY_SPECIAL_BASE)
+    text = TextConfig(
+        vocab_size=TINY_VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=384,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        mrope_section=[2, 3, 3],
+        max_position_embeddings=4096,
+        eos_token_id=ids.pop("eos_token_id"),
+        pad_token_id=ids.pop("pad_token_id"),
+    )
+    vision = VisionConfig(depth=2, hidden_size=64, num_heads=2, intermediate_size=128, out_hidden_size=128, image_size=56)
+    return Glm4vConfig(text=text, vision=vision, **ids)
