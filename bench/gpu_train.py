@@ -1,35 +1,50 @@
-"""mmtune's training step on one GPU next to transformers' Glm4vMoe on the same batch and weights.
+"""Every mmtune training mode on one GPU, side by side with transformers' Glm4vMoe on the same batches and
+weights: one prepared script for one GPU session (one H100/H200, about 10 minutes, no network; it
+installs nothing).
 
-A reduced-depth, real-width GLM-4.5V (text: 1 dense + N MoE layers of 4096 wide, 128 experts top-8,
-vocab 151552; vision: 1 block), bf16 compute. mmtune runs its real CUDA training path: a 1-rank NCCL
-process group, FSDP2 with MixedPrecisionPolicy(param bf16, reduce fp32) over fp32 master weights, varlen
-flash attention, grouped-GEMM experts, chunked lm-head cross-entropy, fused AdamW. transformers runs its
-model in bf16 (grouped_mm experts, sdpa). Both do text-only batches of BS x SEQ tokens.
+The model: a reduced-depth, real-width GLM-4.5V (text: 1 dense + N MoE layers of 4096 wide, 128 experts
+top-8, vocab 151552; vision: 1 block, frozen, as the recipe), bf16 compute. Each mode builds mmtune's
+model the way `mmtune train` does — a 1-rank NCCL process group, FSDP2 with MixedPrecisionPolicy(param
+bf16, reduce fp32) over fp32 master weights — and times forward+backward (varlen flash attention,
+grouped-GEMM experts, chunked lm-head cross-entropy) and the whole optimizer step (+ clip + fused AdamW).
+transformers runs its model in bf16 (grouped_mm experts, sdpa) on the same batch with the same weights
+(every tensor drawn on the device from its name's seed), once per batch shape.
 
-Printed, side by side in one run (the ratio is what to compare; absolute numbers depend on the card):
-  * fwd+bwd seconds, tokens/s and MFU for both (MFU = 6*N_active*tokens + causal attention FLOPs, over
-    the card's measured bf16 matmul ceiling and over the nominal 989 TFLOP/s of an H100/H200 SXM);
-  * mmtune's full optimizer step (fwd+bwd + clip + fused AdamW) seconds;
-  * peak memory of each, and both losses on the first batch (same weights: they must agree to bf16 noise).
+The modes (`MODES`; adding one is one line there, `--modes` picks some):
+  eager     FSDP2 only: the baseline path
+  compiled  + --use-torch-compile (per-block torch.compile; the compile time is reported apart)
+  ep1       the expert-parallel dispatch path (all-to-all) with EP = 1: one GPU cannot split the
+            experts, so this measures the dispatch machinery's overhead, not EP's gains
+  lora      LoRA adapters on the frozen bf16 base (transformers' column: its full finetune, same batch)
+  long      one row of --long-seq tokens; the context-parallel path with cp = 1 (one GPU cannot split
+            the sequence), i.e. long-sequence attention and the chunked loss at length
+A mode whose feature is not in this checkout is listed as waiting (the JSON and the table say so).
 
-    python bench/gpu_train.py                  # H100/H200, about 2-4 minutes
-    python bench/gpu_train.py --moe-layers 2 --seq 8192
-    python bench/gpu_train.py --dry-run        # CPU, tiny config, fp32, gloo: checks the script runs
-    python bench/gpu_train.py --cpu            # CPU, fp32: the 7.3M-param model of docs/PERFORMANCE.md, 4 x 512
+Printed: one table row per mode (tokens/s of both, the ratio, MFU, step time, peak memory, both first
+losses — same weights, so they agree to bf16 noise) and the paths that ran (grouped GEMM, varlen flash,
+fused AdamW). MFU = (6 * N_active + causal attention) FLOPs per token over the card's measured bf16
+matmul ceiling and over the nominal 989 TFLOP/s of an H100/H200 SXM. Results go to $OUT/gpu_train.json
+(and gpu_train.md) when OUT is set.
 
-Environment knobs are flags; results also go to $OUT/gpu_train.json when OUT is set.
+    python bench/gpu_train.py                       # H100/H200: every mode, about 10 minutes
+    python bench/gpu_train.py --modes eager,compiled --moe-layers 2 --seq 8192
+    python bench/gpu_train.py --dry-run             # CPU, tiny config, fp32, gloo: every path, in seconds
+    python bench/gpu_train.py --cpu                 # CPU, fp32: docs/PERFORMANCE.md's 7.3M-param model, 4 x 512
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import importlib.util
 import json
 import os
 import socket
 import statistics
 import sys
 import time
+import zlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,21 +52,60 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
+@dataclass(frozen=True)
+class Mode:
+    name: str
+    what: str
+    compile: bool = False
+    long: bool = False  # one row of --long-seq tokens instead of --bs x --seq
+    lora_r: int = 0
+    ep: int = 0  # > 0: the expert-parallel dispatch path with this EP size
+    cp: int = 0  # > 0: the context-parallel path with this CP size
+    needs: str | None = None  # a module this mode needs; absent from the checkout: the mode waits
+
+
+MODES = [
+    Mode("eager", "FSDP2 only (1 rank): bf16 params, fp32 reduce, varlen flash, grouped GEMM, chunked CE, fused AdamW"),
+    Mode("compiled", "eager + --use-torch-compile (per-block torch.compile)", compile=True),
+    Mode("ep1", "expert-parallel dispatch path, EP=1 (one GPU cannot split the experts)", ep=1,
+         needs="mmtune.distributed.expert_parallel"),
+    Mode("lora", "LoRA r=16 on the frozen bf16 base (transformers: full finetune)", lora_r=16, needs="mmtune.train.lora"),
+    Mode("long", "one long row (--long-seq); context parallel would split it, cp=1 on one GPU", long=True),
+]
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="bench/gpu_train.py", description=__doc__.split("\n\n")[0])
+    p.add_argument("--modes", default="all", help=f"comma-separated subset of {[m.name for m in MODES]} (default all)")
     p.add_argument("--moe-layers", type=int, default=1, help="MoE decoder layers after the dense one (default 1; "
                    "each adds 2.2B params — with fp32 AdamW state 3 layers do not fit 80 GB)")
     p.add_argument("--seq", type=int, default=4096, help="tokens per row (default 4096)")
     p.add_argument("--bs", type=int, default=1, help="rows per micro-batch (default 1)")
+    p.add_argument("--long-seq", type=int, default=32768, help="tokens of the long mode's one row (default 32768)")
     p.add_argument("--steps", type=int, default=4, help="timed steps per measurement (default 4)")
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
     p.add_argument("--chunk-size", type=int, default=4096, help="chunked-loss tokens per chunk (default 4096)")
+    p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode "
+                   "(default inductor; the CPU test uses aot_eager: same tracing, no code generation)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
-    p.add_argument("--skip-optimizer", action="store_true", help="do not time mmtune's full optimizer step")
-    p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32: a quick check that it runs")
-    p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 wide, "
-                   "4 layers, 16 experts top-4; vision 2 blocks), --bs 4 --seq 512 unless given")
-    return p.parse_args(argv)
+    p.add_argument("--skip-optimizer", action="store_true", help="do not time the full optimizer step")
+    p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32, gloo: checks every path runs")
+    p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 "
+                   "wide, 4 layers, 16 experts top-4; vision 2 blocks), --bs 4 --seq 512 unless given")
+    args = p.parse_args(argv)
+    given = set(argv if argv is not None else sys.argv[1:])
+    if args.dry_run:
+        args.seq, args.long_seq, args.steps, args.warmup = min(args.seq, 64), min(args.long_seq, 256), 1, 1
+    elif args.cpu:
+        args.seq = args.seq if "--seq" in given else 512
+        args.bs = args.bs if "--bs" in given else 4
+        args.long_seq = args.long_seq if "--long-seq" in given else 4096
+    names = [m.name for m in MODES] if args.modes == "all" else [x.strip() for x in args.modes.split(",") if x.strip()]
+    unknown = sorted(set(names) - {m.name for m in MODES})
+    if unknown:
+        p.error(f"--modes: unknown {unknown}; choose from {[m.name for m in MODES]}")
+    args.mode_list = [m for m in MODES if m.name in names]
+    return args
 
 
 def _free_port() -> int:
@@ -65,11 +119,8 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-BEST: dict[str, float] = {}  # fastest step of each measurement (closest to the uncontended cost)
-
-
-def timed(fn, device, warmup: int, iters: int, name: str = "") -> float:
-    """Median seconds per call; the minimum goes to BEST[name]."""
+def timed(fn, device, warmup: int, iters: int) -> tuple[float, float]:
+    """(median, best) seconds per call after `warmup` calls."""
     for _ in range(warmup):
         fn()
     _sync(device)
@@ -79,9 +130,7 @@ def timed(fn, device, warmup: int, iters: int, name: str = "") -> float:
         fn()
         _sync(device)
         times.append(time.perf_counter() - t0)
-    if name:
-        BEST[name] = min(times)
-    return statistics.median(times)
+    return statistics.median(times), min(times)
 
 
 def matmul_peak(device) -> float | None:
@@ -89,7 +138,7 @@ def matmul_peak(device) -> float | None:
         return None
     a = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
     b = torch.randn(8192, 8192, device=device, dtype=torch.bfloat16)
-    t = timed(lambda: a @ b, device, 3, 10)
+    t, _ = timed(lambda: a @ b, device, 3, 10)
     return 2 * 8192**3 / t
 
 
@@ -106,106 +155,122 @@ def build_config(args):
         t.n_routed_experts, t.num_experts_per_tok, t.num_hidden_layers = 16, 4, 4
         t.mrope_section = [4, 6, 6]
         cfg.vision.depth, cfg.vision.out_hidden_size = 2, 256
+    cfg.text.max_position_embeddings = max(cfg.text.max_position_embeddings, args.long_seq)
     return cfg
 
 
-def make_batch(cfg, args, device):
+def make_batch(cfg, bs: int, seq: int, device):
+    """Text-only rows of random tokens, labels shifted, one packed segment per row (the varlen path)."""
     from mmtune.tokens import TINY_SPECIAL_BASE, TINY_VOCAB_SIZE
 
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(seq)
     high = TINY_SPECIAL_BASE if cfg.text.vocab_size == TINY_VOCAB_SIZE else 150000  # no special tokens
-    ids = torch.randint(0, high, (args.bs, args.seq), generator=g)
+    ids = torch.randint(0, high, (bs, seq), generator=g)
     labels = torch.full_like(ids, -100)
     labels[:, :-1] = ids[:, 1:]
-    pos = torch.arange(args.seq).expand(3, args.bs, args.seq).contiguous()
-    cu = torch.arange(0, args.bs * args.seq + 1, args.seq, dtype=torch.int32)
-    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu, "num_samples": args.bs}
+    pos = torch.arange(seq).expand(3, bs, seq).contiguous()
+    cu = torch.arange(0, bs * seq + 1, seq, dtype=torch.int32)
+    batch = {"input_ids": ids, "labels": labels, "position_ids": pos, "cu_seqlens": cu, "num_samples": bs}
     return {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in batch.items()}
 
 
 @torch.no_grad()
-def fast_init(model, std: float, seed: int = 0) -> None:
-    """Random weights drawn on the device (init_weights draws on the CPU: minutes for billions)."""
-    torch.manual_seed(seed)
+def init_by_name(model, std: float, seed: int = 0) -> None:
+    """The same weights in any model with these parameter names, on any sharding of one rank: each tensor
+    drawn on its device from a generator seeded by its name (init_weights draws on the CPU: minutes)."""
     for name, p in model.named_parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
         if p.dim() == 1:
-            p.fill_(1.0 if "norm" in name or "layernorm" in name else 0.0)
-        else:
-            p.normal_(0.0, std)
+            local.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)  # norm scales 1, biases 0
+            continue
+        g = torch.Generator(device=local.device).manual_seed(seed + zlib.crc32(name.encode()))
+        local.normal_(0.0, std, generator=g)
     for name, b in model.named_buffers():
         if "e_score_correction_bias" in name:
             b.zero_()
 
 
-def run_mmtune(cfg, args, device, batch, res):
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+def paths_taken(device, dtype) -> dict:
+    """Which kernels the CUDA path can use here (what the modes exercise)."""
+    from mmtune.ops.attention import _varlen_ok
+    from mmtune.ops.moe import _grouped_mm_ok
 
+    x = torch.zeros(16, 64, device=device, dtype=dtype)
+    w = torch.zeros(2, 64, 64, device=device, dtype=dtype)
+    return {"grouped_mm": _grouped_mm_ok(x, w), "varlen_flash": _varlen_ok(torch.zeros(1, 1, 8, 64, device=device,
+                                                                                         dtype=dtype))}
+
+
+def missing(mode: Mode) -> str | None:
+    if mode.needs and importlib.util.find_spec(mode.needs) is None:
+        return f"waiting: {mode.needs} is not in this checkout"
+    return None
+
+
+def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
+    """Build mmtune's model for `mode` as `mmtune train` does and time it; results into `r`."""
     from mmtune.distributed import FSDPOptions, init_distributed
+    from mmtune.distributed.compile import compile_counters
     from mmtune.distributed.parallelize import materialize, parallelize, unshard_lm_head
     from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
     from mmtune.train.loss import LossContext, lm_loss
-    from mmtune.train.metrics import text_flops_per_token
     from mmtune.train.optim import build_optimizer, build_scheduler
     from mmtune.train.trainer import LoopSettings, Trainer
 
-    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
-        os.environ.setdefault(k, v)
-    os.environ.setdefault("MASTER_PORT", str(_free_port()))
     env = init_distributed(device.type)
-    res["backend"] = torch.distributed.get_backend()
+    r["backend"] = torch.distributed.get_backend()
     with torch.device("meta"):
         model = Glm4vMoeForConditionalGeneration(cfg)
     for p in model.model.visual.parameters():
         p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
     bf16 = device.type == "cuda"
     opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
+    if mode.compile:
+        from mmtune.distributed.compile import apply_compile
+
+        apply_compile(model, backend=args.compile_backend)  # parallelize() does this for --use-torch-compile
     parallelize(model, env.mesh, opts, device)
     materialize(model, device)
-    fast_init(model, cfg.text.initializer_range)
-    res["params"] = sum(p.numel() for p in model.parameters())
-    ctx_window = [(batch["labels"], batch["cu_seqlens"])]
+    init_by_name(model, cfg.text.initializer_range)
+    r["params"] = sum(p.numel() for p in model.parameters())
+    window = [(batch["labels"], batch["cu_seqlens"])]
 
     def fwd_bwd():
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
                     return_logits=False, run_vision_without_images=True)
-        ctx = LossContext.for_window("per_token_loss", ctx_window)
+        ctx = LossContext.for_window("per_token_loss", window)
         lo = lm_loss(out.hidden_states, unshard_lm_head(model), batch["labels"], ctx, cu_seqlens=batch["cu_seqlens"],
                      compute_mode="chunk", chunk_size=args.chunk_size)
         lo.loss_for_backward.backward()
         model.zero_grad(set_to_none=True)
         return lo.loss_value
 
-    res["mmtune_first_loss"] = float(fwd_bwd())
+    t0 = time.perf_counter()
+    r["first_loss"] = float(fwd_bwd())
+    r["first_step_s"] = time.perf_counter() - t0  # with compile: mostly compiling
+    if mode.compile:
+        r["compile"] = compile_counters()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res["mmtune_fwd_bwd_s"] = timed(fwd_bwd, device, args.warmup, args.steps, "mmtune_fwd_bwd")
+    r["fwd_bwd_s"], r["fwd_bwd_best_s"] = timed(fwd_bwd, device, args.warmup, args.steps)
     if device.type == "cuda":
-        res["mmtune_fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    full_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if device.type == "cpu":  # cpu_offload does not copy CPU tensors: keep these weights from the optimizer
-        full_sd = {k: v.clone() for k, v in full_sd.items()}
+        r["fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
     if not args.skip_optimizer:
         opt = build_optimizer(model, lr=1e-6, weight_decay=0.0)
-        res["fused_adamw"] = bool(opt.defaults.get("fused"))
+        r["fused_adamw"] = bool(opt.defaults.get("fused"))
         sched = build_scheduler(opt, lr=1e-6, min_lr=0.0, warmup_iters=0, decay_iters=10**6, decay_style="constant")
         s = LoopSettings(train_iters=10**6, grad_accum_steps=1, loss_type="per_token_loss", compute_mode="chunk",
                          chunk_size=args.chunk_size, clip_grad=1.0)
         trainer = Trainer(s, env, model, opt, sched, [batch])
-        res["mmtune_step_s"] = timed(lambda: trainer.train_step([batch]), device, args.warmup, args.steps,
-                                     "mmtune_step")
+        r["step_s"], r["step_best_s"] = timed(lambda: trainer.train_step([batch]), device, args.warmup, args.steps)
         if device.type == "cuda":
-            res["mmtune_step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+            r["step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         del opt, sched, trainer
-    res["flops_per_token"] = text_flops_per_token(cfg.text, args.seq)
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    torch.distributed.destroy_process_group()
-    return full_sd
+    _free(device)
 
 
-def run_hf(cfg, args, device, batch, full_sd, res):
+def run_hf(cfg, args, device, batch, r: dict) -> None:
     import transformers
 
     hf_cfg = transformers.Glm4vMoeConfig.from_dict(cfg.to_dict())
@@ -213,12 +278,8 @@ def run_hf(cfg, args, device, batch, full_sd, res):
     with torch.device(device):
         model = transformers.Glm4vMoeForConditionalGeneration._from_config(hf_cfg, dtype=dtype,
                                                                             attn_implementation="sdpa")
-    try:
-        model.set_experts_implementation("grouped_mm")  # transformers' fastest on CPU too (docs/PERFORMANCE.md)
-    except Exception as e:  # older transformers: the default implementation
-        res["hf_experts_impl_error"] = repr(e)[:200]
-    missing, unexpected = model.load_state_dict({k: v.to(dtype) for k, v in full_sd.items()}, strict=False)
-    res["hf_missing_keys"] = len(missing)
+    model.set_experts_implementation("grouped_mm")  # transformers' fastest, on the CPU too (docs/PERFORMANCE.md)
+    init_by_name(model, cfg.text.initializer_range)
     for p in model.model.visual.parameters():
         p.requires_grad_(False)
     model.train()
@@ -230,58 +291,107 @@ def run_hf(cfg, args, device, batch, full_sd, res):
         model.zero_grad(set_to_none=True)
         return loss.detach()
 
-    res["hf_first_loss"] = float(fwd_bwd())
+    r["first_loss"] = float(fwd_bwd())
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    res["hf_fwd_bwd_s"] = timed(fwd_bwd, device, args.warmup, args.steps, "hf_fwd_bwd")
+    r["fwd_bwd_s"], r["fwd_bwd_best_s"] = timed(fwd_bwd, device, args.warmup, args.steps)
     if device.type == "cuda":
-        res["hf_fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-    res["transformers"] = transformers.__version__
+        r["fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    r["transformers"] = transformers.__version__
+    del model
+    _free(device)
+
+
+def _free(device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def _guarded(fn, r: dict, device) -> None:
+    """Run one measurement; an error (out of memory, a path that fails) is recorded, the others go on."""
+    try:
+        fn()
+    except Exception as e:  # noqa: BLE001 - one mode failing must not cost the session the other modes
+        r["error"] = f"{type(e).__name__}: {str(e)[:400]}"
+        _free(device)
+
+
+def table(res: dict) -> str:
+    rows = ["| mode | mmtune tokens/s | transformers tokens/s | ratio | MFU (measured peak) | step s | peak GiB | "
+            "first loss mmtune / transformers | note |", "|---|---|---|---|---|---|---|---|---|"]
+    for name, m in res["modes"].items():
+        hf = {} if m.get("waiting") else res["hf"].get(str(m.get("seq_key")), {})
+        f = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
+        note = m.get("waiting") or m.get("error") or (f"compile {m['first_step_s']:.0f} s" if "compile" in m else "")
+        rows.append(f"| {name} | {f(m.get('tokens_per_s'), '.0f')} | {f(hf.get('tokens_per_s'), '.0f')} | "
+                    f"{f(m.get('ratio_vs_hf'), '.2f')} | {f(m.get('mfu_vs_measured'), '.1%')} | {f(m.get('step_s'), '.3f')} | "
+                    f"{f(m.get('step_peak_gib', m.get('fwd_bwd_peak_gib')), '.1f')} | "
+                    f"{f(m.get('first_loss'), '.4f')} / {f(hf.get('first_loss'), '.4f')} | {note} |")
+    return "\n".join(rows)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.dry_run:
-        args.seq, args.steps, args.warmup = min(args.seq, 64), 1, 1
-        device = torch.device("cpu")
-    elif args.cpu:
-        if "--seq" not in (argv or sys.argv):
-            args.seq = 512
-        if "--bs" not in (argv or sys.argv):
-            args.bs = 4
+    if args.dry_run or args.cpu:
         device = torch.device("cpu")
     else:
         if not torch.cuda.is_available():
             print("bench/gpu_train.py needs a CUDA GPU (use --dry-run on a CPU)", file=sys.stderr)
             return 2
         device = torch.device("cuda", 0)
-    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(0) if device.type == "cuda" else "cpu",
-           "moe_layers": args.moe_layers, "seq": args.seq, "bs": args.bs}
+    for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
+        os.environ.setdefault(k, v)
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    from mmtune.train.metrics import text_flops_per_token
+
     cfg = build_config(args)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     peak = matmul_peak(device)
-    res["matmul_tflops"] = peak / 1e12 if peak else None
-    batch = make_batch(cfg, args, device)
-    full_sd = run_mmtune(cfg, args, device, batch, res)
-    if not args.skip_hf:
-        run_hf(cfg, args, device, batch, full_sd, res)
-    tokens = args.bs * args.seq
-    flops = res["flops_per_token"] * tokens
-    for who in ("mmtune", "hf"):
-        t = res.get(f"{who}_fwd_bwd_s")
-        if t:
-            res[f"{who}_tokens_per_s"] = tokens / t
-            if peak:
-                res[f"{who}_mfu_vs_measured"] = flops / t / peak
-                res[f"{who}_mfu_vs_989"] = flops / t / 989e12
-    res.update({f"best_{k}_s": v for k, v in BEST.items()})
-    if res.get("hf_fwd_bwd_s") and res.get("mmtune_fwd_bwd_s"):
-        res["speedup_fwd_bwd_mmtune_over_hf"] = res["hf_fwd_bwd_s"] / res["mmtune_fwd_bwd_s"]
-        res["speedup_best_fwd_bwd_mmtune_over_hf"] = BEST["hf_fwd_bwd"] / BEST["mmtune_fwd_bwd"]
-    for k, v in res.items():
-        print(f"{k:32s} {v:.4g}" if isinstance(v, float) else f"{k:32s} {v}", flush=True)
+    res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+           "moe_layers": args.moe_layers, "bs": args.bs, "seq": args.seq, "long_seq": args.long_seq,
+           "matmul_tflops": peak / 1e12 if peak else None, "paths": paths_taken(device, dtype), "modes": {}, "hf": {}}
+    t_start = time.perf_counter()
+    batches = {}
+    for mode in args.mode_list:
+        bs, seq = (1, args.long_seq) if mode.long else (args.bs, args.seq)
+        key = f"{bs}x{seq}"
+        r = res["modes"][mode.name] = {"what": mode.what, "seq_key": key}
+        wait = missing(mode)
+        if wait:
+            r["waiting"] = wait
+            print(f"{mode.name}: {wait}", flush=True)
+            continue
+        if key not in batches:
+            batches[key] = make_batch(cfg, bs, seq, device)
+            if not args.skip_hf:
+                hf = res["hf"][key] = {}
+                _guarded(lambda: run_hf(cfg, args, device, batches[key], hf), hf, device)
+        print(f"{mode.name}: {mode.what}", flush=True)
+        _guarded(lambda: run_mode(mode, cfg, args, device, batches[key], r), r, device)
+        for who in (r, res["hf"].get(key, {})):
+            t = who.get("fwd_bwd_s")
+            if t and "tokens_per_s" not in who:
+                flops = text_flops_per_token(cfg.text, seq) * bs * seq
+                who["tokens_per_s"] = bs * seq / t
+                if peak:
+                    who["mfu_vs_measured"] = flops / t / peak
+                    who["mfu_vs_989"] = flops / t / 989e12
+        hf_t = res["hf"].get(key, {}).get("fwd_bwd_s")
+        if hf_t and r.get("fwd_bwd_s"):
+            r["ratio_vs_hf"] = hf_t / r["fwd_bwd_s"]
+            r["ratio_best_vs_hf"] = res["hf"][key]["fwd_bwd_best_s"] / r["fwd_bwd_best_s"]
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    res["wall_s"] = time.perf_counter() - t_start
+    text = table(res)
+    print(text)
+    print(json.dumps({k: v for k, v in res.items() if k not in ("modes", "hf")}), flush=True)
     if os.environ.get("OUT"):
-        Path(os.environ["OUT"]).mkdir(parents=True, exist_ok=True)
-        (Path(os.environ["OUT"]) / "gpu_train.json").write_text(json.dumps(res, indent=1))
+        out = Path(os.environ["OUT"])
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gpu_train.json").write_text(json.dumps(res, indent=1))
+        (out / "gpu_train.md").write_text(text + "\n")
     return 0
 
 

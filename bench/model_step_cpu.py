@@ -83,6 +83,10 @@ def main(argv=None) -> int:
                    help="also time ours on packed rows: N samples per row (cu_seqlens); transformers has no CPU equivalent")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with --use-torch-compile's per-block torch.compile (same weights; compile "
+                        "time reported separately)")
+    p.add_argument("--static", action="store_true", help="with --compile: static shapes (default: dynamic, as training)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -129,11 +133,29 @@ def main(argv=None) -> int:
 
         runs[f"ours-packed{args.packed}"] = step_packed
 
+    compiled = {}
+    if args.compile:
+        import copy
+
+        from mmtune.distributed.compile import apply_compile, compile_counters
+
+        ours_c = copy.deepcopy(ours)
+        apply_compile(ours_c, dynamic=not args.static)
+        compiled["model"] = ours_c
+
+        def step_compiled():
+            loss_of(ours_c(ids, pixel_values=pixels, image_grid_thw=grids).logits).backward()
+
+        t0 = time.perf_counter()
+        step_compiled()  # compiles forward and backward of each block kind
+        compiled["compile_s"] = time.perf_counter() - t0
+        ours_c.zero_grad(set_to_none=True)
+        runs["ours-compiled"] = step_compiled
+
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):
         for name, fn in runs.items():
-            ours.zero_grad(set_to_none=True)
-            for m in hf.values():
+            for m in [ours, *hf.values(), *([compiled["model"]] if compiled else [])]:
                 m.zero_grad(set_to_none=True)
             t0 = time.perf_counter()
             fn()
@@ -151,10 +173,16 @@ def main(argv=None) -> int:
     print(f"ratio ours / transformers ({best}): {med[best] / med['ours']:.2f}x tokens/s (median steps), "
           f"{min(low['hf-grouped_mm'], low['hf-eager']) / low['ours']:.2f}x (best steps)")
 
+    if args.compile:
+        print(f"ratio ours-compiled / transformers ({best}): {med[best] / med['ours-compiled']:.2f}x tokens/s (median "
+              f"steps), {min(low['hf-grouped_mm'], low['hf-eager']) / low['ours-compiled']:.2f}x (best steps); "
+              f"compiled / eager ours {med['ours'] / med['ours-compiled']:.2f}x; first compiled step (compiling) "
+              f"{compiled['compile_s']:.1f} s; {compile_counters()}")
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("ours", best):
+        for name in ("ours", best, *(["ours-compiled"] if args.compile else [])):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runs[name]()
             print(f"--- profile: {name}")

@@ -29,10 +29,11 @@ PINNED_FLAGS = [
     "--global-batch-size", "--init-model-with-meta-device", "--load", "--log-interval", "--log-tps", "--lr",
     "--lr-decay-iters", "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--max-nonfinite-steps",
     "--metrics-file", "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--no-load-optim",
-    "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-workers", "--pipeline-model-parallel-size",
+    "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-threads", "--num-workers",
+    "--pipeline-model-parallel-size",
     "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--save", "--save-interval",
     "--seed", "--seq-length", "--tensor-model-parallel-size", "--train-iters", "--use-flash-attn",
-    "--use-torch-fsdp2", "--weight-decay",
+    "--use-torch-compile", "--use-torch-fsdp2", "--weight-decay",
 ]
 
 

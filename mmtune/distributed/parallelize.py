@@ -1,6 +1,7 @@
-"""Apply FSDP2 and activation checkpointing to a GLM-4.5V model from outside.
+"""Apply FSDP2, activation checkpointing and torch.compile to a GLM-4.5V model from outside.
 
-Order (as torchtitan does): activation checkpointing per block, then `fully_shard` per block — each
+Order (as torchtitan does): activation checkpointing per block, torch.compile per block (with
+--use-torch-compile, compile.py), then `fully_shard` per block — each
 vision block, each decoder layer, the token embedding, the lm head — and finally the root, which
 takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
 
@@ -52,6 +53,7 @@ class FSDPOptions:
     activation_checkpointing: bool = False  # --recompute-granularity full: recompute blocks in backward
     recompute_num_layers: int | None = None  # --recompute-method block: only the first N blocks (None: all)
     checkpoint_vision: bool = True  # also recompute vision blocks (only matters when they train)
+    torch_compile: bool = False  # --use-torch-compile: torch.compile each block (distributed/compile.py)
 
     @classmethod
     def from_config(cls, cfg, *, activation_checkpointing: bool = False,
@@ -116,6 +118,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
     """
     if opts.activation_checkpointing:
         apply_activation_checkpointing(model, vision=opts.checkpoint_vision, num_layers=opts.recompute_num_layers)
+    if opts.torch_compile:
+        from mmtune.distributed.compile import apply_compile
+
+        apply_compile(model)
     if mesh is None:
         return model
     head = getattr(model, "lm_head", None)

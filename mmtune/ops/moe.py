@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtune.ops.grouped_mm import _GROUPED_MM, grouped_mm
+
 
 class TopKRouter(nn.Module):
     """`mlp.gate`: weight [E, H] and the persistent fp32 buffer `e_score_correction_bias` [E]."""
@@ -79,7 +81,7 @@ class GroupedExperts(nn.Module):
         T, K = experts_TK.shape
         # sort the T*K (token, slot) rows by expert once; both projections run over the sorted rows
         order_R = experts_TK.view(-1).argsort(stable=True)
-        counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
+        counts_E = expert_counts(experts_TK, self.num_experts)
         x_RH = x_TH.index_select(0, order_R // K)
         h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
         gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
@@ -92,13 +94,20 @@ class GroupedExperts(nn.Module):
         return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
 
 
+def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert [E] (int64). A scatter-add, not `bincount`: its output shape does not depend on
+    the data, so torch.compile traces it without a graph break."""
+    ids_R = experts_TK.reshape(-1)
+    return ids_R.new_zeros(num_experts).scatter_add_(0, ids_R, torch.ones_like(ids_R))
+
+
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
     """`x @ w[e].T` for consecutive row blocks of `x` (block e has counts_E[e] rows). One grouped matmul
     where `torch` has one for this device/dtype/layout; otherwise a loop over experts with rows."""
     x_RIn = x_RIn.to(w_EOutIn.dtype)
     if _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return _GROUPED_MM(x_RIn, w_EOutIn.transpose(1, 2), offs=offs_E)
+        return grouped_mm(x_RIn, w_EOutIn.transpose(1, 2), offs_E)
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
@@ -107,9 +116,6 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
     if not outs:
         return x_RIn.new_zeros(0, w_EOutIn.shape[1])
     return torch.cat(outs)
-
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -123,10 +129,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     elif x.device.type != "cpu":
         return False
     esize = x.element_size()
-    return (
-        (x.shape[1] * esize) % 16 == 0
-        and (w.shape[1] * esize) % 16 == 0
-        and (w.shape[2] * esize) % 16 == 0
-        and x.data_ptr() % 16 == 0
-        and w.data_ptr() % 16 == 0
-    )
+    shapes_ok = (x.shape[1] * esize) % 16 == 0 and (w.shape[1] * esize) % 16 == 0 and (w.shape[2] * esize) % 16 == 0
+    if torch.compiler.is_compiling():  # traced tensors have no address; the compiler allocates aligned buffers
+        return shapes_ok
+    return shapes_ok and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0
