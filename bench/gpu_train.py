@@ -224,11 +224,8 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     for p in model.model.visual.parameters():
         p.requires_grad_(False)  # the recipe's default: vision encoder and projector frozen
     bf16 = device.type == "cuda"
-    opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None)
-    if mode.compile:
-        from mmtune.distributed.compile import apply_compile
-
-        apply_compile(model, backend=args.compile_backend)  # parallelize() does this for --use-torch-compile
+    opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
+                       torch_compile=mode.compile, compile_backend=args.compile_backend)
     parallelize(model, env.mesh, opts, device)
     materialize(model, device)
     init_by_name(model, cfg.text.initializer_range)

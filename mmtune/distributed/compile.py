@@ -50,11 +50,14 @@ def _mark_dynamic(value, depth: int = 0) -> None:
             _mark_dynamic(getattr(value, f.name), depth + 1)
 
 
-def compile_block(block: nn.Module, *, dynamic: bool = True, backend: str = "inductor") -> nn.Module:
+BACKEND = "inductor"  # torch.compile's backend when none is given (tests trace with "aot_eager": no code generation)
+
+
+def compile_block(block: nn.Module, *, dynamic: bool = True, backend: str | None = None) -> nn.Module:
     """Replace `block.forward` by its torch.compile'd version (in place; returns the block)."""
     if getattr(block, "_mmtune_compiled", False):
         return block
-    compiled = torch.compile(block.forward, backend=backend, dynamic=None if dynamic else False)
+    compiled = torch.compile(block.forward, backend=backend or BACKEND, dynamic=None if dynamic else False)
 
     @functools.wraps(block.forward)
     def forward(*args, **kwargs):
@@ -68,7 +71,7 @@ def compile_block(block: nn.Module, *, dynamic: bool = True, backend: str = "ind
     return block
 
 
-def apply_compile(model: nn.Module, *, vision: bool = True, dynamic: bool = True, backend: str = "inductor") -> int:
+def apply_compile(model: nn.Module, *, vision: bool = True, dynamic: bool = True, backend: str | None = None) -> int:
     """Compile every decoder layer (and vision block) of a GLM-4.5V-family model; returns the number of
     blocks compiled. Applied after activation checkpointing and before FSDP2 (parallelize.py)."""
     from mmtune.distributed.parallelize import blocks_of

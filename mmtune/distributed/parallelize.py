@@ -54,6 +54,7 @@ class FSDPOptions:
     recompute_num_layers: int | None = None  # --recompute-method block: only the first N blocks (None: all)
     checkpoint_vision: bool = True  # also recompute vision blocks (only matters when they train)
     torch_compile: bool = False  # --use-torch-compile: torch.compile each block (distributed/compile.py)
+    compile_backend: str | None = None  # torch.compile backend (None: compile.BACKEND, inductor)
 
     @classmethod
     def from_config(cls, cfg, *, activation_checkpointing: bool = False,
@@ -121,7 +122,7 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
     if opts.torch_compile:
         from mmtune.distributed.compile import apply_compile
 
-        apply_compile(model)
+        apply_compile(model, backend=opts.compile_backend)
     if mesh is None:
         return model
     head = getattr(model, "lm_head", None)
