@@ -16,8 +16,9 @@ The modes (`MODES`; adding one is one line there, `--modes` picks some):
   ep1       the expert-parallel dispatch path (all-to-all) with EP = 1: one GPU cannot split the
             experts, so this measures the dispatch machinery's overhead, not EP's gains
   lora      LoRA adapters on the frozen bf16 base (transformers' column: its full finetune, same batch)
-  long      one row of --long-seq tokens; the context-parallel path with cp = 1 (one GPU cannot split
-            the sequence), i.e. long-sequence attention and the chunked loss at length
+  long      one row of --long-seq tokens: long-sequence attention and the chunked loss at length. One GPU
+            cannot split the row: at --context-parallel-size 1 context parallelism is off (its path is the
+            plain one); with torchrun N ranks and --context-parallel-size N every mode splits its rows
 A mode whose feature is not in this checkout is listed as waiting (the JSON and the table say so).
 
 Printed: one table row per mode (tokens/s of both, the ratio, MFU, step time, peak memory, both first
@@ -30,6 +31,10 @@ matmul ceiling and over the nominal 989 TFLOP/s of an H100/H200 SXM. Results go 
     python bench/gpu_train.py --modes eager,compiled --moe-layers 2 --seq 8192
     python bench/gpu_train.py --dry-run             # CPU, tiny config, fp32, gloo: every path, in seconds
     python bench/gpu_train.py --cpu                 # CPU, fp32: docs/PERFORMANCE.md's 7.3M-param model, 4 x 512
+    torchrun --nproc_per_node 4 bench/gpu_train.py --context-parallel-size 4 --modes long --long-seq 131072 --skip-hf
+
+With --context-parallel-size N each rank holds seq/N tokens; tokens/s counts the group's tokens, MFU is per
+GPU, peak memory is rank 0's.
 """
 
 from __future__ import annotations
@@ -60,7 +65,6 @@ class Mode:
     long: bool = False  # one row of --long-seq tokens instead of --bs x --seq
     lora_r: int = 0
     ep: int = 0  # > 0: the expert-parallel dispatch path with this EP size
-    cp: int = 0  # > 0: the context-parallel path with this CP size
     needs: str | None = None  # a module this mode needs; absent from the checkout: the mode waits
 
 
@@ -70,7 +74,7 @@ MODES = [
     Mode("ep1", "expert-parallel dispatch path, EP=1 (one GPU cannot split the experts)", ep=1,
          needs="mmtune.distributed.expert_parallel"),
     Mode("lora", "LoRA r=16 on the frozen bf16 base (transformers: full finetune)", lora_r=16, needs="mmtune.train.lora"),
-    Mode("long", "one long row (--long-seq); context parallel would split it, cp=1 on one GPU", long=True),
+    Mode("long", "one long row (--long-seq); split over the ranks with --context-parallel-size N", long=True),
 ]
 
 
@@ -86,8 +90,11 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="untimed warm-up steps (default 2)")
     p.add_argument("--chunk-size", type=int, default=4096, help="chunked-loss tokens per chunk (default 4096)")
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode "
-                   "(default inductor; the CPU test uses aot_eager: same tracing, no code generation)")
+                   "(default inductor; --dry-run: aot_eager, the same tracing without code generation)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
+    p.add_argument("--context-parallel-size", type=int, default=1,
+                   help="split each row over this many ranks in every mode (Ulysses; launch as many with torchrun; "
+                        "default 1). transformers runs on one device: with N > 1 only the --dry-run runs it (rank 0)")
     p.add_argument("--skip-optimizer", action="store_true", help="do not time the full optimizer step")
     p.add_argument("--dry-run", action="store_true", help="CPU, tiny config, fp32, gloo: checks every path runs")
     p.add_argument("--cpu", action="store_true", help="CPU, fp32, docs/PERFORMANCE.md's 7.3M-param model (text 256 "
@@ -96,6 +103,8 @@ def parse_args(argv=None):
     given = set(argv if argv is not None else sys.argv[1:])
     if args.dry_run:
         args.seq, args.long_seq, args.steps, args.warmup = min(args.seq, 64), min(args.long_seq, 256), 1, 1
+        if "--compile-backend" not in given:
+            args.compile_backend = "aot_eager"  # the CPU check of the compiled path: tracing, not code generation
     elif args.cpu:
         args.seq = args.seq if "--seq" in given else 512
         args.bs = args.bs if "--bs" in given else 4
@@ -211,14 +220,19 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     """Build mmtune's model for `mode` as `mmtune train` does and time it; results into `r`."""
     from mmtune.distributed import FSDPOptions, init_distributed
     from mmtune.distributed.compile import compile_counters
+    from mmtune.distributed.context_parallel import ContextParallel
     from mmtune.distributed.parallelize import materialize, parallelize, unshard_lm_head
     from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
     from mmtune.train.loss import LossContext, lm_loss
     from mmtune.train.optim import build_optimizer, build_scheduler
     from mmtune.train.trainer import LoopSettings, Trainer
 
-    env = init_distributed(device.type)
+    env = init_distributed(device.type, cp=args.context_parallel_size)
     r["backend"] = torch.distributed.get_backend()
+    cp = ContextParallel.from_mesh(env.dims.cp_mesh)  # None at cp 1: nothing to split
+    dp_group = env.dims.dp_mesh.get_group() if env.dims.dp_mesh is not None else None
+    if cp is not None:  # every rank holds the row; the model keeps seq/cp tokens of it
+        batch, _ = cp.pad_batch(batch, None, cfg.text.pad_token_id)
     with torch.device("meta"):
         model = Glm4vMoeForConditionalGeneration(cfg)
     for p in model.model.visual.parameters():
@@ -226,7 +240,7 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     bf16 = device.type == "cuda"
     opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                        torch_compile=mode.compile, compile_backend=args.compile_backend)
-    parallelize(model, env.mesh, opts, device)
+    parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh)
     materialize(model, device)
     init_by_name(model, cfg.text.initializer_range)
     r["params"] = sum(p.numel() for p in model.parameters())
@@ -235,16 +249,18 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     def fwd_bwd():
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], cu_seqlens=batch["cu_seqlens"],
                     return_logits=False, run_vision_without_images=True)
-        ctx = LossContext.for_window("per_token_loss", window)
+        ctx = LossContext.for_window("per_token_loss", window, group=dp_group)
         lo = lm_loss(out.hidden_states, unshard_lm_head(model), batch["labels"], ctx, cu_seqlens=batch["cu_seqlens"],
-                     compute_mode="chunk", chunk_size=args.chunk_size)
+                     compute_mode="chunk", chunk_size=args.chunk_size, cp=cp)
         lo.loss_for_backward.backward()
         model.zero_grad(set_to_none=True)
         return lo.loss_value
 
     t0 = time.perf_counter()
-    r["first_loss"] = float(fwd_bwd())
+    first = fwd_bwd().double()
     r["first_step_s"] = time.perf_counter() - t0  # with compile: mostly compiling
+    torch.distributed.all_reduce(first)  # each cp rank holds its tokens' part of the loss
+    r["first_loss"] = float(first)
     if mode.compile:
         r["compile"] = compile_counters()
     if device.type == "cuda":
@@ -336,10 +352,18 @@ def main(argv=None) -> int:
         if not torch.cuda.is_available():
             print("bench/gpu_train.py needs a CUDA GPU (use --dry-run on a CPU)", file=sys.stderr)
             return 2
-        device = torch.device("cuda", 0)
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    cp = args.context_parallel_size
+    if cp > 1:
+        if int(os.environ.get("WORLD_SIZE", "1")) != cp:
+            print(f"--context-parallel-size {cp}: launch {cp} ranks with torchrun --nproc_per_node {cp}", file=sys.stderr)
+            return 2
+        args.skip_hf = args.skip_hf or not args.dry_run  # transformers' model runs on rank 0 alone: a CPU check
+    rank0 = int(os.environ.get("RANK", "0")) == 0
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    own_group = not torch.distributed.is_initialized()  # a caller's process group is left as it was
     from mmtune.train.metrics import text_flops_per_token
 
     cfg = build_config(args)
@@ -347,6 +371,7 @@ def main(argv=None) -> int:
     peak = matmul_peak(device)
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "moe_layers": args.moe_layers, "bs": args.bs, "seq": args.seq, "long_seq": args.long_seq,
+           "context_parallel_size": cp,
            "matmul_tflops": peak / 1e12 if peak else None, "paths": paths_taken(device, dtype), "modes": {}, "hf": {}}
     t_start = time.perf_counter()
     batches = {}
@@ -361,7 +386,7 @@ def main(argv=None) -> int:
             continue
         if key not in batches:
             batches[key] = make_batch(cfg, bs, seq, device)
-            if not args.skip_hf:
+            if not args.skip_hf and rank0:
                 hf = res["hf"][key] = {}
                 _guarded(lambda: run_hf(cfg, args, device, batches[key], hf), hf, device)
         print(f"{mode.name}: {mode.what}", flush=True)
@@ -370,17 +395,20 @@ def main(argv=None) -> int:
             t = who.get("fwd_bwd_s")
             if t and "tokens_per_s" not in who:
                 flops = text_flops_per_token(cfg.text, seq) * bs * seq
-                who["tokens_per_s"] = bs * seq / t
-                if peak:
-                    who["mfu_vs_measured"] = flops / t / peak
-                    who["mfu_vs_989"] = flops / t / 989e12
+                n_gpus = cp if who is r else 1
+                who["tokens_per_s"] = bs * seq / t  # of the cp group
+                if peak:  # per GPU
+                    who["mfu_vs_measured"] = flops / t / peak / n_gpus
+                    who["mfu_vs_989"] = flops / t / 989e12 / n_gpus
         hf_t = res["hf"].get(key, {}).get("fwd_bwd_s")
         if hf_t and r.get("fwd_bwd_s"):
             r["ratio_vs_hf"] = hf_t / r["fwd_bwd_s"]
             r["ratio_best_vs_hf"] = res["hf"][key]["fwd_bwd_best_s"] / r["fwd_bwd_best_s"]
-    if torch.distributed.is_initialized():
+    if own_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     res["wall_s"] = time.perf_counter() - t_start
+    if not rank0:
+        return 0
     text = table(res)
     print(text)
     print(json.dumps({k: v for k, v in res.items() if k not in ("modes", "hf")}), flush=True)

@@ -21,6 +21,13 @@ The activation terms count the tensors autograd saves for backward, per token an
 compute dtype (see `decoder_layer_bytes_per_token`). Allocator fragmentation, the CUDA context
 (~0.5-1 GiB) and NCCL buffers are not in the estimate: keep ~10% headroom.
 
+Context parallelism (`--context-parallel-size cp`, distributed/context_parallel.py) divides the tokens
+of each sequence: the decoder's activations are those of S/cp tokens per GPU (key/value heads repeated
+when cp exceeds them), the vision tower encodes about 1/cp of the images (whole images: never less than
+one), and at the start of each forward every GPU briefly holds the whole sequence's embeddings and
+image features before keeping its share. Parameters, gradients and optimizer state are sharded over
+all GPUs as before (the cp ranks are FSDP ranks).
+
 Parameter counts come from the model itself, built on the meta device (no memory is allocated).
 """
 
@@ -79,11 +86,12 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
 
 
 # ---- activations ---------------------------------------------------------------------------------
-def decoder_layer_bytes_per_token(t: TextConfig, layer_idx: int, act_bytes: int) -> float:
+def decoder_layer_bytes_per_token(t: TextConfig, layer_idx: int, act_bytes: int, kv_repeat: int = 1) -> float:
     """Bytes autograd saves for backward in one decoder layer, per token (no recompute).
 
     Attention: the input norm's input and output, q/k/v projections' outputs and their rotated
-    copies, the attention output (saved by o_proj). MLP: the post-attention norm's input and output;
+    copies, the attention output (saved by o_proj); with context parallelism the attention's own
+    copies of k/v hold `kv_repeat` times the KV heads. MLP: the post-attention norm's input and output;
     dense layers the gate/up output and the activation; MoE layers the fp32 router input and scores,
     and for each of the top-k experts a token copy, gate/up output, activation and down output,
     plus the shared expert's gate/up output and activation.
@@ -91,7 +99,7 @@ def decoder_layer_bytes_per_token(t: TextConfig, layer_idx: int, act_bytes: int)
     q = t.num_attention_heads * t.head_dim
     kv = t.num_key_value_heads * t.head_dim
     h = t.hidden_size
-    attn = 2 * h + (q + 2 * kv) + (q + kv) + q
+    attn = 2 * h + (q + 2 * kv) + (q + kv) + q + (2 * kv * (kv_repeat - 1))
     if t.is_moe_layer(layer_idx):
         k, i_m = t.num_experts_per_tok, t.moe_intermediate_size
         i_s = i_m * t.n_shared_experts
@@ -123,6 +131,7 @@ class Plan:
     frozen: list[str]
     rows: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     notes: list[str] = field(default_factory=list)
+    context_parallel_size: int = 1
 
     @property
     def total_bytes(self) -> float:
@@ -137,14 +146,21 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
-             config_name: str = "model", params: ParamCounts | None = None) -> Plan:
+             config_name: str = "model", params: ParamCounts | None = None, context_parallel_size: int = 1) -> Plan:
     """Per-GPU memory of one training step under FSDP2 sharding over `gpus` ranks (see module docstring).
 
     `image_patches`: vision patches per micro-batch (default: one image per sample of the recipe's
     image_max_pixels 262144, i.e. 512x512 -> 36x36 patches, or of the config's image_size if smaller). `frozen`: model.json modules with freeze true.
+    `context_parallel_size`: GPUs that split each sequence (Ulysses; S/cp tokens per GPU).
     """
     if gpus < 1 or micro_batch_size < 1 or seq_length < 1:
         raise ValueError("--gpus, --micro-batch-size and --seq-length must be >= 1")
+    cp = context_parallel_size
+    if cp < 1 or gpus % cp:
+        raise ValueError(f"--context-parallel-size {cp} must be >= 1 and divide --gpus {gpus}")
+    if config.text.num_attention_heads % cp:
+        raise ValueError(f"--context-parallel-size {cp} must divide the model's num_attention_heads "
+                         f"{config.text.num_attention_heads}")
     if recompute not in ("full", "none"):
         raise ValueError(f"--recompute {recompute!r}: use 'full' or 'none'")
     if compute_dtype not in _DTYPE_BYTES:
@@ -157,11 +173,16 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     t, v = config.text, config.vision
     n = gpus
     trainable = sum(cnt for m, cnt in params.by_module.items() if m not in frozen)
+    pixels = min(512, v.image_size) if v.image_size < 336 else 512  # tiny models: their own image size
+    side = pixels // v.patch_size // v.spatial_merge_size * v.spatial_merge_size
     if image_patches is None:
-        pixels = min(512, v.image_size) if v.image_size < 336 else 512  # tiny models: their own image size
-        side = pixels // v.patch_size // v.spatial_merge_size * v.spatial_merge_size
         image_patches = micro_batch_size * side * side
-    tokens = micro_batch_size * seq_length
+    # context parallelism: each GPU keeps S/cp tokens (S padded to a multiple of cp) and encodes whole
+    # images, about 1/cp of them (a rank can not hold less than one image of the default size)
+    tokens = micro_batch_size * -(-seq_length // cp)
+    rank_patches = image_patches if cp == 1 else max(-(-image_patches // cp), min(image_patches, side * side))
+    G = t.num_key_value_heads
+    kv_repeat = 1 if G % cp == 0 else (cp // G if cp % G == 0 else t.num_attention_heads // G)
     rows: dict[str, float] = {}
     rows["parameters (fp32 shards)"] = 4.0 * params.total / n
     rows["gradients (fp32 shards)"] = 4.0 * trainable / n
@@ -182,25 +203,28 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     # activations of one micro-batch. Without recompute every layer's saved tensors are alive when the
     # loss runs; with full recompute only each layer's input is kept, and in backward one layer at a time
     # is recomputed -- after the loss's own tensors are gone -- so the peak is the larger of the two.
-    per_layer = [decoder_layer_bytes_per_token(t, i, c) for i in range(t.num_hidden_layers)]
+    per_layer = [decoder_layer_bytes_per_token(t, i, c, kv_repeat) for i in range(t.num_hidden_layers)]
     chunk = tokens if loss_chunk_size <= 0 else min(loss_chunk_size, tokens)
     loss_act = chunk * t.vocab_size * 4.0 * 3  # fp32 logits, softmax, their gradient
     final = tokens * t.hidden_size * (c + 4)  # final norm output (kept for the loss) + its fp32 input
+    # cp: the token embeddings, the image features merged into them and the merged result of the whole
+    # sequence exist on every GPU before the split (at most S image tokens)
+    cp_embed = 3.0 * micro_batch_size * seq_length * t.hidden_size * c if cp > 1 else 0.0
     text_trains = "text_decoder" not in frozen
     if not text_trains:
-        saved, working = final, loss_act
+        saved, working = final, max(loss_act, cp_embed)
     elif recompute == "none":
-        saved, working = tokens * sum(per_layer) + final, loss_act
+        saved, working = tokens * sum(per_layer) + final, max(loss_act, cp_embed)
     else:
         saved = tokens * t.num_hidden_layers * t.hidden_size * c + final
-        working = max(loss_act, tokens * max(per_layer))
+        working = max(loss_act, tokens * max(per_layer), cp_embed)
     rows["activations: decoder (saved for backward)"] = saved
     vision_trains = "vision_encoder" not in frozen
     if vision_trains:
         pb = vision_block_bytes_per_patch(v, c)
-        vision_act = image_patches * (v.depth * pb if recompute == "none" else v.depth * v.hidden_size * c + pb)
+        vision_act = rank_patches * (v.depth * pb if recompute == "none" else v.depth * v.hidden_size * c + pb)
     else:
-        vision_act = image_patches * v.hidden_size * c * 2.0  # the tower's output, before the merger
+        vision_act = rank_patches * v.hidden_size * c * 2.0  # the tower's output, before the merger
     rows["activations: vision"] = vision_act
     rows["activations: loss chunk / recomputed layer"] = working
 
@@ -210,7 +234,7 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     if step_temp > fwd_bwd:
         rows["optimizer step temporaries (foreach AdamW)"] = step_temp - fwd_bwd
     plan = Plan(config_name, gpus, gpu_mem_gib, seq_length, micro_batch_size, recompute, compute_dtype,
-                image_patches, params, sorted(frozen), rows, notes)
+                image_patches, params, sorted(frozen), rows, notes, context_parallel_size=cp)
     plan.notes.extend(_advice(plan))
     return plan
 
@@ -237,6 +261,7 @@ def _advice(plan: Plan) -> list[str]:
         out.append("turn on activation recompute (--recompute-granularity full) to keep one layer's activations")
     if plan.micro_batch_size > 1 or act > 0.3 * total:
         out.append("lower --micro-batch-size / --seq-length (raise --global-batch-size via grad accumulation instead)")
+        out.append("split each sequence over more GPUs (--context-parallel-size; S/cp tokens per GPU)")
     if "vision_encoder" not in plan.frozen:
         out.append("freeze the vision encoder (model.json image_encoder.vision_encoder.freeze true)")
     out.append("CPU offload (fsdp2 yaml offload_to_cpu: True) moves the sharded params, grads and AdamW state "
@@ -252,6 +277,10 @@ def format_plan(plan: Plan) -> str:
         f"recompute {plan.recompute}, compute {plan.compute_dtype}",
         f"parameters: {p.total:,} total (meta-device model)",
     ]
+    if plan.context_parallel_size > 1:
+        cp = plan.context_parallel_size
+        lines.insert(1, f"context parallel {cp} (Ulysses): {-(-plan.seq_length // cp)} tokens of each sequence "
+                        f"per GPU; data parallel {plan.gpus // cp}")
     for m, cnt in p.by_module.items():
         lines.append(f"  {m:<17} {cnt:>16,}  {'frozen' if m in plan.frozen else 'trains'}")
     lines.append(f"  largest decoder layer {p.largest_decoder_layer:,}; lm head {p.lm_head:,}")
@@ -291,10 +320,12 @@ class _LiveTensorBytes:
     def _record(self, out) -> None:
         import weakref
 
+        from torch.utils._python_dispatch import is_traceable_wrapper_subclass
         from torch.utils._pytree import tree_flatten
 
         for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            # a DTensor has no storage of its own: its local tensor is recorded by the op that made it
+            if not isinstance(t, torch.Tensor) or t.device.type == "meta" or is_traceable_wrapper_subclass(t):
                 continue
             storage = t.untyped_storage()
             key, nbytes = storage.data_ptr(), storage.nbytes()
@@ -403,6 +434,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--loss-chunk-size", type=int, default=1024,
                     help="tokens per chunk of the chunked cross-entropy (0: whole logits at once)")
     ap.add_argument("--forward-prefetch", type=int, default=1, help="blocks all-gathered ahead (fsdp2 yaml)")
+    ap.add_argument("--context-parallel-size", type=int, default=1,
+                    help="GPUs that split each sequence (train's --context-parallel-size, Ulysses): each keeps "
+                         "seq-length/N tokens; must divide --gpus and the attention heads (default 1)")
     args = ap.parse_args(argv)
     config, name = load_config(args.model)
     if args.freeze is not None:
@@ -415,6 +449,6 @@ def main(argv: list[str] | None = None) -> int:
                     micro_batch_size=args.micro_batch_size, recompute=args.recompute,
                     compute_dtype=args.compute_dtype, frozen=frozen, image_patches=args.image_patches,
                     loss_chunk_size=args.loss_chunk_size, forward_prefetch=args.forward_prefetch,
-                    config_name=name)
+                    config_name=name, context_parallel_size=args.context_parallel_size)
     print(format_plan(plan))
     return 0

@@ -90,3 +90,26 @@ def test_tiny_estimate_within_25_percent_of_measured_peak(recompute):
                      frozen=(), image_patches=16 * B, loss_chunk_size=0)
     assert measured["peak"] > 20e6  # activations dominate: the check is about them, not the parameters
     assert abs(est.total_bytes / measured["peak"] - 1) < 0.25, (est.rows, measured)
+
+
+def test_context_parallel_divides_the_decoder_activations(capsys):
+    config = glm45v_config()
+    params = P.count_params(P.build_meta_model(config))
+    act = lambda plan: sum(b for k, b in plan.rows.items() if k.startswith("activations"))  # noqa: E731
+    plans = {cp: P.estimate(config, gpus=128, seq_length=65536, params=params, context_parallel_size=cp)
+             for cp in (1, 2, 8, 16)}
+    saved = {cp: p.rows["activations: decoder (saved for backward)"] for cp, p in plans.items()}
+    assert saved[2] == pytest.approx(saved[1] / 2) and saved[8] == pytest.approx(saved[1] / 8)
+    assert act(plans[8]) < act(plans[2]) < act(plans[1]) / 1.9
+    # sharded state does not change; one 512x512 image is never split, so the vision tower's share stays
+    for p in plans.values():
+        assert p.rows["parameters (fp32 shards)"] == plans[1].rows["parameters (fp32 shards)"]
+        assert p.rows["activations: vision"] == plans[1].rows["activations: vision"]
+    # cp 16 > 8 KV heads: each attention keeps its repeated KV heads
+    assert P.decoder_layer_bytes_per_token(config.text, 3, 2, kv_repeat=2) > P.decoder_layer_bytes_per_token(config.text, 3, 2)
+    with pytest.raises(ValueError, match="--context-parallel-size 3 must be >= 1 and divide --gpus 128"):
+        P.estimate(config, gpus=128, context_parallel_size=3, params=params)
+    with pytest.raises(ValueError, match="must divide the model's num_attention_heads 96"):
+        P.estimate(config, gpus=64 * 64, context_parallel_size=64, params=params)
+    assert P.main(["--model", "glm4.5v", "--gpus", "128", "--seq-length", "65536", "--context-parallel-size", "8"]) == 0
+    assert "context parallel 8 (Ulysses): 8192 tokens of each sequence per GPU; data parallel 16" in capsys.readouterr().out

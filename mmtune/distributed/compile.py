@@ -18,7 +18,11 @@ instead of once per length (`torch._dynamo.maybe_mark_dynamic`: a dimension the 
 such as a size-1 batch, is specialised instead). `dynamic=False` compiles for the first shapes seen
 (the fastest kernels for fixed-shape runs; torch recompiles on a new shape).
 
-What keeps the graphs whole (no graph break per layer): the MoE's per-expert row counts come from a
+Under context or expert parallelism the seam they replace (`attention_fn`: Ulysses all-to-alls;
+`dispatch`: the experts' all-to-all) runs eagerly inside the compiled block — one graph break around the
+collectives, whose split sizes depend on the data.
+
+What keeps the graphs whole on one device (no graph break per layer): the MoE's per-expert row counts come from a
 scatter-add (a fixed-size output, not `bincount`), the grouped expert matmul goes through a custom op on
 the CPU (ops/grouped_mm.py), and attention over packed segments is one custom op on the CPU
 (ops/segment_attention.py) or torch's varlen flash op on CUDA. Inductor then fuses the element-wise
@@ -53,10 +57,28 @@ def _mark_dynamic(value, depth: int = 0) -> None:
 BACKEND = "inductor"  # torch.compile's backend when none is given (tests trace with "aot_eager": no code generation)
 
 
+SEAMS = ("attention_fn", "dispatch")  # the model's parallelism seams (context and expert parallelism replace them)
+
+
+def _eager_seams(block: nn.Module) -> int:
+    """A seam that context or expert parallelism replaced (collectives with data-dependent split sizes) runs
+    eagerly inside the compiled block: one clean graph break around it instead of dynamo tracing into the
+    collectives. The model's own single-device functions (mmtune.ops) are traced."""
+    n = 0
+    for module in block.modules():
+        for attr in SEAMS:
+            fn = getattr(module, attr, None)
+            if fn is not None and not getattr(fn, "__module__", "").startswith("mmtune.ops"):
+                setattr(module, attr, torch.compiler.disable(fn, recursive=True))
+                n += 1
+    return n
+
+
 def compile_block(block: nn.Module, *, dynamic: bool = True, backend: str | None = None) -> nn.Module:
     """Replace `block.forward` by its torch.compile'd version (in place; returns the block)."""
     if getattr(block, "_mmtune_compiled", False):
         return block
+    _eager_seams(block)
     compiled = torch.compile(block.forward, backend=backend or BACKEND, dynamic=None if dynamic else False)
 
     @functools.wraps(block.forward)

@@ -153,6 +153,13 @@ class ParallelDims:
         return mesh["cp"] if mesh is not None else None
 
     @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        """The ranks that read different batches, one per cp group (the loss's window counts are summed over
+        them); None when cp is 1: then every rank reads its own batch (the default group)."""
+        mesh = self.meshes.get("data")
+        return mesh["dp"] if mesh is not None else None
+
+    @property
     def ep_mesh(self) -> DeviceMesh | None:
         mesh = self.meshes.get("experts")
         return mesh["ep"] if mesh is not None else None

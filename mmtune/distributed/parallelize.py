@@ -1,6 +1,8 @@
-"""Apply FSDP2, activation checkpointing and torch.compile to a GLM-4.5V model from outside.
+"""Apply context parallelism, FSDP2, activation checkpointing and torch.compile to a GLM-4.5V model from
+outside.
 
-Order (as torchtitan does): activation checkpointing per block, torch.compile per block (with
+Order (as torchtitan does): context parallelism (hooks and the attention function, no parameters;
+context_parallel.py), activation checkpointing per block, torch.compile per block (with
 --use-torch-compile, compile.py), then `fully_shard` per block — each
 vision block, each decoder layer, the token embedding, the lm head — and finally the root, which
 takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
@@ -25,6 +27,8 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+
+from mmtune.distributed.context_parallel import apply_context_parallel
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -110,13 +114,17 @@ def router_modules(model: nn.Module) -> list[nn.Module]:
             if hasattr(m, "e_score_correction_bias") and isinstance(getattr(m, "weight", None), nn.Parameter)]
 
 
-def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device) -> nn.Module:
-    """Activation checkpointing + FSDP2 per block, in place; returns the model.
+def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device, *,
+                cp_mesh: DeviceMesh | None = None) -> nn.Module:
+    """Context parallelism, activation checkpointing, FSDP2 per block, in place; returns the model.
 
     Works on a meta-device model (then `materialize(model, device)` and load weights) or a real one.
     mesh: 1-D ("fsdp",) = FSDP over the shard group; 2-D ("dp_replicate", "fsdp") = HSDP (ParallelDims). None (no process
-    group): only activation checkpointing is applied.
+    group): only activation checkpointing is applied. cp_mesh (ParallelDims.cp_mesh): Ulysses context
+    parallelism over its ranks (distributed/context_parallel.py); it changes no parameter.
     """
+    if cp_mesh is not None:
+        apply_context_parallel(model, cp_mesh)
     if opts.activation_checkpointing:
         apply_activation_checkpointing(model, vision=opts.checkpoint_vision, num_layers=opts.recompute_num_layers)
     if opts.torch_compile:

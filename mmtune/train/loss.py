@@ -32,10 +32,17 @@ ranks (its default reduce-scatter). `loss_for_backward` is contribution * D, so 
 gradient of the global loss. The value to log is `global_loss(sum of loss_value over the window)`,
 an all-reduce SUM across ranks (identical for every split with per_token_loss).
 
+Context parallelism (cp ranks share one micro-batch, each holding S/cp tokens of every row): the weights
+above are computed on the WHOLE micro-batch (every cp rank has its labels) and cut to the rank's tokens,
+so each rank's contribution is its tokens' part of the micro-batch's loss and the cp contributions add up
+to it. FSDP averages over all D * cp ranks, so `loss_for_backward` is contribution * D * cp; the window's
+counts are summed over the dp ranks only (`for_window(group=the dp group)`).
+
 The router aux loss (coef * Switch load-balancing loss over the MoE layers' router logits, as
 transformers' `load_balancing_loss_func`) is computed per micro-batch and added as coef * aux / (G * D)
 for every loss type: summed over the window and the ranks it is coef * (mean aux of the step), i.e.
-added ONCE per optimizer step, whatever G and D.
+added ONCE per optimizer step, whatever G and D. Under context parallelism its per-expert sums run over
+the tokens of the whole cp group (the same aux on every cp rank), and each cp rank adds 1/cp of it.
 
 Chunked mode (`compute_mode: chunk`): `chunked_linear_cross_entropy` never holds the [N x V] logits;
 it computes each chunk's loss and its gradients (w.r.t. hidden and lm-head weight) in forward, one
@@ -56,6 +63,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
+
+from mmtune.distributed.context_parallel import ContextParallel, all_reduce_sum
 
 IGNORE_INDEX = -100
 LOSS_TYPES = ("default", "per_sample_loss", "per_token_loss", "token_loss", "square_loss")
@@ -229,10 +238,12 @@ def linear_cross_entropy(hidden_NH: Tensor, weight_VH: Tensor, labels_N: Tensor,
 
 
 def router_aux_loss(router_logits: Sequence[Tensor], num_experts: int, top_k: int,
-                    token_mask: Tensor | None = None) -> Tensor:
+                    token_mask: Tensor | None = None, group: dist.ProcessGroup | None = None) -> Tensor:
     """Switch-Transformer load-balancing loss over all MoE layers (transformers' load_balancing_loss_func):
     E * sum_e f_e * P_e, with f_e = top-k assignments to expert e per token and P_e = mean softmax
-    probability of e, both over all layers' tokens (token_mask [T] or [B, S]: 1 = count the token)."""
+    probability of e, both over all layers' tokens (token_mask [T] or [B, S]: 1 = count the token).
+    group: a context-parallel group whose ranks hold the other tokens of the sequence: the sums run over
+    all of them (differentiably), so every rank gets the loss of the whole sequence."""
     if not router_logits:
         raise ValueError("router_aux_loss needs the MoE layers' router logits (model output router_logits)")
     device = router_logits[0].device
@@ -247,6 +258,11 @@ def router_aux_loss(router_logits: Sequence[Tensor], num_experts: int, top_k: in
         assigned_E = assigned_E.index_add(0, chosen_TK.reshape(-1), m_T.repeat_interleave(top_k))
         prob_E = prob_E + (probs_TE * m_T[:, None]).sum(0)
         rows = rows + m_T.sum()
+    if group is not None:
+        counts = torch.cat([assigned_E, rows[None]])
+        dist.all_reduce(counts, group=group)  # counts carry no gradient
+        assigned_E, rows = counts[:-1], counts[-1]
+        prob_E = all_reduce_sum(prob_E, group)
     rows = rows.clamp(min=1.0)
     return num_experts * ((assigned_E / rows) * (prob_E / rows)).sum()
 
@@ -265,14 +281,27 @@ class LossOutput:
 def lm_loss(hidden_BSH: Tensor, lm_head_weight_VH: Tensor, labels_BS: Tensor, ctx: LossContext, *,
             cu_seqlens: Tensor | None = None, micro_step: int = 0, compute_mode: str = "default",
             chunk_size: int = 1024, router_logits: Sequence[Tensor] | None = None, router_aux_loss_coef: float = 0.0,
-            num_experts: int | None = None, top_k: int | None = None, token_mask: Tensor | None = None) -> LossOutput:
+            num_experts: int | None = None, top_k: int | None = None, token_mask: Tensor | None = None,
+            cp: ContextParallel | None = None) -> LossOutput:
     """One micro-batch's loss. labels_BS are ALREADY SHIFTED (-100 = no target); micro_step is the index
-    of this micro-batch in the window (square_loss). lm_head_weight_VH must be a plain (unsharded) tensor."""
+    of this micro-batch in the window (square_loss). lm_head_weight_VH must be a plain (unsharded) tensor.
+
+    cp (context parallelism): hidden_BSH and router_logits hold this rank's S/cp tokens of each row, while
+    labels_BS, cu_seqlens and token_mask describe the whole micro-batch. The token weights are computed on
+    the whole micro-batch, so every loss type normalises over the whole sequence, then cut to the rank's
+    tokens; the aux loss sums over the group."""
     if compute_mode not in ("default", "chunk"):
         raise ValueError(f"compute_mode {compute_mode!r} is not 'default' or 'chunk'")
+    w_T = token_weights(labels_BS, ctx, cu_seqlens, micro_step)
+    ranks = ctx.dp_size  # FSDP averages the gradients over them; loss_for_backward undoes it
+    if cp is not None:
+        B, S = labels_BS.shape
+        w_T = cp.local(w_T.view(B, S), 1).reshape(-1)
+        labels_BS = cp.local(labels_BS, 1)
+        token_mask = cp.local(token_mask, 1) if token_mask is not None else None
+        ranks *= cp.size
     if labels_BS.shape != hidden_BSH.shape[:2]:
         raise ValueError(f"labels {tuple(labels_BS.shape)} do not match hidden states {tuple(hidden_BSH.shape)}")
-    w_T = token_weights(labels_BS, ctx, cu_seqlens, micro_step)
     labels_T = labels_BS.reshape(-1)
     keep_N = (labels_T != IGNORE_INDEX).nonzero().squeeze(1)
     hidden_NH = hidden_BSH.reshape(-1, hidden_BSH.shape[-1]).index_select(0, keep_N)
@@ -286,9 +315,11 @@ def lm_loss(hidden_BSH: Tensor, lm_head_weight_VH: Tensor, labels_BS: Tensor, ct
     if router_aux_loss_coef > 0:
         if num_experts is None or top_k is None:
             raise ValueError("router_aux_loss_coef > 0 needs num_experts and top_k")
-        aux_mb = router_aux_loss(router_logits or (), num_experts, top_k, token_mask)
-        aux = router_aux_loss_coef * aux_mb.to(loss.device) / (ctx.grad_accum_steps * ctx.dp_size)
-    return LossOutput(loss_for_backward=(loss + aux) * ctx.dp_size, loss_value=loss.detach(),
+        aux_mb = router_aux_loss(router_logits or (), num_experts, top_k, token_mask,
+                                 group=cp.group if cp is not None else None)
+        # every rank of a cp group holds the same aux_mb (of the whole sequence): each adds 1/cp of it
+        aux = router_aux_loss_coef * aux_mb.to(loss.device) / (ctx.grad_accum_steps * ranks)
+    return LossOutput(loss_for_backward=(loss + aux) * ranks, loss_value=loss.detach(),
                       aux_value=aux.detach(), num_tokens=int(keep_N.numel()))
 
 

@@ -1,5 +1,5 @@
-"""Build the training model: meta device -> freeze -> activation checkpointing + FSDP2 -> to_empty ->
-weights. Every rank ends up holding only its shard.
+"""Build the training model: meta device -> freeze -> context parallelism + activation checkpointing + FSDP2
+(distributed.parallelize) -> to_empty -> weights. Every rank ends up holding only its shard.
 
 Weights come from, in order of preference:
   * a converted weights-only DCP (`--load`, from `mmtune convert hf-to-dcp`): each rank reads its shard;
@@ -63,7 +63,7 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
     with torch.device("meta"):
         model = model_cls(config)
     apply_freeze(model, freeze)
-    parallelize(model, env.mesh, opts, env.device)
+    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh)
     materialize(model, env.device)
     if not load_weights:
         _reset_non_persistent_buffers(model)

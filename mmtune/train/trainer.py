@@ -10,6 +10,11 @@ scheduler step.
 
 Every rank runs the vision tower on every micro-batch (`run_vision_without_images=True`), on a dummy
 image when its batch has none, so FSDP's all-gathers of the vision blocks always match across ranks.
+
+Context parallelism (--context-parallel-size > 1): the ranks of a cp group read the same micro-batches;
+each is padded to a multiple of cp tokens per row, the model keeps S/cp of them per rank
+(distributed/context_parallel.py) and the loss cuts its weights the same way (train/loss.py). Tokens and
+samples are counted once per cp group.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmtune.distributed.context_parallel import ContextParallel
 from mmtune.distributed.env import DistEnv
 from mmtune.distributed.parallelize import set_gradient_sync, unshard_lm_head
 from mmtune.train.checkpoint import Checkpointer, TrainState
@@ -103,6 +109,9 @@ class Trainer:
         self.profiler = profiler
         self.print = print_fn if env.is_main else (lambda *a, **k: None)
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.cp = ContextParallel.from_mesh(env.dims.cp_mesh)  # None unless --context-parallel-size > 1
+        dp_mesh = env.dims.dp_mesh
+        self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None  # None: every rank
         self._it = None
         self.epoch = 0
         self.nonfinite_in_a_row = 0
@@ -136,32 +145,36 @@ class Trainer:
         """One optimizer step over a prefetched window of micro-batches (already on the device)."""
         s, model = self.s, self.model
         model.train()
-        ctx = LossContext.for_window(s.loss_type, [(b["labels"], b.get("cu_seqlens")) for b in window])
+        ctx = LossContext.for_window(s.loss_type, [(b["labels"], b.get("cu_seqlens")) for b in window],
+                                     group=self.dp_group)
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         tokens = samples = 0
         for i, batch in enumerate(window):
             set_gradient_sync(model, i == len(window) - 1)
+            token_mask = None
+            if s.pad_token_id is not None:
+                token_mask = batch["input_ids"] != s.pad_token_id
+            if self.cp is not None:
+                batch, token_mask = self.cp.pad_batch(batch, token_mask, s.pad_token_id)
             out = model(
                 input_ids=batch["input_ids"], pixel_values=batch.get("pixel_values"),
                 image_grid_thw=batch.get("image_grid_thw"), position_ids=batch.get("position_ids"),
                 cu_seqlens=batch.get("cu_seqlens"), return_logits=False, run_vision_without_images=True,
                 pixel_values_videos=batch.get("pixel_values_videos"), video_grid_thw=batch.get("video_grid_thw"),
             )
-            token_mask = None
-            if s.pad_token_id is not None:
-                token_mask = batch["input_ids"] != s.pad_token_id
             lo = lm_loss(
                 out.hidden_states, unshard_lm_head(model), batch["labels"], ctx, cu_seqlens=batch.get("cu_seqlens"),
                 micro_step=i, compute_mode=s.compute_mode, chunk_size=s.chunk_size,
                 router_logits=out.router_logits, router_aux_loss_coef=s.router_aux_loss_coef,
-                num_experts=s.num_experts, top_k=s.top_k, token_mask=token_mask,
+                num_experts=s.num_experts, top_k=s.top_k, token_mask=token_mask, cp=self.cp,
             )
             lo.loss_for_backward.backward()
             loss_sum += lo.loss_value.double()
             aux_sum += lo.aux_value.double()
-            tokens += int(token_mask.sum()) if token_mask is not None else batch["input_ids"].numel()
-            samples += int(batch.get("num_samples", batch["input_ids"].shape[0]))
+            if self.cp is None or self.cp.rank == 0:  # a cp group shares one micro-batch: count it once
+                tokens += int(token_mask.sum()) if token_mask is not None else batch["input_ids"].numel()
+                samples += int(batch.get("num_samples", batch["input_ids"].shape[0]))
         totals = torch.stack([loss_sum, aux_sum, torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device),
                               torch.tensor(float(samples), dtype=torch.float64, device=loss_sum.device)])
         if self.env.distributed:

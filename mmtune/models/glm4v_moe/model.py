@@ -7,6 +7,11 @@ video spans and videos at those inside (`mm_token_types`); `model.language_model
 3D (M-RoPE) positions; `lm_head` gives the logits. Parameter names equal transformers>=5's
 `Glm4vMoeForConditionalGeneration` (either loads the other's state dict).
 
+Context parallelism (distributed/context_parallel.py) applies from outside at three places: `model.visual`
+(each rank encodes a share of the images; all features come back), `model.language_model`'s input (the
+embeddings and positions below are computed on the whole sequence, then cut to the rank's tokens; the mask
+stays global) and each `TextAttention.attention_fn`. The outputs then hold the rank's tokens only.
+
 Legend: B batch, S tokens per row, H hidden, V vocab, P image patches, I images, E experts.
 """
 

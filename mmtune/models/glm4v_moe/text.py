@@ -117,6 +117,9 @@ class TextAttention(nn.Module):
         self.k_proj = nn.Linear(H, self.num_kv_heads * D, bias=cfg.attention_bias)
         self.v_proj = nn.Linear(H, self.num_kv_heads * D, bias=cfg.attention_bias)
         self.o_proj = nn.Linear(self.num_heads * D, H, bias=False)
+        # (q, k, v, mask, scale) -> output; context parallelism replaces it with Ulysses all-to-alls around
+        # this function (distributed/context_parallel.py)
+        self.attention_fn = attention
 
     def forward(
         self,
@@ -132,7 +135,7 @@ class TextAttention(nn.Module):
         q_BNSD, k_BGSD = apply_partial_rope(q_BNSD, *rope), apply_partial_rope(k_BGSD, *rope)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
-        o_BNSD = attention(q_BNSD, k_BGSD, v_BGSD, mask, scale=self.head_dim**-0.5)
+        o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=self.head_dim**-0.5)
         return self.o_proj(o_BNSD.transpose(1, 2).reshape(B, S, self.num_heads * self.head_dim))
 
 
