@@ -49,7 +49,7 @@ import statistics
 import sys
 import time
 import zlib
-from dataclasses import dataclass
+from typing import NamedTuple
 from pathlib import Path
 
 import torch
@@ -57,8 +57,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-@dataclass(frozen=True)
-class Mode:
+class Mode(NamedTuple):
     name: str
     what: str
     compile: bool = False

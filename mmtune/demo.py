@@ -49,6 +49,7 @@ class DemoSettings:
     seed: int = 0
     threads: int = 1
     overwrite: bool = False
+    compile: bool = False  # mmtune train --use-torch-compile
 
 
 class _Stages:
@@ -106,6 +107,8 @@ def train_command(s: DemoSettings, data_json: Path, model_json: Path, load: Path
         "--seed", str(s.seed), "--log-interval", str(max(1, s.steps // 30)), "--save-interval", str(s.steps),
         "--seq-length", "256", "--num-workers", "1", "--no-save-optim", "--no-save-rng", "--log-tps",
     ]
+    if s.compile:
+        flags.append("--use-torch-compile")
     if s.nproc == 1:
         return [sys.executable, "-m", "mmtune", "train", *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
@@ -230,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0, help="seed of the model, the data and training (default 0)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch threads per process (default 1: fastest for this tiny model)")
+    ap.add_argument("--compile", action="store_true",
+                    help="train with --use-torch-compile (the first step compiles: minutes on a small CPU; the "
+                         "compiled kernels are cached under /tmp/torchinductor_$USER for the next run)")
     args = ap.parse_args(argv)
     for name in ("steps", "nproc", "num_samples", "num_eval", "batch_size", "threads"):
         if getattr(args, name) < 1:
@@ -237,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
     s = DemoSettings(Path(args.workdir), steps=args.steps, nproc=args.nproc, num_samples=args.num_samples,
                      num_eval=args.num_eval, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
                      warmup_fraction=args.warmup_fraction,
-                     threads=args.threads, overwrite=args.overwrite)
+                     threads=args.threads, overwrite=args.overwrite, compile=args.compile)
     r = run_demo(s)
     print(f"\nsummary: the exported model ({r['export']}) answers {r['accuracy']:.1%} of {s.num_eval} held-out "
           f"questions correctly (chance {r['chance']:.1%}) after {r['steps']} steps; training took "

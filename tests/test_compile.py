@@ -128,3 +128,29 @@ def test_compiled_moe_layer_equals_eager_with_inductor(eager_model):
     assert grads_c.keys() == grads_e.keys() and len(grads_e) == 15  # q,k,v (+biases), o, router, experts x2, shared x3, norms x2
     for name in grads_e:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_mmtune_train_with_compile(tmp_path, tiny_hf_dir, shapes_dir, monkeypatch, capsys):
+    """`mmtune train --use-torch-compile`: trains (loss falls), metrics.jsonl marks the step that compiled
+    and carries data_wait_s on every row, the end line reports the compile time apart from the means, and
+    the thread/worker choice is printed. (aot_eager: the graphs of the test above are reused.)"""
+    import json
+
+    import mmtune.distributed.compile as compile_mod
+    from mmtune.train.cli import main
+    from test_train_helpers import make_workdir, train_argv
+
+    monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
+    work = make_workdir(tmp_path, tiny_hf_dir, shapes_dir)
+    start, threads = compile_counters(), torch.get_num_threads()
+    try:
+        assert main(train_argv(work, tmp_path / "save", 3, "--use-torch-compile", "--num-threads", "1")) == 0
+    finally:
+        torch.set_num_threads(threads)  # the run set this process's threads
+    out = capsys.readouterr().out
+    rows = [json.loads(line) for line in (tmp_path / "save" / "metrics.jsonl").read_text().splitlines()]
+    assert [r.get("compiling", False) for r in rows] == [True, False, False]
+    assert all(0 <= r["data_wait_s"] < r["step_time_s"] for r in rows)
+    assert rows[-1]["loss"] < rows[0]["loss"]
+    assert "1 intra-op thread, 0 loader workers per rank" in out and "compiling:" in out and "data wait" in out
+    assert _delta(compile_counters(), start)["graph_breaks"] == 0

@@ -107,15 +107,13 @@ def _backward(ctx, grad_out, _grad_lse):
 _segment_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-@torch.compiler.assume_constant_result
-def _flash_enabled() -> bool:
-    return torch.backends.cuda.flash_sdp_enabled()  # the switch of CPU and CUDA flash alike
-
-
 def segment_attention_ok(q: torch.Tensor) -> bool:
-    """The op runs on the CPU in fp32/bf16/fp16 when torch's flash kernel is enabled (a `sdpa_kernel(MATH)`
-    context, the reference numerics, turns it off; a compiled block reads the switch once, when traced)."""
-    return q.device.type == "cpu" and q.dtype in (torch.float32, torch.bfloat16, torch.float16) and _flash_enabled()
+    """The op runs on the CPU in fp32/bf16/fp16 when torch's flash kernel is enabled: a `sdpa_kernel(MATH)`
+    context (the reference numerics) turns it off eagerly; compiled blocks always use it (their fused
+    kernels are not the reference numerics anyway, and the switch cannot be read while tracing)."""
+    if q.device.type != "cpu" or q.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    return torch.compiler.is_compiling() or torch.backends.cuda.flash_sdp_enabled()  # CPU and CUDA flash alike
 
 
 def segment_attention(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD: torch.Tensor, cu_seqlens: torch.Tensor,
