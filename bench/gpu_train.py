@@ -267,6 +267,8 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     r["fwd_bwd_s"], r["fwd_bwd_best_s"] = timed(fwd_bwd, device, args.warmup, args.steps)
     if device.type == "cuda":
         r["fwd_bwd_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+    if mode.compile:
+        r["compile_after_timing"] = compile_counters()  # the same frames: the timed steps did not recompile
     if not args.skip_optimizer:
         opt = build_optimizer(model, lr=1e-6, weight_decay=0.0)
         r["fused_adamw"] = bool(opt.defaults.get("fused"))

@@ -83,6 +83,9 @@ def main(argv=None) -> int:
                    help="also time ours on packed rows: N samples per row (cu_seqlens); transformers has no CPU equivalent")
     p.add_argument("--profile", action="store_true", help="print a torch.profiler table of one step of each")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each step by the process's CPU time instead of the wall clock (with --threads 1: "
+                        "what a step costs when other jobs share the cores, which the wall clock does not show)")
     p.add_argument("--compile", action="store_true",
                    help="also time ours with --use-torch-compile's per-block torch.compile (same weights; compile "
                         "time reported separately)")
@@ -152,17 +155,19 @@ def main(argv=None) -> int:
         ours_c.zero_grad(set_to_none=True)
         runs["ours-compiled"] = step_compiled
 
+    clock = time.process_time if args.cpu_time else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):
         for name, fn in runs.items():
             for m in [ours, *hf.values(), *([compiled["model"]] if compiled else [])]:
                 m.zero_grad(set_to_none=True)
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            dt = time.perf_counter() - t0
+            dt = clock() - t0
             if i >= 2:
                 times[name].append(dt)
 
+    print(f"timing: {'process CPU time' if args.cpu_time else 'wall clock'}")
     print(f"config: {n_params / 1e6:.1f}M params, batch {args.batch}x{args.seq} tokens, one {tuple(grids[0].tolist())} "
           f"image per row, torch {torch.__version__}, {torch.get_num_threads()} threads")
     med = {k: statistics.median(v) for k, v in times.items()}

@@ -90,7 +90,7 @@ def test_compiled_blocks_have_no_graph_break_and_compile_once_for_all_shapes(eag
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
     # one graph per block kind (vision block, dense layer, MoE layer), each traced whole, on the first
     # batch; the later batches (other lengths, segment counts, images, a text-only batch) reuse them
-    assert frames[0] == {"graphs": 3, "frames_compiled": 3, "graph_breaks": 0, "recompiles": 0}, frames
+    assert frames[0] == {"graphs": 3, "frames_compiled": 3, "graph_breaks": 0}, frames
     assert frames[-1] == frames[0], frames
 
 
@@ -132,8 +132,9 @@ def test_compiled_moe_layer_equals_eager_with_inductor(eager_model):
 
 def test_mmtune_train_with_compile(tmp_path, tiny_hf_dir, shapes_dir, monkeypatch, capsys):
     """`mmtune train --use-torch-compile`: trains (loss falls), metrics.jsonl marks the step that compiled
-    and carries data_wait_s on every row, the end line reports the compile time apart from the means, and
-    the thread/worker choice is printed. (aot_eager: the graphs of the test above are reused.)"""
+    (only the first: later batches of other lengths reuse the graphs) and carries data_wait_s on every row,
+    the end line reports the compile time apart from the means, and the thread/worker choice is printed.
+    (aot_eager: the decoder graphs of the test above are reused when it ran first.)"""
     import json
 
     import mmtune.distributed.compile as compile_mod
@@ -142,15 +143,15 @@ def test_mmtune_train_with_compile(tmp_path, tiny_hf_dir, shapes_dir, monkeypatc
 
     monkeypatch.setattr(compile_mod, "BACKEND", "aot_eager")
     work = make_workdir(tmp_path, tiny_hf_dir, shapes_dir)
-    start, threads = compile_counters(), torch.get_num_threads()
-    try:
-        assert main(train_argv(work, tmp_path / "save", 3, "--use-torch-compile", "--num-threads", "1")) == 0
-    finally:
-        torch.set_num_threads(threads)  # the run set this process's threads
+    start = compile_counters()
+    # the default threads (this process's: a change of thread count would recompile every graph)
+    assert main(train_argv(work, tmp_path / "save", 3, "--use-torch-compile")) == 0
     out = capsys.readouterr().out
     rows = [json.loads(line) for line in (tmp_path / "save" / "metrics.jsonl").read_text().splitlines()]
     assert [r.get("compiling", False) for r in rows] == [True, False, False]
     assert all(0 <= r["data_wait_s"] < r["step_time_s"] for r in rows)
     assert rows[-1]["loss"] < rows[0]["loss"]
-    assert "1 intra-op thread, 0 loader workers per rank" in out and "compiling:" in out and "data wait" in out
-    assert _delta(compile_counters(), start)["graph_breaks"] == 0
+    assert "intra-op thread" in out and "0 loader workers per rank" in out and "compiling:" in out
+    assert "data wait" in out
+    compiled = _delta(compile_counters(), start)
+    assert compiled["graph_breaks"] == 0 and compiled["frames_compiled"] <= 3, compiled  # at most one per block kind

@@ -31,6 +31,7 @@ def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
         assert abs(m["first_loss"] - hf["first_loss"]) < 1e-4 * hf["first_loss"], (name, m, hf)
     compiled = ran["compiled"]["compile"]
     assert compiled["graph_breaks"] == 0 and compiled["graphs"] >= 2, compiled
+    assert ran["compiled"]["compile_after_timing"] == compiled  # FSDP2's hooks and steps: no recompile
     rows = [line for line in (tmp_path / "gpu_train.md").read_text().splitlines() if line.startswith("| ")]
     assert len(rows) == 1 + len(res["modes"])  # the header and one row per mode
     assert res["paths"] == {"grouped_mm": True, "varlen_flash": False}  # the CPU has grouped_mm; varlen is CUDA's

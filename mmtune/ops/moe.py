@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtune.ops.fused import unpermute_sum
 from mmtune.ops.grouped_mm import _GROUPED_MM, grouped_mm
 
 
@@ -81,17 +82,18 @@ class GroupedExperts(nn.Module):
         T, K = experts_TK.shape
         # sort the T*K (token, slot) rows by expert once; both projections run over the sorted rows
         order_R = experts_TK.view(-1).argsort(stable=True)
+        inverse_R = torch.empty_like(order_R)
+        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
         counts_E = expert_counts(experts_TK, self.num_experts)
-        x_RH = x_TH.index_select(0, order_R // K)
+        token_R = order_R // K
+        x_RH = x_TH.index_select(0, token_R)
         h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
         gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
         # the routing weight scales the (narrower) down-projection input: the same as scaling its output
         w_R1 = weights_TK.view(-1)[order_R, None]
         y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
-        # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
-        inverse_R = torch.empty_like(order_R)
-        inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-        return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
+        # back to (token, slot) order and sum the K slots: gathers, not scatter-adds, forward and backward
+        return unpermute_sum(y_RH, inverse_R, token_R, K).to(x_TH.dtype)
 
 
 def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
