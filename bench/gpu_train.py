@@ -281,6 +281,8 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
             r["step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         del opt, sched, trainer
     del model
+    if mode.compile:
+        torch._dynamo.reset()  # the compiled graphs' caches must not keep this model's memory for the next mode
     _free(device)
 
 

@@ -6,7 +6,13 @@ are timed and the faster one is the baseline. Runs are interleaved (ours, hf-gro
 ours, ...) so that machine noise hits all alike; the median step time of each is reported, and the
 best step (closest to the uncontended cost on a shared machine).
 
-    python bench/model_step_cpu.py [--steps 6] [--batch 4] [--seq 512] [--packed] [--profile]
+    python bench/model_step_cpu.py [--steps 6] [--batch 4] [--seq 512] [--packed N] [--profile]
+                                   [--threads 1 --cpu-time]   # on a shared machine
+                                   [--compile]                # + ours with --use-torch-compile's compiled blocks
+
+With --compile a copy of ours has every block compiled as `mmtune train --use-torch-compile` does (dynamic
+shapes; --static for fixed ones); its first step (compiling) is timed apart, and its loss must equal eager's
+before anything is timed.
 """
 
 from __future__ import annotations
@@ -146,14 +152,27 @@ def main(argv=None) -> int:
         apply_compile(ours_c, dynamic=not args.static)
         compiled["model"] = ours_c
 
-        def step_compiled():
-            loss_of(ours_c(ids, pixel_values=pixels, image_grid_thw=grids).logits).backward()
+        def compiled_step(**packed):
+            def step():
+                loss = loss_of(ours_c(ids, pixel_values=pixels, image_grid_thw=grids, **packed).logits)
+                loss.backward()
+                return loss.detach()
+            return step
 
-        t0 = time.perf_counter()
-        step_compiled()  # compiles forward and backward of each block kind
-        compiled["compile_s"] = time.perf_counter() - t0
-        ours_c.zero_grad(set_to_none=True)
-        runs["ours-compiled"] = step_compiled
+        variants = {"ours-compiled": {}}
+        if args.packed:
+            variants[f"ours-compiled-packed{args.packed}"] = dict(position_ids=pos, cu_seqlens=cu)
+        compiled["compile_s"] = {}
+        for name, packed in variants.items():
+            t0 = time.perf_counter()
+            loss_c = compiled_step(**packed)()  # compiles forward and backward of each block kind
+            compiled["compile_s"][name] = time.perf_counter() - t0
+            eager_out = ours(ids, pixel_values=pixels, image_grid_thw=grids, **packed)
+            loss_e = loss_of(eager_out.logits).detach()
+            if not torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-5):  # the same numbers before any timing
+                raise AssertionError(f"{name}: compiled loss {float(loss_c)} != eager {float(loss_e)}")
+            ours_c.zero_grad(set_to_none=True)
+            runs[name] = compiled_step(**packed)
 
     clock = time.process_time if args.cpu_time else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in runs}
@@ -181,8 +200,14 @@ def main(argv=None) -> int:
     if args.compile:
         print(f"ratio ours-compiled / transformers ({best}): {med[best] / med['ours-compiled']:.2f}x tokens/s (median "
               f"steps), {min(low['hf-grouped_mm'], low['hf-eager']) / low['ours-compiled']:.2f}x (best steps); "
-              f"compiled / eager ours {med['ours'] / med['ours-compiled']:.2f}x; first compiled step (compiling) "
-              f"{compiled['compile_s']:.1f} s; {compile_counters()}")
+              f"compiled / eager ours {med['ours'] / med['ours-compiled']:.2f}x (median steps)")
+        if args.packed:
+            n = f"packed{args.packed}"
+            print(f"packed rows: ours-compiled / ours eager {med[f'ours-{n}'] / med[f'ours-compiled-{n}']:.2f}x "
+                  f"(median steps)")
+        print(f"first compiled steps (compiling, wall clock): "
+              f"{ {k: round(v, 1) for k, v in compiled['compile_s'].items()} } s; {compile_counters()}; "
+              f"compiled losses equal eager's (rtol 1e-5)")
 
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
