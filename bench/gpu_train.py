@@ -13,8 +13,9 @@ transformers runs its model in bf16 (grouped_mm experts, sdpa) on the same batch
 The modes (`MODES`; adding one is one line there, `--modes` picks some):
   eager     FSDP2 only: the baseline path
   compiled  + --use-torch-compile (per-block torch.compile; the compile time is reported apart)
-  ep1       the expert-parallel dispatch path (all-to-all) with EP = 1: one GPU cannot split the
-            experts, so this measures the dispatch machinery's overhead, not EP's gains
+  ep        expert parallelism (all-to-all dispatch). On one GPU EP = 1: the dispatch path runs on one
+            rank and splits nothing, so this measures the machinery's overhead, not EP's gains; with
+            torchrun N ranks and --expert-model-parallel-size EP the experts are split EP ways
   lora      LoRA adapters on the frozen bf16 base (transformers' column: its full finetune, same batch)
   long      one row of --long-seq tokens: long-sequence attention and the chunked loss at length. One GPU
             cannot split the row: at --context-parallel-size 1 context parallelism is off (its path is the
@@ -32,9 +33,12 @@ matmul ceiling and over the nominal 989 TFLOP/s of an H100/H200 SXM. Results go 
     python bench/gpu_train.py --dry-run             # CPU, tiny config, fp32, gloo: every path, in seconds
     python bench/gpu_train.py --cpu                 # CPU, fp32: docs/PERFORMANCE.md's 7.3M-param model, 4 x 512
     torchrun --nproc_per_node 4 bench/gpu_train.py --context-parallel-size 4 --modes long --long-seq 131072 --skip-hf
+    torchrun --nproc_per_node 8 bench/gpu_train.py --expert-model-parallel-size 8 --modes eager,ep --moe-layers 4
 
-With --context-parallel-size N each rank holds seq/N tokens; tokens/s counts the group's tokens, MFU is per
-GPU, peak memory is rank 0's.
+Under torchrun every rank but those of one context-parallel group reads its own batch; tokens/s counts
+every rank's tokens, MFU is per GPU, peak memory is rank 0's, and transformers (one device) runs only in
+a --dry-run's context-parallel check (rank 0, the group's one row). `vs_eager` is each mode's speed over the
+eager mode's in the same run (with EP > 1: EP over FSDP only at the same batch).
 """
 
 from __future__ import annotations
@@ -63,15 +67,15 @@ class Mode(NamedTuple):
     compile: bool = False
     long: bool = False  # one row of --long-seq tokens instead of --bs x --seq
     lora_r: int = 0
-    ep: int = 0  # > 0: the expert-parallel dispatch path with this EP size
+    ep: bool = False  # experts split over --expert-model-parallel-size ranks, tokens by all-to-all (also at 1)
     needs: str | None = None  # a module this mode needs; absent from the checkout: the mode waits
 
 
 MODES = [
     Mode("eager", "FSDP2 only (1 rank): bf16 params, fp32 reduce, varlen flash, grouped GEMM, chunked CE, fused AdamW"),
     Mode("compiled", "eager + --use-torch-compile (per-block torch.compile)", compile=True),
-    Mode("ep1", "expert-parallel dispatch path, EP=1 (one GPU cannot split the experts)", ep=1,
-         needs="mmtune.distributed.expert_parallel"),
+    Mode("ep", "expert parallelism at --expert-model-parallel-size (1 on one GPU: the all-to-all dispatch path "
+               "on one rank, nothing split)", ep=True),
     Mode("lora", "LoRA r=16 on the frozen bf16 base (transformers: full finetune)", lora_r=16, needs="mmtune.train.lora"),
     Mode("long", "one long row (--long-seq); split over the ranks with --context-parallel-size N", long=True),
 ]
@@ -91,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--compile-backend", default="inductor", help="torch.compile backend of the compiled mode "
                    "(default inductor; --dry-run: aot_eager, the same tracing without code generation)")
     p.add_argument("--skip-hf", action="store_true", help="do not run transformers' model")
+    p.add_argument("--expert-model-parallel-size", type=int, default=1,
+                   help="the ep mode's expert-parallel size (launch a multiple of it with torchrun; default 1: the "
+                        "dispatch path on one rank)")
     p.add_argument("--context-parallel-size", type=int, default=1,
                    help="split each row over this many ranks in every mode (Ulysses; launch as many with torchrun; "
                         "default 1). transformers runs on one device: with N > 1 only the --dry-run runs it (rank 0)")
@@ -167,11 +174,11 @@ def build_config(args):
     return cfg
 
 
-def make_batch(cfg, bs: int, seq: int, device):
+def make_batch(cfg, bs: int, seq: int, device, seed: int = 0):
     """Text-only rows of random tokens, labels shifted, one packed segment per row (the varlen path)."""
     from mmtune.tokens import TINY_SPECIAL_BASE, TINY_VOCAB_SIZE
 
-    g = torch.Generator().manual_seed(seq)
+    g = torch.Generator().manual_seed(seq * 1000 + seed)
     high = TINY_SPECIAL_BASE if cfg.text.vocab_size == TINY_VOCAB_SIZE else 150000  # no special tokens
     ids = torch.randint(0, high, (bs, seq), generator=g)
     labels = torch.full_like(ids, -100)
@@ -184,15 +191,22 @@ def make_batch(cfg, bs: int, seq: int, device):
 
 @torch.no_grad()
 def init_by_name(model, std: float, seed: int = 0) -> None:
-    """The same weights in any model with these parameter names, on any sharding of one rank: each tensor
-    drawn on its device from a generator seeded by its name (init_weights draws on the CPU: minutes)."""
+    """The same weights in any model with these parameter names, however sharded: each full tensor drawn
+    on the device from a generator seeded by its name, each rank keeping its shard (init_weights draws on
+    the CPU: minutes for billions)."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
     for name, p in model.named_parameters():
-        local = p.to_local() if hasattr(p, "to_local") else p
         if p.dim() == 1:
-            local.fill_(1.0 if "norm" in name and name.endswith("weight") else 0.0)  # norm scales 1, biases 0
-            continue
-        g = torch.Generator(device=local.device).manual_seed(seed + zlib.crc32(name.encode()))
-        local.normal_(0.0, std, generator=g)
+            full = torch.full(p.shape, 1.0 if "norm" in name and name.endswith("weight") else 0.0)  # norms 1, biases 0
+        else:
+            g = torch.Generator(device=p.device).manual_seed(seed + zlib.crc32(name.encode()))
+            full = torch.empty(p.shape, device=p.device).normal_(0.0, std, generator=g)
+        if isinstance(p, DTensor):
+            p.to_local().copy_(distribute_tensor(full.to(p.device), p.device_mesh, p.placements,
+                                                 src_data_rank=None).to_local())
+        else:
+            p.copy_(full)
     for name, b in model.named_buffers():
         if "e_score_correction_bias" in name:
             b.zero_()
@@ -223,11 +237,17 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     from mmtune.distributed.parallelize import materialize, parallelize, unshard_lm_head
     from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
     from mmtune.train.loss import LossContext, lm_loss
+    from mmtune.train.moe_balance import load_summary
     from mmtune.train.optim import build_optimizer, build_scheduler
     from mmtune.train.trainer import LoopSettings, Trainer
 
-    env = init_distributed(device.type, cp=args.context_parallel_size)
+    ep = args.expert_model_parallel_size if mode.ep else 1
+    env = init_distributed(device.type, cp=args.context_parallel_size, ep=ep)
     r["backend"] = torch.distributed.get_backend()
+    expert_mesh = env.dims.expert_mesh
+    if mode.ep and expert_mesh is None:  # EP = 1: the dispatch path on a one-rank ep mesh (nothing split)
+        expert_mesh = env.dims.meshes["world"]._unflatten(0, (1, env.world_size, 1), ("dp_replicate", "efsdp", "ep"))
+    r["expert_parallel_size"] = ep if mode.ep else 0
     cp = ContextParallel.from_mesh(env.dims.cp_mesh)  # None at cp 1: nothing to split
     dp_group = env.dims.dp_mesh.get_group() if env.dims.dp_mesh is not None else None
     if cp is not None:  # every rank holds the row; the model keeps seq/cp tokens of it
@@ -239,7 +259,7 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
     bf16 = device.type == "cuda"
     opts = FSDPOptions(param_dtype=torch.bfloat16 if bf16 else None, reduce_dtype=torch.float32 if bf16 else None,
                        torch_compile=mode.compile, compile_backend=args.compile_backend)
-    parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh)
+    parallelize(model, env.mesh, opts, device, cp_mesh=env.dims.cp_mesh, expert_mesh=expert_mesh)
     materialize(model, device)
     init_by_name(model, cfg.text.initializer_range)
     r["params"] = sum(p.numel() for p in model.parameters())
@@ -276,6 +296,9 @@ def run_mode(mode: Mode, cfg, args, device, batch, r: dict) -> None:
         s = LoopSettings(train_iters=10**6, grad_accum_steps=1, loss_type="per_token_loss", compute_mode="chunk",
                          chunk_size=args.chunk_size, clip_grad=1.0)
         trainer = Trainer(s, env, model, opt, sched, [batch])
+        load = trainer.train_step([batch]).expert_load  # routing balance of these weights (1.0 = every expert
+        if load is not None:                            # equally busy): EP's speed depends on it
+            r["moe_load_max_mean"] = load_summary(load)["moe_load_max_mean"]
         r["step_s"], r["step_best_s"] = timed(lambda: trainer.train_step([batch]), device, args.warmup, args.steps)
         if device.type == "cuda":
             r["step_peak_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
@@ -334,14 +357,15 @@ def _guarded(fn, r: dict, device) -> None:
 
 
 def table(res: dict) -> str:
-    rows = ["| mode | mmtune tokens/s | transformers tokens/s | ratio | MFU (measured peak) | step s | peak GiB | "
-            "first loss mmtune / transformers | note |", "|---|---|---|---|---|---|---|---|---|"]
+    rows = ["| mode | mmtune tokens/s | transformers tokens/s | ratio | vs eager (step) | MFU (measured peak) | "
+            "step s | peak GiB | first loss mmtune / transformers | note |", "|---|---|---|---|---|---|---|---|---|---|"]
     for name, m in res["modes"].items():
         hf = {} if m.get("waiting") else res["hf"].get(str(m.get("seq_key")), {})
         f = lambda v, spec: format(v, spec) if isinstance(v, (int, float)) else "-"  # noqa: E731
         note = m.get("waiting") or m.get("error") or (f"compile {m['first_step_s']:.0f} s" if "compile" in m else "")
         rows.append(f"| {name} | {f(m.get('tokens_per_s'), '.0f')} | {f(hf.get('tokens_per_s'), '.0f')} | "
-                    f"{f(m.get('ratio_vs_hf'), '.2f')} | {f(m.get('mfu_vs_measured'), '.1%')} | {f(m.get('step_s'), '.3f')} | "
+                    f"{f(m.get('ratio_vs_hf'), '.2f')} | {f(m.get('vs_eager', {}).get('step'), '.2f')} | "
+                    f"{f(m.get('mfu_vs_measured'), '.1%')} | {f(m.get('step_s'), '.3f')} | "
                     f"{f(m.get('step_peak_gib', m.get('fwd_bwd_peak_gib')), '.1f')} | "
                     f"{f(m.get('first_loss'), '.4f')} / {f(hf.get('first_loss'), '.4f')} | {note} |")
     return "\n".join(rows)
@@ -356,12 +380,13 @@ def main(argv=None) -> int:
             print("bench/gpu_train.py needs a CUDA GPU (use --dry-run on a CPU)", file=sys.stderr)
             return 2
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    cp = args.context_parallel_size
-    if cp > 1:
-        if int(os.environ.get("WORLD_SIZE", "1")) != cp:
-            print(f"--context-parallel-size {cp}: launch {cp} ranks with torchrun --nproc_per_node {cp}", file=sys.stderr)
-            return 2
-        args.skip_hf = args.skip_hf or not args.dry_run  # transformers' model runs on rank 0 alone: a CPU check
+    cp, ep, world = args.context_parallel_size, args.expert_model_parallel_size, int(os.environ.get("WORLD_SIZE", "1"))
+    if cp > 1 and world % cp or ep > 1 and ("LOCAL_RANK" not in os.environ or world % ep):
+        print(f"--context-parallel-size {cp} / --expert-model-parallel-size {ep}: launch a multiple of them with "
+              f"torchrun --nproc_per_node", file=sys.stderr)
+        return 2
+    if world > 1:  # transformers runs on one device: only as the CPU check of one cp group's row (rank 0)
+        args.skip_hf = args.skip_hf or not (args.dry_run and world == cp)
     rank0 = int(os.environ.get("RANK", "0")) == 0
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)
@@ -374,7 +399,7 @@ def main(argv=None) -> int:
     peak = matmul_peak(device)
     res = {"torch": torch.__version__, "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "moe_layers": args.moe_layers, "bs": args.bs, "seq": args.seq, "long_seq": args.long_seq,
-           "context_parallel_size": cp,
+           "context_parallel_size": cp, "expert_model_parallel_size": ep, "world_size": world,
            "matmul_tflops": peak / 1e12 if peak else None, "paths": paths_taken(device, dtype), "modes": {}, "hf": {}}
     t_start = time.perf_counter()
     batches = {}
@@ -387,26 +412,29 @@ def main(argv=None) -> int:
             r["waiting"] = wait
             print(f"{mode.name}: {wait}", flush=True)
             continue
-        if key not in batches:
-            batches[key] = make_batch(cfg, bs, seq, device)
+        if key not in batches:  # the ranks of a cp group share a row; every other rank has its own tokens
+            batches[key] = make_batch(cfg, bs, seq, device, seed=int(os.environ["RANK"]) // cp)
             if not args.skip_hf and rank0:
                 hf = res["hf"][key] = {}
                 _guarded(lambda: run_hf(cfg, args, device, batches[key], hf), hf, device)
         print(f"{mode.name}: {mode.what}", flush=True)
         _guarded(lambda: run_mode(mode, cfg, args, device, batches[key], r), r, device)
-        for who in (r, res["hf"].get(key, {})):
+        for who, n_gpus in ((r, world), (res["hf"].get(key, {}), 1)):
             t = who.get("fwd_bwd_s")
             if t and "tokens_per_s" not in who:
-                flops = text_flops_per_token(cfg.text, seq) * bs * seq
-                n_gpus = cp if who is r else 1
-                who["tokens_per_s"] = bs * seq / t  # of the cp group
+                tokens = bs * seq * n_gpus // (cp if who is r else 1)  # every data-parallel rank's rows
+                who["tokens_per_s"] = tokens / t
                 if peak:  # per GPU
+                    flops = text_flops_per_token(cfg.text, seq) * tokens
                     who["mfu_vs_measured"] = flops / t / peak / n_gpus
                     who["mfu_vs_989"] = flops / t / 989e12 / n_gpus
-        hf_t = res["hf"].get(key, {}).get("fwd_bwd_s")
-        if hf_t and r.get("fwd_bwd_s"):
-            r["ratio_vs_hf"] = hf_t / r["fwd_bwd_s"]
-            r["ratio_best_vs_hf"] = res["hf"][key]["fwd_bwd_best_s"] / r["fwd_bwd_best_s"]
+        hf = res["hf"].get(key, {})
+        if hf.get("fwd_bwd_s") and r.get("fwd_bwd_s"):
+            r["ratio_vs_hf"] = hf["fwd_bwd_s"] / r["fwd_bwd_s"]
+            r["ratio_best_vs_hf"] = hf["fwd_bwd_best_s"] / r["fwd_bwd_best_s"]
+        eager = res["modes"].get("eager", {})
+        if mode.name != "eager" and eager.get("seq_key") == key and eager.get("step_s") and r.get("step_s"):
+            r["vs_eager"] = {what: eager[f"{what}_s"] / r[f"{what}_s"] for what in ("fwd_bwd", "step")}
     if own_group and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
     res["wall_s"] = time.perf_counter() - t_start

@@ -28,6 +28,17 @@ one), and at the start of each forward every GPU briefly holds the whole sequenc
 image features before keeping its share. Parameters, gradients and optimizer state are sharded over
 all GPUs as before (the cp ranks are FSDP ranks).
 
+Expert parallelism (`--expert-model-parallel-size EP`, docs/INTERNALS.md "Expert parallelism"): the
+sharded state is the same (the experts are still split over all GPUs: EP groups x efsdp), but a MoE
+layer all-gathers only its own E/EP experts, so the transient buffers shrink, and the communication changes:
+  without EP  every GPU all-gathers every expert in forward and again in backward (reshard after forward),
+              and reduce-scatters their gradients;
+  with EP     each GPU all-gathers only its E/EP experts over the efsdp = GPUs/EP ranks, and sends its
+              tokens' rows to the experts' GPUs and back (all-to-all): forward, the recomputed forward
+              (recompute full), and backward.
+`communication()` counts the bytes each GPU sends per micro-batch (ring collectives: (n-1)/n of the data;
+all-to-all: the (EP-1)/EP of the rows that are remote under balanced routing).
+
 Parameter counts come from the model itself, built on the meta device (no memory is allocated).
 """
 
@@ -35,6 +46,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -65,6 +77,8 @@ class ParamCounts:
     lm_head: int
     embed: int
     root: int  # parameters of no block: patch embed, merger, final norms (gathered for the whole step)
+    experts: int = 0  # routed-expert parameters (mlp.experts.*) of all MoE layers
+    largest_layer_experts: int = 0  # the routed-expert parameters of the largest decoder layer
 
     @property
     def total(self) -> int:
@@ -77,12 +91,16 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
         by_module[module_of(name)] += p.numel()
     inner = model.model
     layers = [sum(p.numel() for p in layer.parameters()) for layer in inner.language_model.layers]
+    layer_experts = [sum(p.numel() for n, p in layer.named_parameters() if n.startswith("mlp.experts."))
+                     for layer in inner.language_model.layers]
     blocks = [sum(p.numel() for p in b.parameters()) for b in inner.visual.blocks] or [0]
     lm_head = model.lm_head.weight.numel()
     embed = inner.language_model.embed_tokens.weight.numel()
     total = sum(by_module.values())
     root = total - sum(layers) - sum(blocks) - lm_head - embed
-    return ParamCounts(by_module, max(layers), max(blocks), lm_head, embed, root)
+    largest = max(range(len(layers)), key=layers.__getitem__)
+    return ParamCounts(by_module, max(layers), max(blocks), lm_head, embed, root, sum(layer_experts),
+                       layer_experts[largest])
 
 
 # ---- activations ---------------------------------------------------------------------------------
@@ -132,6 +150,8 @@ class Plan:
     rows: dict[str, float] = field(default_factory=dict)  # bytes per GPU
     notes: list[str] = field(default_factory=list)
     context_parallel_size: int = 1
+    ep: int = 1  # --expert-model-parallel-size
+    comm: dict[int, dict[str, float]] = field(default_factory=dict)  # communication() by ep size: 1 and ep
 
     @property
     def total_bytes(self) -> float:
@@ -146,7 +166,8 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
              micro_batch_size: int = 1, recompute: str = "full", compute_dtype: str = "bf16",
              frozen: tuple[str, ...] = ("vision_encoder", "vision_projector"), image_patches: int | None = None,
              loss_chunk_size: int = 1024, forward_prefetch: int = 1, fused_adamw: bool = True,
-             config_name: str = "model", params: ParamCounts | None = None, context_parallel_size: int = 1) -> Plan:
+             config_name: str = "model", params: ParamCounts | None = None, context_parallel_size: int = 1,
+             ep: int = 1) -> Plan:
     """Per-GPU memory of one training step under FSDP2 sharding over `gpus` ranks (see module docstring).
 
     `image_patches`: vision patches per micro-batch (default: one image per sample of the recipe's
@@ -168,6 +189,9 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     unknown = set(frozen) - set(MODULES)
     if unknown:
         raise ValueError(f"--freeze {sorted(unknown)}: modules are {sorted(MODULES)}")
+    from mmtune.distributed.parallel_dims import ParallelDims
+
+    ParallelDims(gpus, cp=cp, ep=ep).check_model(num_experts=config.text.n_routed_experts)  # errors name the numbers
     params = params or count_params(build_meta_model(config))
     c = _DTYPE_BYTES[compute_dtype]
     t, v = config.text, config.vision
@@ -191,7 +215,9 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     # transient FSDP buffers: all-gathered block params (current + prefetched) in the compute dtype; in
     # backward one block's unsharded gradient (compute dtype, plus an fp32 copy for the reduce-scatter when
     # the compute dtype is lower); the lm head stays gathered from forward to backward (and its gradient).
-    blk = max(params.largest_decoder_layer, params.largest_vision_block)
+    # with EP a MoE layer gathers only its E/ep experts (over the efsdp ranks) next to its dense part
+    layer = params.largest_decoder_layer - params.largest_layer_experts * (1 - 1 / ep)
+    blk = max(layer, params.largest_vision_block)
     grad_copy = c + (4 if c < 4 else 0)
     transient = (1 + max(1, forward_prefetch)) * blk * c + blk * grad_copy
     transient += params.lm_head * c + (params.lm_head * grad_copy if "text_decoder" not in frozen else 0)
@@ -234,9 +260,40 @@ def estimate(config: Glm4vMoeConfig, *, gpus: int = 1, gpu_mem_gib: float = 80.0
     if step_temp > fwd_bwd:
         rows["optimizer step temporaries (foreach AdamW)"] = step_temp - fwd_bwd
     plan = Plan(config_name, gpus, gpu_mem_gib, seq_length, micro_batch_size, recompute, compute_dtype,
-                image_patches, params, sorted(frozen), rows, notes, context_parallel_size=cp)
+                image_patches, params, sorted(frozen), rows, notes, context_parallel_size=cp, ep=ep)
+    for e in sorted({1, ep}):
+        plan.comm[e] = communication(config, params, gpus=gpus, ep=e, tokens=tokens, compute_dtype=compute_dtype,
+                                     recompute=recompute, frozen=frozen)
+    if ep > 1:
+        plan.notes.append("EP: the activation rows assume balanced routing; each rank's experts process the tokens "
+                          "routed to them, so a layer whose busiest rank gets r x the mean load needs about r x its "
+                          "expert activations there (metrics.jsonl logs the load max/mean per step)")
     plan.notes.extend(_advice(plan))
     return plan
+
+
+def communication(config: Glm4vMoeConfig, params: ParamCounts, *, gpus: int, ep: int, tokens: int,
+                  compute_dtype: str = "bf16", recompute: str = "full", reduce_bytes: int = 4,
+                  frozen: tuple[str, ...] = ()) -> dict[str, float]:
+    """Bytes one GPU sends for the routed experts (see the module docstring): per micro-batch of `tokens`
+    tokens their all-gathers (forward + backward) and, with ep > 1, the token all-to-all; per optimizer
+    step the reduce-scatter of their gradients (`reduce_bytes` per value)."""
+    t = config.text
+    c = _DTYPE_BYTES[compute_dtype]
+    moe_layers = sum(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
+    efsdp = gpus // ep
+    local = params.experts / ep  # expert parameters one ep rank owns (sharded over its efsdp ranks)
+    ring = (efsdp - 1) / efsdp
+    backward = any(m not in frozen for m in MODULES)  # something trains: backward runs through the decoder
+    out = {"experts all-gather (per micro-batch)": local * c * ring * (1 + backward),
+           "token all-to-all (per micro-batch)": 0.0,
+           "experts reduce-scatter (per step)": local * reduce_bytes * ring if "text_decoder" not in frozen else 0.0}
+    if ep > 1:
+        rows = tokens * t.num_experts_per_tok * (ep - 1) / ep  # rows leaving this GPU in one dispatch
+        row = 2 * t.hidden_size * c + 4  # the row there and its output back, plus its fp32 routing weight
+        passes = 1 + (backward and recompute == "full") + backward  # forward, recomputed forward, backward
+        out["token all-to-all (per micro-batch)"] = moe_layers * rows * row * passes
+    return out
 
 
 def _human(nbytes: float) -> str:
@@ -290,6 +347,12 @@ def format_plan(plan: Plan) -> str:
     for k, b in plan.rows.items():
         lines.append(f"  {k:<{width}}  {b / scale:10.2f} {unit}")
     lines.append(f"  {'total':<{width}}  {plan.total_bytes / scale:10.2f} {unit}")
+    if plan.comm:
+        layouts = {e: ("FSDP only" if e == 1 else f"EP {e} x efsdp {plan.gpus // e}") for e in plan.comm}
+        lines.append("routed-expert communication sent per GPU: " + " | ".join(layouts.values()))
+        for key in [*next(iter(plan.comm.values())), "total of a step of one micro-batch"]:
+            cells = [sum(c.values()) if key.startswith("total") else c[key] for c in plan.comm.values()]
+            lines.append(f"  {key:<{width}}  " + " | ".join(f"{b / GiB:10.2f} GiB" for b in cells))
     lines += plan.notes
     return "\n".join(lines)
 
@@ -437,6 +500,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--context-parallel-size", type=int, default=1,
                     help="GPUs that split each sequence (train's --context-parallel-size, Ulysses): each keeps "
                          "seq-length/N tokens; must divide --gpus and the attention heads (default 1)")
+    ap.add_argument("--expert-model-parallel-size", type=int, default=1,
+                    help="expert parallelism: GPUs that split each MoE layer's experts (must divide --gpus and the "
+                         "experts); shows the all-gather buffers it saves and the communication side by side with "
+                         "FSDP only (default 1)")
     args = ap.parse_args(argv)
     config, name = load_config(args.model)
     if args.freeze is not None:
@@ -445,10 +512,15 @@ def main(argv: list[str] | None = None) -> int:
         frozen = frozen_from_model_json(args.mm_model)
     else:
         frozen = ("vision_encoder", "vision_projector")
-    plan = estimate(config, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seq_length=args.seq_length,
-                    micro_batch_size=args.micro_batch_size, recompute=args.recompute,
-                    compute_dtype=args.compute_dtype, frozen=frozen, image_patches=args.image_patches,
-                    loss_chunk_size=args.loss_chunk_size, forward_prefetch=args.forward_prefetch,
-                    config_name=name, context_parallel_size=args.context_parallel_size)
+    try:
+        plan = estimate(config, gpus=args.gpus, gpu_mem_gib=args.gpu_mem, seq_length=args.seq_length,
+                        micro_batch_size=args.micro_batch_size, recompute=args.recompute,
+                        compute_dtype=args.compute_dtype, frozen=frozen, image_patches=args.image_patches,
+                        loss_chunk_size=args.loss_chunk_size, forward_prefetch=args.forward_prefetch,
+                        config_name=name, context_parallel_size=args.context_parallel_size,
+                        ep=args.expert_model_parallel_size)
+    except ValueError as e:
+        print(f"mmtune plan: error: {e}", file=sys.stderr)
+        return 2
     print(format_plan(plan))
     return 0

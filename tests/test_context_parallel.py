@@ -1,7 +1,8 @@
 """Ulysses context parallelism (distributed/context_parallel.py).
 
 Exactness (tests/context_parallel_job.py, one 2-rank and one 4-rank torchrun launch): cp 2, cp 4 (more cp
-ranks than the tiny model's 2 KV heads), dp 2 x cp 2 and HSDP 2 replicas x cp 2 with activation recompute
+ranks than the tiny model's 2 KV heads), dp 2 x cp 2 with expert parallelism (EP=2 over each cp pair) and
+HSDP 2 replicas x cp 2 with activation recompute
 train 3 steps whose losses and every parameter's gradient equal the 1-rank run (rel <= 1e-5), for
 per_token_loss (chunked CE, frozen tower and projector) and per_sample_loss (everything trains), aux loss
 on, on packed rows of an odd length (padded) whose samples straddle the split, with images of several
@@ -129,7 +130,8 @@ def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
     jobs = {
         2: [{"name": "cp2", "cp": 2, "cases": both}],
         4: [{"name": "cp4", "cp": 4, "cases": both},
-            {"name": "dp2xcp2", "cp": 2, "cases": ["per_token_frozen_tower"]},
+            # with expert parallelism: each cp pair also splits the experts (EP=2, efsdp 2)
+            {"name": "dp2xcp2_ep2", "cp": 2, "ep": 2, "cases": ["per_token_frozen_tower"]},
             {"name": "hsdp2xcp2_recompute", "cp": 2, "sharding_size": 2, "recompute": True,
              "cases": ["per_sample_trainable_tower"]}],
     }
@@ -152,7 +154,7 @@ def launches(tmp_path_factory, tiny_hf_dir, shapes_dir):
     return {"results": results, "work": work, "save": root / "cp2", "root": root}
 
 
-@pytest.mark.parametrize("run", ["cp2", "cp4", "dp2xcp2", "hsdp2xcp2_recompute"])
+@pytest.mark.parametrize("run", ["cp2", "cp4", "dp2xcp2_ep2", "hsdp2xcp2_recompute"])
 def test_losses_and_gradients_equal_one_rank(launches, run):
     got = {k: v for k, v in launches["results"].items() if k.startswith(run + "/")}
     assert got, f"no result for {run}"

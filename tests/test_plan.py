@@ -92,6 +92,37 @@ def test_tiny_estimate_within_25_percent_of_measured_peak(recompute):
     assert abs(est.total_bytes / measured["peak"] - 1) < 0.25, (est.rows, measured)
 
 
+def test_expert_parallel_plan_memory_and_communication(capsys):
+    """GLM-4.5V on 64 GPUs, EP=8: the same sharded state, a MoE layer gathers 1/8 of its experts, and the
+    experts' traffic per GPU (bytes sent) side by side with FSDP only, from the config's numbers."""
+    config = glm45v_config()
+    params = P.count_params(P.build_meta_model(config))
+    experts = 45 * 128 * 3 * 4096 * 1408  # 45 MoE layers x 128 experts x (gate, up, down) x H x I
+    assert params.experts == experts and params.largest_layer_experts == experts // 45
+    fsdp = P.estimate(config, gpus=64, seq_length=4096, params=params)
+    ep = P.estimate(config, gpus=64, seq_length=4096, params=params, ep=8)
+    for row in ("parameters (fp32 shards)", "gradients (fp32 shards)", "AdamW m+v (fp32 shards)"):
+        assert ep.rows[row] == fsdp.rows[row]
+    # the gathered MoE layer (current + prefetched, bf16) and its bf16 + fp32 gradient: 7/8 of its experts less
+    saved = experts // 45 * 7 / 8 * (2 * 2 + 2 + 4)
+    buffers = "FSDP all-gather / reduce-scatter buffers"
+    assert fsdp.rows[buffers] - ep.rows[buffers] == pytest.approx(saved)
+    no_ep, with_ep = ep.comm[1], ep.comm[8]
+    assert no_ep["experts all-gather (per micro-batch)"] == pytest.approx(experts * 2 * 63 / 64 * 2)  # fwd + bwd
+    assert no_ep["experts reduce-scatter (per step)"] == pytest.approx(experts * 4 * 63 / 64)  # fp32 gradients
+    assert with_ep["experts all-gather (per micro-batch)"] == pytest.approx(experts / 8 * 2 * 7 / 8 * 2)
+    # 4096 tokens x top-8 rows, 7/8 of them remote: the row out and its output back (bf16) + the fp32 weight,
+    # in forward, recomputed forward and backward, in each of the 45 MoE layers
+    assert with_ep["token all-to-all (per micro-batch)"] == pytest.approx(45 * 4096 * 8 * 7 / 8 * (2 * 4096 * 2 + 4) * 3)
+    assert sum(with_ep.values()) < sum(no_ep.values()) / 4
+    assert P.main(["--model", "glm4.5v", "--gpus", "64", "--expert-model-parallel-size", "8"]) == 0
+    assert "FSDP only | EP 8 x efsdp 8" in capsys.readouterr().out
+    assert P.main(["--model", "glm4.5v", "--gpus", "64", "--expert-model-parallel-size", "3"]) == 2
+    assert "--expert-model-parallel-size 3 must divide" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="must divide the model's n_routed_experts 128"):
+        P.estimate(config, gpus=512, ep=256, params=params)
+
+
 def test_context_parallel_divides_the_decoder_activations(capsys):
     config = glm45v_config()
     params = P.count_params(P.build_meta_model(config))

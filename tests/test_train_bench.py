@@ -23,7 +23,8 @@ def test_gpu_train_bench_dry_run(monkeypatch, tmp_path):
     res = json.loads((tmp_path / "gpu_train.json").read_text())
     assert list(res["modes"]) == [m.name for m in bench.MODES]
     ran = {name: m for name, m in res["modes"].items() if "waiting" not in m}
-    assert {"eager", "compiled", "long"} <= set(ran)  # the others wait for their features (named in the JSON)
+    assert {"eager", "compiled", "ep", "long"} <= set(ran)  # the others wait for their features (named in the JSON)
+    assert ran["ep"]["expert_parallel_size"] == 1 and "vs_eager" in ran["ep"]  # one rank: the dispatch path at EP=1
     for name, m in ran.items():
         assert "error" not in m, (name, m)
         hf = res["hf"][m["seq_key"]]

@@ -1,7 +1,8 @@
 """2 gloo ranks (one torchrun launch for everything, see test_train_helpers._worker): per_token_loss and its
 gradients identical for a global batch of 4 split 4x1, 1x4 and 2 ranks x 2; 2-rank FSDP2 == 1 rank over 3
 steps with rank 1's batches text-only (with activation checkpointing + prefetch, and again as HSDP);
-`torchrun -m mmtune train` on 2 ranks, then resumed on 1 rank."""
+expert parallelism (EP=2) == 1 rank and its dispatch on adversarial routings (tests/expert_parallel_worker.py);
+`torchrun -m mmtune train` on 2 ranks with EP=2, then resumed on 1 rank."""
 
 from __future__ import annotations
 
@@ -28,13 +29,17 @@ def dist(tmp_path_factory, tiny_hf_dir, shapes_dir):
     from mmtune.convert import hf_to_dcp
 
     hf_to_dcp(tiny_hf_dir, root / "dcp")  # the 2-rank run starts from the converted weights-only DCP
+    # the CLI run uses expert parallelism (EP=2: each rank owns 2 of the 4 experts); test_expert_parallel's
+    # 2-rank configurations run in this launch too (`ep_runs`, results in ep_out)
     job = {"out": str(root / "result.json"),
-           "cli_argv": train_argv(work, root / "two", 2, "--save-interval", "2", "--load", str(root / "dcp"))}
+           "cli_argv": train_argv(work, root / "two", 2, "--save-interval", "2", "--load", str(root / "dcp"),
+                                  "--expert-model-parallel-size", "2", "--moe-router-bias-update-rate", "1e-3"),
+           "ep_runs": [{"kind": "parity", "ep": 2}, {"kind": "dispatch"}], "ep_out": str(root / "ep.pt")}
     (root / "job.json").write_text(json.dumps(job))
     proc = torchrun([str(HERE / "test_train_helpers.py"), str(root / "job.json")], nproc=2,
                     env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
     return {"result": json.loads((root / "result.json").read_text()), "work": work, "save": root / "two",
-            "log": proc.stdout + proc.stderr}
+            "log": proc.stdout + proc.stderr, "ep": torch.load(root / "ep.pt", weights_only=False)}
 
 
 def test_per_token_loss_same_for_every_split(dist):
@@ -76,7 +81,7 @@ def test_mmtune_train_two_ranks_then_resume_on_one(dist):
     assert {"rank_state.0", "rank_state.1"} <= checkpoint_keys(save / "iter_0000002")
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2] and all(r["samples"] == 4 for r in rows)
-    # a 2-rank checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state (--load now
+    # a 2-rank EP=2 checkpoint resumed on 1 rank: DCP reshards the model and the optimizer state (--load now
     # names the save dir; the last --load wins)
     assert main(train_argv(work, save, 3, "--load", str(save))) == 0
     rows = [json.loads(line) for line in (save / "metrics.jsonl").read_text().splitlines()]
@@ -89,3 +94,38 @@ def test_sharding_size_must_divide_the_world():
 
     with pytest.raises(ValueError, match="sharding_size 3 must divide the world size 4"):
         ParallelDims.from_config(4, 3)
+
+
+def test_two_ranks_expert_parallel_equal_one_rank(dist):
+    """EP=2 on 2 ranks (grad-accum 4, packed rows, rank 1 with one image, activation checkpointing, loss
+    types alternating per step) == the 1-rank run: losses, grad norms and gradients of 3 steps."""
+    import expert_parallel_worker as W
+
+    W.assert_parity(dist["ep"][0], W.reference())
+
+
+def test_expert_dispatch_all_remote_empty_expert_uneven_tokens(dist):
+    """Rank 0 sends every row to rank 1's experts; rank 1 gives expert 1 nothing; 5 vs 11 tokens: outputs and
+    every gradient equal the single-device experts."""
+    per_rank = dist["ep"][1]
+    assert [r["tokens"] for r in per_rank] == [5, 11]
+    assert max(r["max_diff"] for r in per_rank) < 1e-5, per_rank
+
+
+def test_mmtune_train_expert_parallel_metrics(dist):
+    """`mmtune train --expert-model-parallel-size 2`: expert loads per MoE layer in metrics.jsonl (every
+    non-pad token of the step counted top-k times), the worst layer's max/mean on the step line and in the
+    plot."""
+    from mmtune.models.glm4v_moe import tiny_config
+    from mmtune.plot import panels
+
+    assert "ep 2 x efsdp 1" in dist["log"] and "moe load max/mean" in dist["log"]
+    rows = [json.loads(line) for line in (dist["save"] / "metrics.jsonl").read_text().splitlines()][:2]
+    top_k = tiny_config().text.num_experts_per_tok
+    for r in rows:
+        layers = r["moe_expert_tokens"]
+        assert len(layers) == 2 and all(len(layer) == 4 for layer in layers)
+        assert all(sum(layer) == r["tokens"] * top_k for layer in layers), (layers, r["tokens"])
+        worst = max(max(layer) / (sum(layer) / len(layer)) for layer in layers)
+        assert r["moe_load_max_mean"] == pytest.approx(worst)
+    assert "moe_load_max_mean" in panels(rows)

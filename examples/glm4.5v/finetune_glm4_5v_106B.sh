@@ -3,6 +3,7 @@
 # Run this script on EVERY node, with NODE_RANK 0 on the master node and 1..NNODES-1 on the others.
 # Before: download, convert and data steps of README.md ("The real-model recipe").
 # Memory check: mmtune plan --model ckpt/hf_path/GLM-4.5V --gpus $((GPUS_PER_NODE * NNODES)) --seq-length 8192
+#   (add --expert-model-parallel-size 8 to see what EP saves in memory and communication)
 set -euo pipefail
 cd "$(dirname "$0")/../.."   # paths below are relative to the repository root
 source examples/glm4.5v/env.sh
@@ -13,6 +14,8 @@ MASTER_PORT=6000
 NNODES=16                            # number of nodes (16 x 8 = 128 GPUs, as the recipe's 8 x 16 NPUs)
 NODE_RANK="current node id"          # 0 on the master node, 1, 2, ... on the others (each node different)
 WORLD_SIZE=$((GPUS_PER_NODE * NNODES))
+EP=1                                 # expert parallelism (README "Expert parallelism"): 8 = the 8 GPUs of a node split
+                                     # every MoE layer's 128 experts (16 each) and exchange tokens by all-to-all
 
 MM_DATA="examples/glm4.5v/data_106B.json"
 MM_MODEL="examples/glm4.5v/model_106B.json"
@@ -49,6 +52,7 @@ GPT_ARGS="
     --recompute-granularity full \
     --recompute-method uniform \
     --recompute-num-layers 1 \
+    --expert-model-parallel-size $EP \
     --load $LOAD_PATH \
     --no-load-optim \
     --no-load-rng \

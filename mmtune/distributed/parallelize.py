@@ -1,15 +1,20 @@
-"""Apply context parallelism, FSDP2, activation checkpointing and torch.compile to a GLM-4.5V model from
-outside.
+"""Apply context and expert parallelism, FSDP2, activation checkpointing and torch.compile to a GLM-4.5V
+model from outside.
 
 Order (as torchtitan does): context parallelism (hooks and the attention function, no parameters;
-context_parallel.py), activation checkpointing per block, torch.compile per block (with
---use-torch-compile, compile.py), then `fully_shard` per block — each
-vision block, each decoder layer, the token embedding, the lm head — and finally the root, which
-takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
+context_parallel.py), expert parallelism (below), activation checkpointing per block, torch.compile per
+block (with --use-torch-compile, compile.py), then `fully_shard` per block — each vision block, each
+decoder layer, the token embedding, the lm head — and finally the root, which takes every remaining
+parameter (patch embed, merger, final norms). The model code knows nothing of it.
 
 Module paths (docs/INTERNALS.md "Model"): `model.model.visual.blocks`, `model.model.language_model.layers`,
 `model.model.language_model.embed_tokens`, `model.lm_head` — the same paths as transformers' model, so
 both can be parallelized.
+
+Expert parallelism (ep > 1, `expert_mesh` given): before checkpointing and FSDP2, distributed/expert_parallel.py
+splits every MoE layer's experts over the ep ranks (DTensor `Shard(0)`) and swaps in the all-to-all
+dispatch; each `mlp.experts` then gets its own FSDP2 unit on the expert mesh's ("dp_replicate", "efsdp")
+dims, with its gradients divided by the dense mesh's size like every other gradient (see `_shard_experts`).
 
 Mixed precision: FSDPOptions.param_dtype / reduce_dtype (the fsdp2 yaml's bf16 / fp32 on CUDA; `mmtune
 train` passes fp32 on the CPU, where bf16 matmuls are slow). The MoE routers get their own FSDP group that
@@ -27,8 +32,10 @@ import torch
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import Shard
 
 from mmtune.distributed.context_parallel import apply_context_parallel
+from mmtune.distributed.expert_parallel import apply_expert_parallel, expert_modules
 
 _DTYPES = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16,
            "fp32": torch.float32, "float32": torch.float32}
@@ -115,16 +122,19 @@ def router_modules(model: nn.Module) -> list[nn.Module]:
 
 
 def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, device: torch.device, *,
-                cp_mesh: DeviceMesh | None = None) -> nn.Module:
-    """Context parallelism, activation checkpointing, FSDP2 per block, in place; returns the model.
+                cp_mesh: DeviceMesh | None = None, expert_mesh: DeviceMesh | None = None) -> nn.Module:
+    """Context and expert parallelism, activation checkpointing, FSDP2 per block, in place; returns the model.
 
     Works on a meta-device model (then `materialize(model, device)` and load weights) or a real one.
     mesh: 1-D ("fsdp",) = FSDP over the shard group; 2-D ("dp_replicate", "fsdp") = HSDP (ParallelDims). None (no process
     group): only activation checkpointing is applied. cp_mesh (ParallelDims.cp_mesh): Ulysses context
-    parallelism over its ranks (distributed/context_parallel.py); it changes no parameter.
+    parallelism over its ranks (distributed/context_parallel.py); it changes no parameter. expert_mesh
+    (ParallelDims.expert_mesh, ("dp_replicate", "efsdp", "ep")): expert parallelism, None without.
     """
     if cp_mesh is not None:
         apply_context_parallel(model, cp_mesh)
+    if expert_mesh is not None:
+        apply_expert_parallel(model, expert_mesh["ep"])
     if opts.activation_checkpointing:
         apply_activation_checkpointing(model, vision=opts.checkpoint_vision, num_layers=opts.recompute_num_layers)
     if opts.torch_compile:
@@ -149,6 +159,8 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
         for router in router_modules(model):
             fully_shard(router, reshard_after_forward=opts.reshard_after_forward,
                         **{**common, "mp_policy": fp32})
+    if expert_mesh is not None:
+        _shard_experts(model, mesh, expert_mesh, opts, common, device)
     for block in vision_blocks:
         fully_shard(block, reshard_after_forward=opts.reshard_after_forward, **common)
     embed = model.model.language_model.embed_tokens
@@ -165,6 +177,32 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
     _set_prefetch(vision_blocks, opts)
     _set_prefetch([embed, *text_blocks], opts)
     return model
+
+
+def _shard_experts(model: nn.Module, dense_mesh: DeviceMesh, expert_mesh: DeviceMesh, opts: FSDPOptions,
+                   common: dict, device: torch.device) -> None:
+    """FSDP2 of each MoE layer's (ep-local) experts over the expert mesh's data dims.
+
+    Placement: `Shard(0)` (whole experts per rank: the all-gather needs no copy) when each rank's E/ep
+    experts split evenly over the efsdp ranks, else `Shard(1)` (no padding), as torchtitan does.
+    Gradient scale: FSDP2 divides a gradient by the size of the mesh it reduces over — world/ep ranks for
+    the experts — but each local expert's gradient already sums the tokens of the whole ep group (the
+    all-to-all's backward), so it must be divided by the dense mesh's size like every dense gradient.
+    (NCCL scales inside the reduce-scatter; gloo has no such op, so there FSDP2 must sum and divide after
+    it — but only when there is a reduce-scatter: with one efsdp rank torch 2.13 would divide twice.)
+    """
+    dims = ("dp_replicate", "efsdp") if expert_mesh.size(0) > 1 else ("efsdp",)
+    fsdp_mesh = expert_mesh[dims]
+    efsdp = expert_mesh["efsdp"].size()
+    for experts in expert_modules(model):
+        local = experts.num_experts // expert_mesh["ep"].size()
+        placement = Shard(0) if local % efsdp == 0 else Shard(1)
+        fully_shard(experts, mesh=fsdp_mesh, reshard_after_forward=opts.reshard_after_forward,
+                    shard_placement_fn=lambda p, placement=placement: placement,
+                    **{k: v for k, v in common.items() if k != "mesh"})  # the expert mesh, not the dense one
+        experts.set_gradient_divide_factor(float(dense_mesh.size()))
+        if device.type != "cuda" and efsdp > 1:
+            experts.set_force_sum_reduction_for_comms(True)
 
 
 def _set_prefetch(order: list[nn.Module], opts: FSDPOptions) -> None:

@@ -10,6 +10,11 @@ Experts: one tensor per projection, `gate_up_proj` [E, 2I, H] (gate rows first) 
 once and runs each projection as one grouped matmul over the sorted rows (`grouped_mm`); where the
 platform has no grouped matmul for the dtype it loops over the experts that got tokens.
 
+The one seam for parallelism: `GroupedExperts.dispatch` takes the expert-sorted rows, their routing
+weights, the rows per expert and the two weight tensors and returns the rows' expert outputs. The
+default, `expert_ffn`, runs every expert here; expert parallelism (distributed/expert_parallel.py)
+replaces it with an all-to-all to the ranks that own the experts.
+
 Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediate size, R = T*K rows.
 """
 
@@ -54,19 +59,31 @@ class TopKRouter(nn.Module):
         """Returns router logits [T, E] (fp32), expert weights [T, K] (fp32) and expert ids [T, K]."""
         logits_TE = F.linear(x_TH.float(), self.weight.float())
         scores_TE = logits_TE.sigmoid()
-        with torch.no_grad():
-            choice_TE = scores_TE + self.e_score_correction_bias
-            if self.topk_group < self.n_group:
-                groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
-                group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
-                keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
-                keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
-                choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
-            experts_TK = choice_TE.topk(self.top_k, dim=-1).indices
+        experts_TK = self.choose(scores_TE)
         weights_TK = scores_TE.gather(1, experts_TK)
         if self.norm_topk_prob:
             weights_TK = weights_TK / (weights_TK.sum(-1, keepdim=True) + 1e-20)
         return logits_TE, weights_TK * self.routed_scaling_factor, experts_TK
+
+    @torch.no_grad()
+    def choose(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The experts [T, K] each token goes to: top-k of the biased scores within the best groups.
+        (Also used outside the forward to count the experts' loads from the router logits.)"""
+        choice_TE = scores_TE + self.e_score_correction_bias
+        if self.topk_group < self.n_group:
+            groups_TGe = choice_TE.view(-1, self.n_group, self.num_experts // self.n_group)
+            group_score_TG = groups_TGe.topk(2, dim=-1).values.sum(-1)
+            keep_TG = torch.zeros_like(group_score_TG, dtype=torch.bool)
+            keep_TG.scatter_(1, group_score_TG.topk(self.topk_group, dim=-1).indices, True)
+            choice_TE = groups_TGe.masked_fill(~keep_TG[..., None], float("-inf")).view_as(choice_TE)
+        return choice_TE.topk(self.top_k, dim=-1).indices
+
+    def expert_load(self, logits_TE: torch.Tensor, token_mask_T: torch.Tensor | None = None) -> torch.Tensor:
+        """Tokens per expert [E] (int64) for router logits of a forward (`token_mask_T`: the tokens to count)."""
+        experts_TK = self.choose(logits_TE.detach().float().sigmoid())
+        if token_mask_T is not None:
+            experts_TK = experts_TK[token_mask_T.reshape(-1)]
+        return torch.bincount(experts_TK.reshape(-1), minlength=self.num_experts)
 
 
 class GroupedExperts(nn.Module):
@@ -77,6 +94,8 @@ class GroupedExperts(nn.Module):
         self.num_experts = num_experts
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        # (x_RH, w_R1, counts_E, gate_up_proj, down_proj) -> y_RH; see the module docstring
+        self.dispatch = expert_ffn
 
     def forward(self, x_TH: torch.Tensor, weights_TK: torch.Tensor, experts_TK: torch.Tensor) -> torch.Tensor:
         T, K = experts_TK.shape
@@ -87,11 +106,8 @@ class GroupedExperts(nn.Module):
         counts_E = expert_counts(experts_TK, self.num_experts)
         token_R = order_R // K
         x_RH = x_TH.index_select(0, token_R)
-        h_RI2 = grouped_linear(x_RH, self.gate_up_proj, counts_E)
-        gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
-        # the routing weight scales the (narrower) down-projection input: the same as scaling its output
         w_R1 = weights_TK.view(-1)[order_R, None]
-        y_RH = grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), self.down_proj, counts_E)
+        y_RH = self.dispatch(x_RH, w_R1, counts_E, self.gate_up_proj, self.down_proj)
         # back to (token, slot) order and sum the K slots: gathers, not scatter-adds, forward and backward
         return unpermute_sum(y_RH, inverse_R, token_R, K).to(x_TH.dtype)
 
@@ -101,6 +117,16 @@ def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
     the data, so torch.compile traces it without a graph break."""
     ids_R = experts_TK.reshape(-1)
     return ids_R.new_zeros(num_experts).scatter_add_(0, ids_R, torch.ones_like(ids_R))
+
+
+def expert_ffn(x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor, gate_up_EIH: torch.Tensor,
+               down_EHI: torch.Tensor) -> torch.Tensor:
+    """SwiGLU of expert e over the e-th block of rows (counts_E[e] rows, blocks in expert order), each
+    row's output scaled by its routing weight. Shapes: gate_up [E, 2I, H], down [E, H, I]."""
+    h_RI2 = grouped_linear(x_RH, gate_up_EIH, counts_E)
+    gate_RI, up_RI = h_RI2.chunk(2, dim=-1)
+    # the routing weight scales the (narrower) down-projection input: the same as scaling its output
+    return grouped_linear((F.silu(gate_RI) * up_RI * w_R1).to(h_RI2.dtype), down_EHI, counts_E)
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -115,8 +141,9 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
         if n:
             outs.append(x_RIn[start : start + n] @ w_EOutIn[e].T)
             start += n
-    if not outs:
-        return x_RIn.new_zeros(0, w_EOutIn.shape[1])
+    if not outs:  # no rows: an empty matmul, so the weight still gets a (zero) gradient. Under expert
+        # parallelism a rank's experts can receive no row while FSDP reduces their gradients on every rank.
+        return x_RIn[:0] @ w_EOutIn[0].T
     return torch.cat(outs)
 
 

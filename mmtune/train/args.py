@@ -325,6 +325,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--expert-model-parallel-size", type=int, default=1,
       help="ranks that split the routed experts (each owns n_routed_experts/EP whole experts; tokens travel by "
            "all-to-all); taken from the data/context ranks, must divide them and the experts (default 1)")
+    a("--moe-router-bias-update-rate", type=float, default=0.0,
+      help="aux-loss-free load balancing: after each step every router's e_score_correction_bias moves by this "
+           "rate towards balance (+rate for experts below the mean load, -rate above); 0 = off, the finetuning "
+           "default (DeepSeek-V3 pretrained with 1e-3)")
     for name in ("tensor-model", "pipeline-model"):
         a(f"--{name}-parallel-size", type=int, default=1, help="must be 1 (not supported; use FSDP2, CP and EP)")
 
@@ -399,6 +403,7 @@ class TrainConfig(BaseModel):
     context_parallel_size: int = Field(1, gt=0)
     context_parallel_algo: Literal["ulysses_cp_algo"] = "ulysses_cp_algo"
     expert_model_parallel_size: int = Field(1, gt=0)
+    moe_router_bias_update_rate: float = Field(0.0, ge=0)
     world_size: int = Field(1, gt=0)
     model: ModelJsonConfig
     fsdp2: Fsdp2Config

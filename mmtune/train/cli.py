@@ -63,9 +63,6 @@ def run(cfg, *, print_fn=print) -> dict:
             raise FileNotFoundError(f"{cfg.mm_model}: init_from_hf_path {hf_path} has no config.json")
         mcfg = Glm4vMoeConfig.from_pretrained(hf_path)
         env.dims.check_model(num_experts=mcfg.text.n_routed_experts, num_heads=mcfg.text.num_attention_heads)
-        if env.dims.ep > 1:
-            raise ValueError(f"{PROG}: expert parallelism is not implemented yet "
-                             "(--expert-model-parallel-size must be 1)")
         source = resolve_load_path(cfg.load) if cfg.load else None
         freeze = FreezeSpec(vision_encoder=cfg.model.freeze_vision_encoder,
                             vision_projector=cfg.model.freeze_vision_projector,

@@ -166,6 +166,8 @@ class MetricsLogger:
             parts += [f"tokens/s {_fmt_count(row['tokens_per_s'])}", f"samples/s {row['samples_per_s']:.2f}"]
         if "mfu" in row:
             parts.append(f"mfu {100 * row['mfu']:.1f}%")
+        if "moe_load_max_mean" in row:  # the worst MoE layer's busiest expert over the mean (train/moe_balance.py)
+            parts.append(f"moe load max/mean {row['moe_load_max_mean']:.2f} (moe layer {row['moe_load_worst_layer']})")
         parts += [f"mem {row['mem_gib']:.2f}GiB", f"step_time {row['step_time_s']:.3f}s", f"eta {_fmt_time(row['eta_s'])}"]
         if row.get("skipped"):
             parts.append("SKIPPED (non-finite loss)")
@@ -175,7 +177,7 @@ class MetricsLogger:
             with open(self.metrics_file, "a") as f:
                 f.write(json.dumps(clean) + "\n")
         if self.tb:
-            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_gib"):
+            for key in ("loss", "lr", "grad_norm", "tokens_per_s", "samples_per_s", "mfu", "mem_gib", "moe_load_max_mean"):
                 if key in row and isinstance(row[key], (int, float)) and math.isfinite(row[key]):
                     self.tb.add_scalar(f"train/{key}", row[key], row["step"])
 

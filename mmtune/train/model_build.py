@@ -63,7 +63,7 @@ def build_model(model_cls, config, env: DistEnv, opts: FSDPOptions, freeze: Free
     with torch.device("meta"):
         model = model_cls(config)
     apply_freeze(model, freeze)
-    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh)
+    parallelize(model, env.mesh, opts, env.device, cp_mesh=env.dims.cp_mesh, expert_mesh=env.dims.expert_mesh)
     materialize(model, env.device)
     if not load_weights:
         _reset_non_persistent_buffers(model)

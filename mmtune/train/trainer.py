@@ -4,9 +4,10 @@ One optimizer step ("step") consumes a window of G = global_batch / (micro_batch
 each rank. The whole window is fetched first (the recipe's PrefetchGradAccDataLoader) so that the loss
 context — the window's valid-token count over all ranks, for per_token_loss — is known before the first
 micro-batch (`LossContext.for_window`, one all-reduce). Gradients are synchronised (FSDP2 reduce-scatter)
-only on the window's last micro-batch. Then: clip (total norm over the DTensor shards), and — unless the
-loss or the norm is not finite, in which case the step is skipped and counted — AdamW and the LR
-scheduler step.
+only on the window's last micro-batch. Then: clip (the total norm over every parameter's shards, dense and
+expert: distributed/grad_norm.py), and — unless the loss or the norm is not finite, in which case the step
+is skipped and counted — AdamW, the LR scheduler step and (with --moe-router-bias-update-rate) the router
+bias update from the step's expert loads (train/moe_balance.py), which are also logged.
 
 Every rank runs the vision tower on every micro-batch (`run_vision_without_images=True`), on a dummy
 image when its batch has none, so FSDP's all-gathers of the vision blocks always match across ranks.
@@ -31,10 +32,12 @@ from torch import nn
 
 from mmtune.distributed.context_parallel import ContextParallel
 from mmtune.distributed.env import DistEnv
+from mmtune.distributed.grad_norm import clip_grad_norm
 from mmtune.distributed.parallelize import set_gradient_sync, unshard_lm_head
 from mmtune.train.checkpoint import Checkpointer, TrainState
 from mmtune.train.loss import LossContext, lm_loss
 from mmtune.train.metrics import MetricsLogger, StepStats
+from mmtune.train.moe_balance import expert_loads, load_summary, routers, update_router_bias
 from mmtune.train.profiling import Profiler
 
 _TENSOR_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw",
@@ -69,6 +72,7 @@ class LoopSettings:
     pad_token_id: int | None = None  # tokens equal to it are not counted as throughput or for the aux loss
     num_experts: int | None = None
     top_k: int | None = None
+    router_bias_update_rate: float = 0.0  # --moe-router-bias-update-rate (0: the bias stays as loaded)
 
     @classmethod
     def from_config(cls, cfg, model_config=None) -> "LoopSettings":
@@ -81,6 +85,7 @@ class LoopSettings:
             max_nonfinite_steps=cfg.max_nonfinite_steps,
             pad_token_id=getattr(text, "pad_token_id", None) if text is not None else None,
             num_experts=getattr(text, "n_routed_experts", None), top_k=getattr(text, "num_experts_per_tok", None),
+            router_bias_update_rate=cfg.moe_router_bias_update_rate,
         )
 
 
@@ -92,6 +97,7 @@ class StepResult:
     tokens: int
     samples: int
     skipped: bool
+    expert_load: torch.Tensor | None = None  # [MoE layers, E] tokens per expert, summed over ranks
 
 
 class Trainer:
@@ -112,6 +118,7 @@ class Trainer:
         self.cp = ContextParallel.from_mesh(env.dims.cp_mesh)  # None unless --context-parallel-size > 1
         dp_mesh = env.dims.dp_mesh
         self.dp_group = dp_mesh.get_group() if dp_mesh is not None else None  # None: every rank
+        self.gates = routers(model)
         self._it = None
         self.epoch = 0
         self.nonfinite_in_a_row = 0
@@ -150,6 +157,7 @@ class Trainer:
         loss_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         aux_sum = torch.zeros((), dtype=torch.float64, device=self.env.device)
         tokens = samples = 0
+        loads = None
         for i, batch in enumerate(window):
             set_gradient_sync(model, i == len(window) - 1)
             token_mask = None
@@ -170,6 +178,10 @@ class Trainer:
                 num_experts=s.num_experts, top_k=s.top_k, token_mask=token_mask, cp=self.cp,
             )
             lo.loss_for_backward.backward()
+            if self.gates:  # router logits hold this rank's tokens (its S/cp share under cp)
+                local_mask = self.cp.local(token_mask, 1) if self.cp is not None else token_mask
+                load = expert_loads(self.gates, out.router_logits, local_mask)
+                loads = load if loads is None else loads + load
             loss_sum += lo.loss_value.double()
             aux_sum += lo.aux_value.double()
             if self.cp is None or self.cp.rank == 0:  # a cp group shares one micro-batch: count it once
@@ -177,9 +189,12 @@ class Trainer:
                 samples += int(batch.get("num_samples", batch["input_ids"].shape[0]))
         totals = torch.stack([loss_sum, aux_sum, torch.tensor(float(tokens), dtype=torch.float64, device=loss_sum.device),
                               torch.tensor(float(samples), dtype=torch.float64, device=loss_sum.device)])
+        if loads is not None:  # summed over ranks in the same all-reduce (exact in float64)
+            totals = torch.cat([totals, loads.reshape(-1).to(totals)])
         if self.env.distributed:
             dist.all_reduce(totals)
         loss, aux = float(totals[0]), float(totals[1])
+        loads = totals[4:].view_as(loads).cpu() if loads is not None else None
         grad_norm = self._clip()
         skipped = not (math.isfinite(loss) and math.isfinite(aux) and math.isfinite(grad_norm))
         if skipped:
@@ -188,19 +203,14 @@ class Trainer:
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, aux, grad_norm, int(totals[2]), int(totals[3]), skipped)
+            if s.router_bias_update_rate > 0 and loads is not None:
+                update_router_bias(self.gates, loads, s.router_bias_update_rate)
+        return StepResult(loss, aux, grad_norm, int(totals[2]), int(totals[3]), skipped, loads)
 
     def _clip(self) -> float:
-        """Total gradient norm over all trainable parameters (every rank gets the same number); clips to
-        --clip-grad when > 0."""
-        max_norm = self.s.clip_grad if self.s.clip_grad > 0 else float("inf")
-        params = [p for p in self.params if p.grad is not None]
-        if not params:
-            return 0.0
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm=max_norm, foreach=True)
-        if hasattr(norm, "full_tensor"):
-            norm = norm.full_tensor()
-        return float(norm)
+        """Total gradient norm over all trainable parameters, dense and expert (every rank gets the same
+        number); clips to --clip-grad when > 0."""
+        return clip_grad_norm(self.params, self.s.clip_grad if self.s.clip_grad > 0 else float("inf"))
 
     # ------------------------------------------------------------------------------------- loop
 
@@ -240,6 +250,8 @@ class Trainer:
                 if self.nonfinite_total:
                     extra["nonfinite_steps"] = self.nonfinite_total
                 log = step % s.log_interval == 0 or step == s.train_iters or result.skipped
+                if log and result.expert_load is not None:
+                    extra.update(load_summary(result.expert_load))
                 self.metrics.record(StepStats(step, result.loss, lr, result.grad_norm, step_time, result.tokens,
                                               result.samples, result.skipped, extra, data_wait=data_wait,
                                               compiling=_frames_compiled() > frames), log=log)
