@@ -10,6 +10,11 @@ the uncontended cost on a shared machine).
 
     python bench/model_step_cpu.py [--arch glm4v_moe|glm4v] [--steps 6] [--batch 4] [--seq 512] [--packed N] [--profile]
                                    [--threads 1 --cpu-time]   # on a shared machine
+                                   [--compile]                # + ours with --use-torch-compile's compiled blocks
+
+With --compile a copy of ours has every block compiled as `mmtune train --use-torch-compile` does (dynamic
+shapes; --static for fixed ones); its first step (compiling) is timed apart, and its loss must equal eager's
+before anything is timed.
 """
 
 from __future__ import annotations
@@ -103,6 +108,10 @@ def main(argv=None) -> int:
                         "what a step costs when other jobs share the cores, which the wall clock does not show)")
     p.add_argument("--arch", choices=["glm4v_moe", "glm4v"], default="glm4v_moe",
                    help="glm4v_moe: GLM-4.5V (MoE, default); glm4v: the dense GLM-4.1V")
+    p.add_argument("--compile", action="store_true",
+                   help="also time ours with --use-torch-compile's per-block torch.compile (same weights; compile "
+                        "time reported separately)")
+    p.add_argument("--static", action="store_true", help="with --compile: static shapes (default: dynamic, as training)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -171,12 +180,43 @@ def main(argv=None) -> int:
 
         runs.update({f"hf-{k}-packed{args.packed}": make_step_hf_packed(m) for k, m in hf.items()})
 
+    compiled = {}
+    if args.compile:
+        import copy
+
+        from mmtune.distributed.compile import apply_compile, compile_counters
+
+        ours_c = copy.deepcopy(ours)
+        apply_compile(ours_c, dynamic=not args.static)
+        compiled["model"] = ours_c
+
+        def compiled_step(**packed):
+            def step():
+                loss = loss_of(ours_c(ids, pixel_values=pixels, image_grid_thw=grids, **packed).logits)
+                loss.backward()
+                return loss.detach()
+            return step
+
+        variants = {"ours-compiled": {}}
+        if args.packed:
+            variants[f"ours-compiled-packed{args.packed}"] = dict(position_ids=pos, cu_seqlens=cu)
+        compiled["compile_s"] = {}
+        for name, packed in variants.items():
+            t0 = time.perf_counter()
+            loss_c = compiled_step(**packed)()  # compiles forward and backward of each block kind
+            compiled["compile_s"][name] = time.perf_counter() - t0
+            eager_out = ours(ids, pixel_values=pixels, image_grid_thw=grids, **packed)
+            loss_e = loss_of(eager_out.logits).detach()
+            if not torch.allclose(loss_c, loss_e, rtol=1e-5, atol=1e-5):  # the same numbers before any timing
+                raise AssertionError(f"{name}: compiled loss {float(loss_c)} != eager {float(loss_e)}")
+            ours_c.zero_grad(set_to_none=True)
+            runs[name] = compiled_step(**packed)
+
     clock = time.process_time if args.cpu_time else time.perf_counter
     times: dict[str, list[float]] = {k: [] for k in runs}
     for i in range(args.steps + 2):
         for name, fn in runs.items():
-            ours.zero_grad(set_to_none=True)
-            for m in hf.values():
+            for m in [ours, *hf.values(), *([compiled["model"]] if compiled else [])]:
                 m.zero_grad(set_to_none=True)
             t0 = clock()
             fn()
@@ -203,10 +243,22 @@ def main(argv=None) -> int:
               f"{med[best_p] / med[f'ours-packed{n}']:.2f}x (median steps), "
               f"{min(low[k] for k in hf_packed) / low[f'ours-packed{n}']:.2f}x (best steps)")
 
+    if args.compile:
+        print(f"ratio ours-compiled / transformers ({best}): {med[best] / med['ours-compiled']:.2f}x tokens/s (median "
+              f"steps), {min(low['hf-grouped_mm'], low['hf-eager']) / low['ours-compiled']:.2f}x (best steps); "
+              f"compiled / eager ours {med['ours'] / med['ours-compiled']:.2f}x (median steps)")
+        if args.packed:
+            n = f"packed{args.packed}"
+            print(f"packed rows: ours-compiled / ours eager {med[f'ours-{n}'] / med[f'ours-compiled-{n}']:.2f}x "
+                  f"(median steps)")
+        print(f"first compiled steps (compiling, wall clock): "
+              f"{ {k: round(v, 1) for k, v in compiled['compile_s'].items()} } s; {compile_counters()}; "
+              f"compiled losses equal eager's (rtol 1e-5)")
+
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
-        for name in ("ours", best):
+        for name in ("ours", best, *(["ours-compiled"] if args.compile else [])):
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runs[name]()
             print(f"--- profile: {name}")

@@ -58,6 +58,7 @@ class DemoSettings:
     overwrite: bool = False
     lora_r: int | None = None  # LoRA of this rank (alpha = 2 r) instead of full finetuning
     arch: str = "glm4v_moe"  # config.json model_type of the tiny model (mmtune.models.ARCHITECTURES)
+    compile: bool = False  # mmtune train --use-torch-compile
 
 
 class _Stages:
@@ -126,6 +127,8 @@ def train_command(s: DemoSettings, data_json: Path, model_json: Path, load: Path
     ]
     if s.lora_r:
         flags += ["--lora-r", str(s.lora_r), "--lora-alpha", str(2 * s.lora_r)]
+    if s.compile:
+        flags.append("--use-torch-compile")
     if s.nproc == 1:
         return [sys.executable, "-m", "mmtune", "train", *flags]
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(s.nproc),
@@ -264,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--arch", choices=list(TINY_NAMES), default="glm4v_moe",
                     help="the tiny model's architecture: glm4v_moe = GLM-4.5V (MoE, default), glm4v = GLM-4.1V / "
                          "GLM-4.6V-Flash (dense)")
+    ap.add_argument("--compile", action="store_true",
+                    help="train with --use-torch-compile (the first step compiles: minutes on a small CPU; the "
+                         "compiled kernels are cached under /tmp/torchinductor_$USER for the next run)")
     args = ap.parse_args(argv)
     for name in ("steps", "nproc", "num_samples", "num_eval", "batch_size", "threads", "lora_r"):
         if getattr(args, name) < 1:
@@ -272,7 +278,8 @@ def main(argv: list[str] | None = None) -> int:
                      num_eval=args.num_eval, batch_size=args.batch_size, seed=args.seed,
                      lr=args.lr if args.lr is not None else (LORA_LR if args.lora else DemoSettings.lr),
                      warmup_fraction=args.warmup_fraction, lora_r=args.lora_r if args.lora else None,
-                     threads=args.threads, overwrite=args.overwrite, arch=args.arch)
+                     threads=args.threads, overwrite=args.overwrite, arch=args.arch,
+                     compile=args.compile)
     r = run_demo(s)
     print(f"\nsummary: the exported model ({r['export']}) answers {r['accuracy']:.1%} of {s.num_eval} held-out "
           f"questions correctly (chance {r['chance']:.1%}) after {r['steps']} steps; training took "

@@ -30,11 +30,12 @@ PINNED_FLAGS = [
     "--lora-alpha", "--lora-dropout", "--lora-load", "--lora-r", "--lora-target-modules", "--lr", "--lr-decay-iters",
     "--lr-decay-style", "--lr-warmup-fraction", "--lr-warmup-iters", "--max-nonfinite-steps", "--metrics-file",
     "--micro-batch-size", "--min-lr", "--mm-data", "--mm-model", "--mm-tool", "--moe-router-bias-update-rate",
-    "--no-auto-resume", "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-workers",
+    "--no-auto-resume", "--no-load-optim", "--no-load-rng", "--no-save-optim", "--no-save-rng", "--num-threads",
+    "--num-workers",
     "--pipeline-model-parallel-size",
     "--recompute-granularity", "--recompute-method", "--recompute-num-layers", "--save", "--save-interval",
     "--seed", "--seq-length", "--tensor-model-parallel-size", "--train-iters", "--use-flash-attn",
-    "--use-torch-fsdp2", "--weight-decay",
+    "--use-torch-compile", "--use-torch-fsdp2", "--weight-decay",
 ]
 
 

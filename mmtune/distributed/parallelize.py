@@ -1,9 +1,11 @@
-"""Apply context and expert parallelism, FSDP2 and activation checkpointing to a GLM-4.5V model from outside.
+"""Apply context and expert parallelism, FSDP2, activation checkpointing and torch.compile to a GLM-4.5V
+model from outside.
 
 Order (as torchtitan does): context parallelism (hooks and the attention function, no parameters;
-context_parallel.py), expert parallelism (below), activation checkpointing per block, then `fully_shard`
-per block — each vision block, each decoder layer, the token embedding, the lm head — and finally the
-root, which takes every remaining parameter (patch embed, merger, final norms). The model code knows nothing of it.
+context_parallel.py), expert parallelism (below), activation checkpointing per block, torch.compile per
+block (with --use-torch-compile, compile.py), then `fully_shard` per block — each vision block, each
+decoder layer, the token embedding, the lm head — and finally the root, which takes every remaining
+parameter (patch embed, merger, final norms). The model code knows nothing of it.
 
 Module paths (docs/INTERNALS.md "Model"): `model.model.visual.blocks`, `model.model.language_model.layers`,
 `model.model.language_model.embed_tokens`, `model.lm_head` — the same paths as transformers' model, so
@@ -70,6 +72,8 @@ class FSDPOptions:
     recompute_num_layers: int | None = None  # --recompute-method block: only the first N blocks (None: all)
     checkpoint_vision: bool = True  # also recompute vision blocks (only matters when they train)
     activation_offload: bool = False  # model.json activation_offload: saved activations of decoder blocks to host
+    torch_compile: bool = False  # --use-torch-compile: torch.compile each block (distributed/compile.py)
+    compile_backend: str | None = None  # torch.compile backend (None: compile.BACKEND, inductor)
 
     @classmethod
     def from_config(cls, cfg, *, activation_checkpointing: bool = False,
@@ -166,6 +170,10 @@ def parallelize(model: nn.Module, mesh: DeviceMesh | None, opts: FSDPOptions, de
         recomputed = len(text_blocks) if opts.recompute_num_layers is None else opts.recompute_num_layers
         apply_activation_offload(text_blocks, skip=set(range(recomputed)) if opts.activation_checkpointing else set(),
                                  pin_memory=device.type == "cuda")
+    if opts.torch_compile:
+        from mmtune.distributed.compile import apply_compile
+
+        apply_compile(model, backend=opts.compile_backend)
     if mesh is None:
         return model
     head = getattr(model, "lm_head", None)

@@ -14,7 +14,7 @@ calls `attention(q, k, v, mask)`. Three cases:
 Backends (`backend=`, chosen per tower from model.json's attn_implementation, train/model_options.py):
 - "flash" (flash_attention_2/3, the default): the varlen flash kernel where it can run (CUDA, bf16/fp16,
   SM80+), else SDPA as below;
-- "sdpa": always SDPA (torch picks its fused kernel; packed rows: one call per segment);
+- "sdpa": always SDPA (torch picks its fused kernel; packed rows: one flash call per segment on the CPU);
 - "eager": SDPA restricted to its plain math kernel (the reference numerics, slowest).
 
 Legend: B batch, S queries per row, K keys per row (past + S), H query heads, G key/value heads,
@@ -29,6 +29,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from mmtune.ops.segment_attention import segment_attention, segment_attention_ok
 
 BACKENDS = ("flash", "sdpa", "eager")
 
@@ -120,13 +122,9 @@ def _sdpa(q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask, scale) -> torch.Tensor:
     G = k_BGKD.shape[1]
     gqa = H != G
     if mask.cu_seqlens is not None:
-        if len(mask.lengths) == B:  # one segment per row: the plain batched call
-            return F.scaled_dot_product_attention(
-                q_BHSD, k_BGKD, v_BGKD, is_causal=mask.causal, scale=scale, enable_gqa=gqa
-            )
-        flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], B * S, D)  # noqa: E731  [1, heads, T, D]
-        out_1HTD = _sdpa_segments(flat(q_BHSD), flat(k_BGKD), flat(v_BGKD), mask.lengths, mask.causal, scale)
-        return out_1HTD[0].view(H, B, S, D).transpose(0, 1)
+        if segment_attention_ok(q_BHSD):  # CPU: one opaque op, whole to torch.compile
+            return segment_attention(q_BHSD, k_BGKD, v_BGKD, mask.cu_seqlens, mask.causal, scale)
+        return _packed_sdpa(q_BHSD, k_BGKD, v_BGKD, mask.cu_seqlens, mask.causal, scale)
     if mask.mask_B1SK is not None:
         return F.scaled_dot_product_attention(
             q_BHSD, k_BGKD, v_BGKD, attn_mask=mask.mask_B1SK, scale=scale, enable_gqa=gqa
@@ -157,10 +155,25 @@ def attention_per_segment(
         q_THD, k_THD, v_THD = (x.transpose(0, 1).contiguous() for x in (q_HTD, k_HTD, v_HTD))
         out_THD = _varlen_attn()(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, scale=scale)
         return out_THD.transpose(0, 1)
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    # 4-D inputs: SDPA's fused CPU kernel takes [B, H, S, D] only (3-D falls back to the math path)
     with _kernels(backend):
-        return _sdpa_segments(q_HTD[None], k_HTD[None], v_HTD[None], lengths, False, scale)[0]
+        if segment_attention_ok(q_HTD):
+            return segment_attention(q_HTD[None], k_HTD[None], v_HTD[None], cu_seqlens, False, scale)[0]
+        # 4-D inputs: SDPA's fused CPU kernel takes [B, H, S, D] only (3-D falls back to the math path)
+        return _packed_sdpa(q_HTD[None], k_HTD[None], v_HTD[None], cu_seqlens, False, scale)[0]
+
+
+@torch.compiler.disable  # a loop over the segments' lengths (Python ints): eager even inside a compiled block
+def _packed_sdpa(q_BHSD, k_BGSD, v_BGSD, cu_seqlens: torch.Tensor, causal: bool, scale) -> torch.Tensor:
+    """One SDPA per segment of `cu_seqlens` (bounds over the flattened B*S tokens), or one batched call when
+    each row is one segment; where `segment_attention` cannot run (CUDA without flash, the math kernel)."""
+    B, H, S, D = q_BHSD.shape
+    gqa = H != k_BGSD.shape[1]
+    if cu_seqlens.numel() == B + 1:  # one segment per row (bounds rise strictly and hold every row boundary)
+        return F.scaled_dot_product_attention(q_BHSD, k_BGSD, v_BGSD, is_causal=causal, scale=scale, enable_gqa=gqa)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
+    flat = lambda x: x.transpose(0, 1).reshape(1, x.shape[1], B * S, D)  # noqa: E731  [1, heads, T, D]
+    out_1HTD = _sdpa_segments(flat(q_BHSD), flat(k_BGSD), flat(v_BGSD), lengths, causal, scale)
+    return out_1HTD[0].view(H, B, S, D).transpose(0, 1)
 
 
 def _sdpa_segments(q_1HTD, k_1GTD, v_1GTD, lengths: list[int], causal: bool, scale) -> torch.Tensor:

@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mmtune.ops.fused import unpermute_sum
+from mmtune.ops.grouped_mm import _GROUPED_MM, grouped_mm
+
 
 class TopKRouter(nn.Module):
     """`mlp.gate`: weight [E, H] and the persistent fp32 buffer `e_score_correction_bias` [E]."""
@@ -114,16 +117,27 @@ class GroupedExperts(nn.Module):
         T, K = experts_TK.shape
         # sort the T*K (token, slot) rows by expert once; both projections run over the sorted rows
         order_R = experts_TK.view(-1).argsort(stable=True)
-        counts_E = torch.bincount(experts_TK.view(-1), minlength=self.num_experts)
-        x_RH = x_TH.index_select(0, order_R // K)
-        w_R1 = weights_TK.view(-1)[order_R, None]
-        with _grouped_mm_off() if not self.use_grouped_mm else contextlib.nullcontext():
-            y_RH = self.dispatch(x_RH, w_R1, counts_E, self.projection("gate_up_proj"),
-                                 self.projection("down_proj"))
-        # back to (token, slot) order and sum the K slots (a gather, not a scatter-add, in the forward)
         inverse_R = torch.empty_like(order_R)
         inverse_R[order_R] = torch.arange(order_R.numel(), device=order_R.device)
-        return y_RH.index_select(0, inverse_R).view(T, K, -1).sum(1).to(x_TH.dtype)
+        counts_E = expert_counts(experts_TK, self.num_experts)
+        token_R = order_R // K
+        x_RH = x_TH.index_select(0, token_R)
+        w_R1 = weights_TK.view(-1)[order_R, None]
+        gate_up, down = self.projection("gate_up_proj"), self.projection("down_proj")
+        if self.use_grouped_mm:
+            y_RH = self.dispatch(x_RH, w_R1, counts_E, gate_up, down)
+        else:
+            with _grouped_mm_off():
+                y_RH = self.dispatch(x_RH, w_R1, counts_E, gate_up, down)
+        # back to (token, slot) order and sum the K slots: gathers, not scatter-adds, forward and backward
+        return unpermute_sum(y_RH, inverse_R, token_R, K).to(x_TH.dtype)
+
+
+def expert_counts(experts_TK: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Rows per expert [E] (int64). A scatter-add, not `bincount`: its output shape does not depend on
+    the data, so torch.compile traces it without a graph break."""
+    ids_R = experts_TK.reshape(-1)
+    return ids_R.new_zeros(num_experts).scatter_add_(0, ids_R, torch.ones_like(ids_R))
 
 
 def expert_ffn(x_RH: torch.Tensor, w_R1: torch.Tensor, counts_E: torch.Tensor, gate_up, down) -> torch.Tensor:
@@ -165,7 +179,7 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
     x_RIn = x_RIn.to(w_EOutIn.dtype)
     if _GROUPED_ON.get() and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
-        return _GROUPED_MM(x_RIn, w_EOutIn.transpose(1, 2), offs=offs_E)
+        return grouped_mm(x_RIn, w_EOutIn.transpose(1, 2), offs_E)
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
@@ -175,9 +189,6 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
         # parallelism a rank's experts can receive no row while FSDP reduces their gradients on every rank.
         return x_RIn[:0] @ w_EOutIn[0].T
     return torch.cat(outs)
-
-
-_GROUPED_MM = getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
 def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -192,10 +203,7 @@ def _grouped_mm_ok(x: torch.Tensor, w: torch.Tensor) -> bool:
     elif x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     esize = x.element_size()
-    return (
-        (x.shape[1] * esize) % 16 == 0
-        and (w.shape[1] * esize) % 16 == 0
-        and (w.shape[2] * esize) % 16 == 0
-        and x.data_ptr() % 16 == 0
-        and w.data_ptr() % 16 == 0
-    )
+    shapes_ok = (x.shape[1] * esize) % 16 == 0 and (w.shape[1] * esize) % 16 == 0 and (w.shape[2] * esize) % 16 == 0
+    if torch.compiler.is_compiling():  # traced tensors have no address; the compiler allocates aligned buffers
+        return shapes_ok
+    return shapes_ok and x.data_ptr() % 16 == 0 and w.data_ptr() % 16 == 0

@@ -314,7 +314,14 @@ def build_parser() -> argparse.ArgumentParser:
            "offload_to_cpu needs; gloo on the CPU)")
     a("--distributed-timeout-minutes", type=int, default=10, help="collective timeout (default 10)")
     a("--num-workers", type=int,
-      help="data-loader worker processes per rank (default: data.json dataloader_param.num_workers, else 2)")
+      help="data-loader worker processes per rank (default: data.json dataloader_param.num_workers when given, "
+           "else chosen from the rank's cores: 0 on one core, else one per 4 cores, 1-4; printed at start)")
+    a("--num-threads", type=int,
+      help="intra-op threads per rank (default: OMP_NUM_THREADS when set, as torchrun sets it, else the rank's "
+           "cores minus its loader workers; printed at start)")
+    a("--use-torch-compile", action="store_true",
+      help="torch.compile each decoder layer and vision block (after activation checkpointing, before FSDP2; "
+           "dynamic token lengths, compiled once per block kind); the first step includes the compile time")
     a("--recompute-granularity", choices=["full", "selective"],
       help="activation checkpointing per transformer block: full (selective is not supported)")
     a("--recompute-method", choices=["uniform", "block"], default="uniform",
@@ -414,7 +421,9 @@ class TrainConfig(BaseModel):
     bf16: bool = False
     distributed_backend: Literal["auto", "nccl", "gloo"] = "auto"
     distributed_timeout_minutes: int = Field(gt=0)
-    num_workers: int | None = Field(None, ge=0)  # None: data.json's
+    num_workers: int | None = Field(None, ge=0)  # None: data.json's, else chosen from the cores (train/cores.py)
+    num_threads: int | None = Field(None, gt=0)  # None: OMP_NUM_THREADS, else chosen from the cores
+    use_torch_compile: bool = False
     recompute_granularity: Literal["full"] | None = None
     recompute_method: Literal["uniform", "block"] = "uniform"
     recompute_num_layers: int = Field(ge=0)

@@ -65,6 +65,15 @@ def run(cfg, *, print_fn=print) -> dict:
         if env.world_size != cfg.world_size:
             raise ValueError(f"{PROG}: the config was resolved for {cfg.world_size} ranks but {env.world_size} run")
         _seed_everything(cfg.seed)
+        from mmtune.data.config import load_data_config
+        from mmtune.train.cores import apply_threads, choose_cores
+
+        data_cfg = load_data_config(cfg.mm_data)
+        loader_param = data_cfg.dataloader_param
+        cores = choose_cores(cfg.num_threads, cfg.num_workers,
+                             loader_param.num_workers if "num_workers" in loader_param.model_fields_set else None)
+        apply_threads(cores)
+        say(f"{PROG}: {cores.describe()}", flush=True)
         hf_path = cfg.model.init_from_hf_path
         if not hf_path:
             raise ValueError(f"{cfg.mm_model}: init_from_hf_path is required (the HF dir whose config.json "
@@ -91,10 +100,8 @@ def run(cfg, *, print_fn=print) -> dict:
             say(line, flush=True)
 
         # data before the model: the cache is built (one process) or read now
-        from mmtune.data.config import load_data_config
         from mmtune.data.loader import build_train_loader
 
-        data_cfg = load_data_config(cfg.mm_data)
         consumed_for_loader = 0
         if source and source.kind == "training":
             from mmtune.train.checkpoint import peek_train_state
@@ -107,7 +114,7 @@ def run(cfg, *, print_fn=print) -> dict:
                 consumed_for_loader -= consumed_for_loader % env.dp_size
         loader = build_train_loader(data_cfg, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
                                     dp_rank=env.dp_rank, dp_size=env.dp_size, seed=cfg.seed,
-                                    num_workers=cfg.num_workers, consumed_samples=consumed_for_loader,
+                                    num_workers=cores.workers, consumed_samples=consumed_for_loader,
                                     progress=env.is_main, pin_memory=data_cfg.dataloader_param.pin_memory and on_cuda)
         if loader.prepared is not None and loader.prepared.from_cache:  # (a build logs itself, on its process)
             say(f"{PROG}: {loader.prepared.note}", flush=True)
@@ -119,6 +126,7 @@ def run(cfg, *, print_fn=print) -> dict:
             recompute_num_layers=cfg.recompute_num_layers if cfg.recompute_method == "block" else None)
         opts.param_dtype = cfg.param_dtype(env.device.type)  # fp32 on the CPU
         opts.activation_offload = cfg.model.text_decoder.activation_offload and on_cuda
+        opts.torch_compile = cfg.use_torch_compile
         if env.device.type != "cuda" or opts.param_dtype == torch.float32:
             opts.reduce_dtype = None  # reduce in the parameter dtype
         say(f"{PROG}: world size {env.world_size} on {env.device.type} ({env.dims.describe()}), "
@@ -189,8 +197,11 @@ def run(cfg, *, print_fn=print) -> dict:
         metrics.close()
         if summary and env.is_main:
             say(f"{PROG}: done. mean step time {summary['mean_step_time_s']:.4f} s | samples/s "
-                f"{summary['samples_per_s']:.2f} | tokens/s {summary['tokens_per_s']:.1f}"
-                + (f" | mfu {100 * summary['mfu']:.1f}%" if "mfu" in summary else ""), flush=True)
+                f"{summary['samples_per_s']:.2f} | tokens/s {summary['tokens_per_s']:.1f} | data wait "
+                f"{100 * summary['data_wait_frac']:.1f}% of step time"
+                + (f" | mfu {100 * summary['mfu']:.1f}%" if "mfu" in summary else "")
+                + (f" | compiling: {summary['compile_s']:.1f} s over {summary['compile_steps']} step(s), not in the "
+                   "means" if "compile_s" in summary else ""), flush=True)
         return summary if env.is_main else {}
     except RuntimeError as e:
         what = collective_failure(e)  # read the flight recorder before the process group goes away

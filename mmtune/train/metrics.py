@@ -85,6 +85,8 @@ class StepStats:
     samples: int  # job-wide samples of the step
     skipped: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
+    data_wait: float = 0.0  # seconds of step_time spent waiting for the loader (and the copy to the device)
+    compiling: bool = False  # torch.compile compiled graphs during this step (its time is mostly compiling)
 
 
 class MetricsLogger:
@@ -116,6 +118,8 @@ class MetricsLogger:
         self.times: list[float] = []
         self.tokens: list[int] = []
         self.samples: list[int] = []
+        self.waits: list[float] = []
+        self.compiling: list[bool] = []
 
     def truncate_after(self, step: int) -> None:
         """On resume: drop metrics rows of steps after the checkpoint (written by a run that died before
@@ -133,14 +137,19 @@ class MetricsLogger:
         self.times.append(s.step_time)
         self.tokens.append(s.tokens)
         self.samples.append(s.samples)
+        self.waits.append(s.data_wait)
+        self.compiling.append(s.compiling)
         if not (log and self.enabled):
             return None
         tps = s.tokens / s.step_time if s.step_time > 0 else 0.0
         row: dict[str, Any] = {
             "step": s.step, "loss": s.loss, "lr": s.lr, "grad_norm": s.grad_norm,
             "tokens_per_s": tps, "samples_per_s": s.samples / s.step_time if s.step_time > 0 else 0.0,
-            "step_time_s": s.step_time, "tokens": s.tokens, "samples": s.samples, "skipped": s.skipped,
+            "step_time_s": s.step_time, "data_wait_s": s.data_wait, "tokens": s.tokens, "samples": s.samples,
+            "skipped": s.skipped,
         }
+        if s.compiling:
+            row["compiling"] = True
         if self.flops_per_token and self.peak:
             row["mfu"] = tps * self.flops_per_token / (self.peak * self.world_size)
         if self.device.type == "cuda":
@@ -177,14 +186,24 @@ class MetricsLogger:
                     self.tb.add_scalar(f"train/{key}", row[key], row["step"])
 
     def summary(self, skip_first: int = 1) -> dict[str, float]:
-        """Mean step time, samples/s, tokens/s over the run (first `skip_first` steps left out as warm-up
-        when there are more steps than that)."""
-        k = skip_first if len(self.times) > skip_first else 0
-        times, toks, samp = self.times[k:], self.tokens[k:], self.samples[k:]
+        """Mean step time, samples/s, tokens/s and data-wait fraction over the run (first `skip_first` steps
+        and steps that compiled left out as warm-up when there are more steps than that). `compile_s`:
+        the time compiling steps took beyond a mean step (torch.compile's cost, reported separately)."""
+        n = len(self.times)
+        keep = [i for i in range(n) if i >= skip_first and not self.compiling[i]] or list(range(min(skip_first, n), n))
+        keep = keep or list(range(n))
+        times = [self.times[i] for i in keep]
+        toks, samp = [self.tokens[i] for i in keep], [self.samples[i] for i in keep]
         total = sum(times)
-        out = {"steps": len(times), "mean_step_time_s": total / len(times) if times else 0.0,
+        mean = total / len(times) if times else 0.0
+        out = {"steps": len(times), "mean_step_time_s": mean,
                "samples_per_s": sum(samp) / total if total > 0 else 0.0,
-               "tokens_per_s": sum(toks) / total if total > 0 else 0.0}
+               "tokens_per_s": sum(toks) / total if total > 0 else 0.0,
+               "data_wait_frac": sum(self.waits[i] for i in keep) / total if total > 0 else 0.0}
+        compiled = [t for t, c in zip(self.times, self.compiling) if c]
+        if compiled:
+            out["compile_steps"] = len(compiled)
+            out["compile_s"] = max(0.0, sum(compiled) - len(compiled) * mean)
         if self.flops_per_token and self.peak and total > 0:
             out["mfu"] = out["tokens_per_s"] * self.flops_per_token / (self.peak * self.world_size)
         return out

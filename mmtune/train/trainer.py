@@ -23,6 +23,7 @@ samples are counted once per cp group.
 from __future__ import annotations
 
 import math
+import sys
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable
@@ -43,6 +44,12 @@ from mmtune.train.profiling import Profiler
 
 _TENSOR_KEYS = ("input_ids", "labels", "position_ids", "cu_seqlens", "pixel_values", "image_grid_thw",
                 "pixel_values_videos", "video_grid_thw")
+
+
+def _frames_compiled() -> int:
+    """Frames torch.compile has compiled so far in this process (0 when nothing is compiled)."""
+    dynamo = sys.modules.get("torch._dynamo.utils")  # not imported: nothing was compiled
+    return dynamo.counters["frames"].get("ok", 0) if dynamo is not None else 0
 
 
 class NonFiniteLossError(RuntimeError):
@@ -225,6 +232,8 @@ class Trainer:
                 self.profiler.step_begin(step + 1)
             t0 = time.perf_counter()
             window = [self._to_device(self._next_batch()) for _ in range(s.grad_accum_steps)]
+            data_wait = time.perf_counter() - t0
+            frames = _frames_compiled()
             result = self.train_step(window)
             if self.env.device.type == "cuda":
                 torch.cuda.synchronize(self.env.device)
@@ -248,7 +257,8 @@ class Trainer:
                 if log and result.expert_load is not None:
                     extra.update(load_summary(result.expert_load))
                 self.metrics.record(StepStats(step, result.loss, lr, result.grad_norm, step_time, result.tokens,
-                                              result.samples, result.skipped, extra), log=log)
+                                              result.samples, result.skipped, extra, data_wait=data_wait,
+                                              compiling=_frames_compiled() > frames), log=log)
             if self.nonfinite_in_a_row >= s.max_nonfinite_steps:
                 raise NonFiniteLossError(
                     f"step {step}: the loss or gradient norm was not finite in {self.nonfinite_in_a_row} steps in a "

@@ -15,6 +15,8 @@ from torch import nn
 
 from mmtune.models.glm4v_moe.config import TextConfig
 from mmtune.ops.attention import AttentionMask, attention
+from mmtune.ops.fused import rms_norm
+from mmtune.ops.fused import rope as rotary
 from mmtune.ops.moe import GroupedExperts, TopKRouter
 
 
@@ -25,8 +27,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # normalised in fp32, scaled in the input dtype (as transformers); the fused op is ~1.5x faster on CPU
-        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
+        # normalised in fp32, scaled in the input dtype (as transformers), with a cheaper backward (ops/fused.py)
+        return rms_norm(x, self.weight, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -144,7 +146,7 @@ class TextAttention(nn.Module):
         q_BNSD = self.q_proj(x_BSH).view(B, S, self.num_heads, self.head_dim).transpose(1, 2)
         k_BGSD = self.k_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
         v_BGSD = self.v_proj(x_BSH).view(B, S, self.num_kv_heads, self.head_dim).transpose(1, 2)
-        q_BNSD, k_BGSD = self.apply_rope(q_BNSD, *rope), self.apply_rope(k_BGSD, *rope)
+        q_BNSD, k_BGSD = rotary(q_BNSD, *rope, self.apply_rope), rotary(k_BGSD, *rope, self.apply_rope)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
         o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=self.head_dim**-0.5, backend=self.attn_backend)

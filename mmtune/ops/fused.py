@@ -1,0 +1,83 @@
+"""Element-wise work around the matmuls, with hand-written backwards that do less than autograd's.
+
+Eagerly each torch op is one pass over memory; on the CPU these passes (norms, the MoE's row permutes)
+are a third of a train step next to the same matmuls transformers runs (docs/PERFORMANCE.md). Under
+torch.compile inductor fuses them itself; these functions make the eager path cheaper and trace the same.
+
+- `rms_norm(x, weight, eps)`: weight * (x / rms(x)), normalised in fp32 and scaled in x's dtype (as
+  transformers). Saves x and the [.., 1] inverse rms, not the fp32 intermediates autograd keeps, and its
+  backward is one expression instead of the composite's chain of pow/mean/rsqrt/mul backwards.
+- `unpermute_sum(y_R, inverse_R, token_R, k)`: the MoE's combine, the expert outputs back to (token, slot)
+  order and each token's k slots summed; the backward is one gather of the token gradients (autograd
+  materialises the broadcast [T, k, H] gradient, zero-fills and scatter-adds it). (The dispatch x[order //
+  k] keeps autograd's backward: its index-add into the T token rows is cheaper than un-sorting the R rows
+  by a gather and summing them, measured.)
+- `rope(x, cos, sin, rotate)`: a rotary embedding whose backward is the rotation by the opposite angles
+  (autograd keeps the pieces and zero-fills the slices of the rotated dims).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps: float):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, rstd, weight)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, rstd, weight = ctx.saved_tensors
+        y = x.float() * rstd
+        gy = (grad_out * weight).float()
+        grad_x = (gy - y * (gy * y).mean(-1, keepdim=True)) * rstd
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (grad_out * y.to(grad_out.dtype)).reshape(-1, y.shape[-1]).sum(0)
+        return grad_x.to(x.dtype), grad_w, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    return _RMSNorm.apply(x, weight, eps)
+
+
+class _UnpermuteSum(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_RH, inverse_R, token_R, k: int):
+        ctx.save_for_backward(token_R)
+        return y_RH.index_select(0, inverse_R).view(-1, k, y_RH.shape[-1]).sum(1)
+
+    @staticmethod
+    def backward(ctx, grad_TH):
+        (token_R,) = ctx.saved_tensors
+        return grad_TH.index_select(0, token_R), None, None, None
+
+
+def unpermute_sum(y_RH: torch.Tensor, inverse_R: torch.Tensor, token_R: torch.Tensor, k: int) -> torch.Tensor:
+    """out[t] = sum over t's k slots of y: the rows of y_RH (R = T*k, in expert order) go back to (token,
+    slot) order through the permutation `inverse_R` and each token's k rows are summed; `token_R` is the
+    token of each row of y_RH. [T, H]."""
+    return _UnpermuteSum.apply(y_RH, inverse_R, token_R, k)
+
+
+class _Rope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin, rotate):
+        ctx.save_for_backward(cos, sin)
+        ctx.rotate = rotate
+        return rotate(x, cos, sin)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return ctx.rotate(grad, cos, -sin), None, None, None
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate) -> torch.Tensor:
+    """`rotate(x, cos, sin)` (a rotary embedding: pairs of dims turned by angles) whose backward is the
+    rotation by the opposite angles, rotate(grad, cos, -sin)."""
+    return _Rope.apply(x, cos, sin, rotate)
