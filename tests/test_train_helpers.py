@@ -278,16 +278,17 @@ def _hf_placements(hf_dir: str) -> dict[str, bool]:
     out = {}
     for key, (shape, placements) in layouts.items():
         mesh = init_device_mesh("cpu", shape, mesh_dim_names=("a", "b")[: len(shape)])
-        sd = {n: distribute_tensor(torch.zeros(ref[n].shape), mesh, placements) for n in names}
-        reader = HFSliceReader(HFIndex.build(hf_dir, {n: tuple(ref[n].shape) for n in names}, adapter))
+        these = [n for n in names if ".experts." in n] if key.startswith("ep") else names  # EP: experts only
+        sd = {n: distribute_tensor(torch.zeros(ref[n].shape), mesh, placements) for n in these}
+        reader = HFSliceReader(HFIndex.build(hf_dir, {n: tuple(ref[n].shape) for n in these}, adapter))
         dcp.load(sd, storage_reader=reader)
-        local = sum(sd[n].to_local().numel() * 2 for n in names)  # the file is bf16
+        local = sum(sd[n].to_local().numel() * 2 for n in these)  # the file is bf16
         if key == "shard1":  # whole rows are read: the 2-D dense weights are read in full, experts exactly
-            full = sum(ref[n].numel() * 2 for n in names)
+            full = sum(ref[n].numel() * 2 for n in these)
             read_ok = local < reader.bytes_read < full
         else:  # a rank reads exactly the bytes of its own part
             read_ok = reader.bytes_read == local
-        out[key] = all(torch.equal(sd[n].full_tensor(), ref[n]) for n in names) and read_ok
+        out[key] = all(torch.equal(sd[n].full_tensor(), ref[n]) for n in these) and read_ok
     return out
 
 
