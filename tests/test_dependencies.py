@@ -1,5 +1,6 @@
-"""The install contract: runtime dependencies are what mmtune's default path imports, the torch floor is the
-tested version, and TensorBoard (an extra) is optional with one line saying so when it is missing."""
+"""The install contract: runtime dependencies are what mmtune's default path needs (jinja2 too: transformers
+renders the chat template with it), the torch floor is the tested version, and TensorBoard (an extra) is
+optional with one line saying so when it is missing."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 import tomllib
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -24,16 +26,40 @@ def _name(req: str) -> str:
 def test_runtime_dependencies_and_torch_floor():
     project = _project()
     deps = {_name(r): r for r in project["dependencies"]}
-    # jinja2 is never imported by mmtune (its chat format is rendered in data/template.py); TensorBoard is an extra
-    assert "jinja2" not in deps and "tensorboard" not in deps
-    assert "tensorboard" in {_name(r) for r in project["optional-dependencies"]["tensorboard"]}
+    # TensorBoard is an extra (of its own), never imported directly
+    assert "tensorboard" not in deps
+    assert [_name(r) for r in project["optional-dependencies"]["tensorboard"]] == ["tensorboard"]
     sources = "\n".join(p.read_text() for p in (REPO / "mmtune").rglob("*.py"))
-    assert not re.search(r"^\s*(import|from)\s+jinja2\b", sources, re.M)
     assert not re.search(r"^\s*(import|from)\s+tensorboard\b", sources, re.M)
     # the floor is the version the suite runs on (README says torch==2.13.0 is the tested one)
     floor = re.search(r">=\s*([0-9.]+)", deps["torch"]).group(1)
     assert torch.__version__.split("+")[0].startswith(floor + "."), (floor, torch.__version__)
     assert f"torch=={floor}." in (REPO / "README.md").read_text()
+
+
+def test_jinja2_is_a_runtime_dependency_because_the_chat_template_needs_it(tmp_path, monkeypatch):
+    """mmtune generate and the demo's evaluation encode the prompt with transformers' apply_chat_template,
+    which renders the tokenizer's jinja chat template; transformers does not install jinja2 itself."""
+    from transformers import AutoTokenizer
+    from transformers.utils import chat_template_utils
+
+    from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
+    from mmtune.generate import build_messages, encode_prompt
+
+    save_tiny_tokenizer(tmp_path)
+    tok = AutoTokenizer.from_pretrained(tmp_path)
+    image_id = tok.convert_tokens_to_ids("<|image|>")
+    assert "apply_chat_template" in (REPO / "mmtune" / "generate.py").read_text()
+    assert encode_prompt(tok, build_messages("<image>what is it?", 1), [2], image_id)  # renders with jinja2
+    # without jinja2 the same prompt cannot be encoded: mmtune needs it at run time
+    monkeypatch.setattr(chat_template_utils, "is_jinja_available", lambda: False)
+    chat_template_utils._compile_jinja_template.cache_clear()
+    with pytest.raises(ImportError, match="jinja2"):
+        encode_prompt(tok, build_messages("<image>what is it?", 1), [2], image_id)
+    requirement = {_name(r): r for r in _project()["dependencies"]}.get("jinja2")
+    assert requirement is not None, "jinja2 must be in pyproject's runtime dependencies"
+    # transformers refuses jinja2 older than 3.1.6 for apply_chat_template
+    assert re.search(r">=\s*3\.1\.([6-9]|\d\d)", requirement), requirement
 
 
 def test_metrics_without_tensorboard_says_so_once(tmp_path, monkeypatch):
