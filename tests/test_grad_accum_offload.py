@@ -1,16 +1,17 @@
 """Gradient accumulation holds only sharded gradients, and CPU offload trains like no offload — on 2 gloo
 ranks, in one torchrun launch of this file (the worker at the bottom):
 
-- a ~20M-parameter GLM-4.5V-architecture model (bench/grad_accum_memory.py measures), grad-accum 1
+- a ~20M-parameter GLM-4.5V-architecture model (bench/grad_accum_memory.py measures), one step of grad-accum 1
   (micro-batch 4) vs grad-accum 4 (micro-batch 1), same global batch, per_token_loss: between micro-batches a
   rank holds half the fp32 gradient (its shard) and the step's peak RSS exceeds grad-accum 1 by well under
   the full gradient; the previous schedule (no gradient sync until the window's last micro-batch), run in
   the same launch, holds the whole gradient and peaks higher — the measurement sees an unsharded gradient
-  when one is held. Gradients and losses agree with the old schedule and with grad-accum 1 (per_token
-  split invariance);
-- FSDP2 `CPUOffloadPolicy` (offload_to_cpu) + clipping + AdamW + save/resume equals the same run without
-  offload, step by step, and the resumed run continues exactly; HSDP with grad-accum 2 (all-reduce deferred to
-  the last micro-batch) equals FSDP.
+  when one is held. The step's loss and gradient norm agree with the old schedule and with grad-accum 1;
+- on the tiny model, 3 steps of grad-accum 2 with clipping + AdamW: equal to grad-accum 1 (per_token split
+  invariance across optimizer steps); FSDP2 `CPUOffloadPolicy` (offload_to_cpu) + save/resume equals the
+  same run without offload, step by step, and the resumed run continues exactly; HSDP equals FSDP, and
+  counting the collectives shows every micro-batch reduce-scatters while only the window's last one
+  all-reduces across the replicas.
 Plus, in one process: the FSDP forward-prefetch chain follows the order forward runs the blocks, and the
 CUDA process group has a CPU backend next to NCCL.
 """
@@ -71,18 +72,20 @@ def test_grad_accum_holds_only_sharded_gradients(dist_result):
     extra_new = (m["peak"]["ga4"] - m["peak"]["ga1"]) / full
     extra_old = (m["peak"]["ga4_no_sync"] - m["peak"]["ga1"]) / full
     assert extra_new < 0.4 and extra_old > extra_new + 0.15, frac
-    # the same numbers as today: the first step's gradient (norm) as the old schedule's, and two steps'
-    # losses and gradient norms as grad-accum 1's (the update of step 1 shows in step 2's loss)
-    assert len(m["losses"]["ga1"]) == len(m["losses"]["ga4"]) == 2
+    # the same numbers as today: the step's loss and gradient norm as the old schedule's and grad-accum 1's
+    # (that the update then continues like grad-accum 1: test_cpu_offload..., 3 steps on the tiny model)
     close = lambda a, b: abs(a - b) <= 1e-6 * abs(a)  # noqa: E731
-    assert close(m["grad_norms"]["ga4_no_sync"][0], m["grad_norms"]["ga4"][0]), m["grad_norms"]
-    assert close(m["losses"]["ga4_no_sync"][0], m["losses"]["ga4"][0]), m["losses"]
     for key in ("losses", "grad_norms"):
-        assert all(close(a, b) for a, b in zip(m[key]["ga1"], m[key]["ga4"])), m[key]
+        assert [len(v) for v in m[key].values()] == [1, 1, 1], m[key]
+        assert close(m[key]["ga4_no_sync"][0], m[key]["ga4"][0]) and close(m[key]["ga1"][0], m[key]["ga4"][0]), m[key]
 
 
 def test_cpu_offload_equals_no_offload_with_clip_and_resume(dist_result):
     o = dist_result["offload"]
+    # grad-accum 2 (micro-batch 1, the runs below) equals grad-accum 1 (micro-batch 2) over 3 optimizer steps
+    for key, rel in (("losses", 1e-6), ("grad_norms", 1e-5)):
+        assert len(o["ga1"][key]) == len(o["plain"][key]) == 3, o
+        assert all(abs(a - b) <= rel * abs(a) for a, b in zip(o["ga1"][key], o["plain"][key])), o
     assert o["offloaded"] == [False, True]  # FSDP2's CPUOffloadPolicy is on in the offload runs only
     for a, b in zip(o["plain"]["losses"], o["offload"]["losses"]):
         assert abs(a - b) <= 1e-6 * abs(a), o
@@ -95,6 +98,13 @@ def test_cpu_offload_equals_no_offload_with_clip_and_resume(dist_result):
 
 def test_hsdp_grad_accum_defers_only_the_all_reduce(dist_result):
     o = dist_result["offload"]
+    # [reductions (reduce-scatters), all-reduces across replicas] per micro-batch, 3 steps of 2 micro-batches:
+    # every micro-batch reduce-scatters each FSDP unit that has trainable parameters; under HSDP only the
+    # window's last micro-batch all-reduces (once per unit), under FSDP (no replicas) none does
+    units = o["reductions"]["fsdp"][0][0]
+    assert units > 1, o["reductions"]
+    assert o["reductions"]["fsdp"] == [[units, 0]] * 6, o["reductions"]
+    assert o["reductions"]["hsdp"] == [[units, 0], [units, units]] * 3, o["reductions"]
     for key in ("losses", "grad_norms"):
         for a, b in zip(o["plain"][key], o["hsdp"][key]):
             assert abs(a - b) <= 1e-6 * abs(a), o
@@ -141,9 +151,47 @@ def test_process_group_backend_has_a_cpu_backend_on_cuda():
 # ------------------------------------------------------------------------------------------- worker
 
 
+class _CountReductions:
+    """Per micro-batch of `model` (each root forward starts one): [FSDP gradient reductions, all-reduces run
+    inside them]. A reduction is FSDP2's `foreach_reduce` (the reduce-scatter over the shard group; a copy
+    into the shard when that group has 1 rank); the all-reduce inside it is the one across HSDP replicas."""
+
+    def __init__(self, model):
+        import torch.distributed as dist
+        from torch.distributed.fsdp._fully_shard import _fsdp_param_group
+
+        self.counts: list[list[int]] = []
+        self._modules = (_fsdp_param_group, dist)
+        self._orig = (_fsdp_param_group.foreach_reduce, dist.all_reduce)
+        self._inside = False
+        model.register_forward_pre_hook(lambda m, a: self.counts.append([0, 0]))
+
+    def _reduce(self, *args, **kwargs):
+        self.counts[-1][0] += 1
+        self._inside = True
+        try:
+            return self._orig[0](*args, **kwargs)
+        finally:
+            self._inside = False
+
+    def _all_reduce(self, *args, **kwargs):
+        if self._inside:
+            self.counts[-1][1] += 1
+        return self._orig[1](*args, **kwargs)
+
+    def __enter__(self):
+        self._modules[0].foreach_reduce, self._modules[1].all_reduce = self._reduce, self._all_reduce
+        return self
+
+    def __exit__(self, *exc):
+        self._modules[0].foreach_reduce, self._modules[1].all_reduce = self._orig
+
+
 def _offload_checks(env, root: Path) -> dict:
     """3 steps of 2 micro-batches with clipping and AdamW, with and without CPU offload; the offload run saves
-    after step 2, and a fresh offload model resumes from it for step 3. And the plain run again as HSDP."""
+    after step 2, and a fresh offload model resumes from it for step 3. The plain run again as grad-accum 1
+    (micro-batch 2) and as HSDP; the plain and HSDP runs count their gradient reductions per micro-batch."""
+    import contextlib
     from dataclasses import replace
 
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -160,16 +208,17 @@ def _offload_checks(env, root: Path) -> dict:
     clip = 0.5
     freeze = FreezeSpec(vision_encoder=True, vision_projector=False, text_decoder=False)
     steps = [[make_sample(200 + 4 * k + j, with_image=(j < 2)) for j in range(4)] for k in range(3)]
-    batches = [b for k in range(3) for b in windows_for(steps[k], 1, env.rank, 2)]
+    reductions = {}
 
-    def run(offload: bool, save: Path | None = None, resume: Path | None = None, run_env=env):
+    def run(offload: bool, save: Path | None = None, resume: Path | None = None, run_env=env, mbs: int = 1,
+            count: str | None = None):
         torch.manual_seed(0)
         model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), run_env,
                             FSDPOptions(cpu_offload=offload), freeze, seed=0)
         opt, sched = adamw(model)
-        s = LoopSettings(train_iters=3, grad_accum_steps=2, loss_type="per_token_loss", clip_grad=clip,
+        s = LoopSettings(train_iters=3, grad_accum_steps=2 // mbs, loss_type="per_token_loss", clip_grad=clip,
                          save_interval=2 if save else None)
-        loader = ListLoader(batches)
+        loader = ListLoader([b for k in range(3) for b in windows_for(steps[k], mbs, env.rank, 2)])
         t = Trainer(s, run_env, model, opt, sched, loader, checkpointer=Checkpointer(save) if save else None)
         state = TrainState()
         if resume is not None:
@@ -183,22 +232,27 @@ def _offload_checks(env, root: Path) -> dict:
             return r
 
         t.train_step = recording_step
-        t.fit(state)
+        with _CountReductions(model) if count else contextlib.nullcontext() as counter:
+            t.fit(state)
+        if count:
+            reductions[count] = counter.counts
         offloaded = all(fp.offload_to_cpu for fp in model.lm_head._get_fsdp_state()._fsdp_param_group.fsdp_params)
         sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
         return {"losses": t.losses, "grad_norms": norms}, sd, offloaded
 
-    plain, sd_plain, plain_offloaded = run(False)
+    plain, sd_plain, plain_offloaded = run(False, count="fsdp")
+    ga1, _, _ = run(False, mbs=2)
     offload, sd_off, offloaded = run(True, save=root / "offload_save")
     resumed, sd_res, _ = run(True, resume=root / "offload_save" / "iter_0000002")
     # HSDP (2 replicas of 1-rank shard groups): the all-reduce across replicas waits for the last micro-batch
     hsdp_env = replace(env, dims=ParallelDims.from_config(env.world_size, 1).build_meshes("cpu"))
-    hsdp, sd_hsdp, _ = run(False, run_env=hsdp_env)
+    hsdp, sd_hsdp, _ = run(False, run_env=hsdp_env, count="hsdp")
     hdiff = max((float((sd_plain[k] - sd_hsdp[k]).abs().max()) for k in sd_plain), default=0.0)
     diff = max((float((sd_plain[k] - sd_off[k]).abs().max()) for k in sd_plain), default=0.0)  # {} on rank 1
     rdiff = max((float((sd_off[k] - sd_res[k]).abs().max()) for k in sd_off), default=0.0)
     return {"plain": plain, "offload": offload, "resumed": resumed, "clip": clip, "offloaded": [plain_offloaded, offloaded],
-            "max_param_diff": diff, "max_resumed_param_diff": rdiff, "hsdp": hsdp, "max_hsdp_param_diff": hdiff}
+            "max_param_diff": diff, "max_resumed_param_diff": rdiff, "hsdp": hsdp, "max_hsdp_param_diff": hdiff,
+            "ga1": ga1, "reductions": reductions}
 
 
 def _prefetch_chains(env) -> dict:
@@ -237,7 +291,7 @@ def _worker(root: str) -> None:
 
     env = init_distributed("cpu")
     bench = _bench()
-    result = {"memory": bench.measure(env, bench.model_config()), "offload": _offload_checks(env, Path(root)),
+    result = {"memory": bench.measure(env, bench.model_config(), steps=1), "offload": _offload_checks(env, Path(root)),
               "prefetch": _prefetch_chains(env)}
     if env.rank == 0:
         (Path(root) / "result.json").write_text(json.dumps(result))
