@@ -25,7 +25,12 @@ HERE = Path(__file__).parent
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory, tiny_hf_dir, shapes_dir):
-    return make_workdir(tmp_path_factory.mktemp("train_cli"), tiny_hf_dir, shapes_dir)
+    """The workdir, with a data cache: the first run (`straight`) builds it, every later start reuses it."""
+    work = make_workdir(tmp_path_factory.mktemp("train_cli"), tiny_hf_dir, shapes_dir)
+    data = json.loads((work / "data.json").read_text())
+    data["dataset_param"]["basic_parameters"]["cache_dir"] = str(work / "data_cache")
+    (work / "data.json").write_text(json.dumps(data))
+    return work
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -60,7 +65,10 @@ def test_resume_is_exact_and_checkpoints_are_complete(work, tiny_hf_dir, straigh
     assert (resumed / POINTER_FILE).read_text().strip() == "2"
     capsys.readouterr()
     assert main(_argv(work, resumed, 4, "--load", str(tiny_hf_dir))) == 0  # --save has a checkpoint: resumes
-    assert f"auto-resume from {resumed / 'iter_0000002'}" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"auto-resume from {resumed / 'iter_0000002'}" in out
+    # the data cache `straight` built is reused (and said so), and gives the same losses as the fresh build
+    assert f"mmtune train: data cache: reused {work / 'data_cache'}" in out, out
     a, b = _metrics(straight), _metrics(resumed)
     assert [r["step"] for r in a] == list(range(1, 5)) and [r["step"] for r in b] == list(range(1, 5))
     assert [r["loss"] for r in a] == [r["loss"] for r in b]  # bit-identical in fp32
