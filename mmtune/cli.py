@@ -9,7 +9,7 @@ import sys
 # name -> (module, one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "make-tiny": ("mmtune.tiny", "write a tiny GLM-V HF model dir (hub layout, tokenizer, processor; --arch glm4v: dense)"),
-    "data": ("mmtune.data.cli", "data tools: make-shapes, llava-to-mllm, check"),
+    "data": ("mmtune.data.cli", "data tools: make-shapes, llava-to-mllm, check, preprocess"),
     "convert": ("mmtune.convert.cli", "checkpoint conversion: hf-to-dcp, dcp-to-hf (expert merge/split; dense: copy)"),
     "train": ("mmtune.train.cli", "finetune (one process, or torchrun -m mmtune train ...)"),
     "generate": ("mmtune.generate", "generate an answer from an HF dir or a training checkpoint"),

@@ -307,11 +307,27 @@ def test_check_names_each_bad_sample(env, tmp_path, capsys):
 
 
 def test_data_cli_help(capsys):
-    for tool in ("make-shapes", "llava-to-mllm", "check"):
+    import argparse
+
+    from mmtune.cli import main as mmtune_main
+    from mmtune.data.cli import _parser
+
+    tools = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert {"make-shapes", "llava-to-mllm", "check", "preprocess"} <= set(tools)
+    for tool in tools:
         with pytest.raises(SystemExit) as e:
             data_main([tool, "--help"])
         assert e.value.code == 0
     assert "--seq-length" in capsys.readouterr().out
+    # `mmtune --help` and `mmtune data --help` name every tool
+    assert mmtune_main(["--help"]) == 0
+    data_line = next(line for line in capsys.readouterr().out.splitlines() if line.strip().startswith("data "))
+    with pytest.raises(SystemExit) as e:
+        mmtune_main(["data", "--help"])
+    assert e.value.code == 0
+    data_help = capsys.readouterr().out
+    for tool in tools:
+        assert tool in data_line and tool in data_help, (tool, data_line)
 
 
 def test_loader_skips_or_stops_on_undecodable_image(env, tmp_path):
