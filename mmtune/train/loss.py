@@ -71,7 +71,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mmtune.distributed.context_parallel import ContextParallel, all_reduce_sum
-from mmtune.train.args import LOSS_TYPES  # the one list (model.json loss_cfg.loss_type)
+from mmtune.train.recipe_files import LOSS_TYPES  # the one list (model.json loss_cfg.loss_type)
 
 IGNORE_INDEX = -100
 
