@@ -162,8 +162,24 @@ def test_two_nodes_of_two_ranks_build_the_cache_once_then_it_is_reused(tmp_path,
     assert f"data cache: reused {cache} (16 samples" in text and "with --seq-length 96: 16 samples, one a row" in text
 
 
+def test_training_prepares_data_before_it_builds_the_model(tmp_path, tiny_hf_dir, shapes_dir, monkeypatch, capsys):
+    """A data error stops `mmtune train` before any model is built (the order of train/cli.py)."""
+    import mmtune.train.model_build as model_build
+    from mmtune.train.cli import main
+    from test_train_helpers import make_workdir, train_argv
+
+    work = make_workdir(tmp_path, tiny_hf_dir, shapes_dir)
+    data = json.loads((work / "data.json").read_text())
+    data["dataset_param"]["basic_parameters"]["dataset"] = "no_such_file.json"
+    (work / "data.json").write_text(json.dumps(data))
+    built = []
+    monkeypatch.setattr(model_build, "build_model", lambda *a, **k: built.append(1))
+    assert main(train_argv(work, tmp_path / "save", 1)) == 2
+    assert "no_such_file.json" in capsys.readouterr().err and not built
+
+
 def _worker(data_json: str, out_dir: str) -> None:
-    """One rank of the test above: the training loader (as `mmtune train` builds it), then what it read."""
+    """One rank of test_two_nodes_of_two_ranks_build_the_cache_once_then_it_is_reused: the training loader (as `mmtune train` builds it), then what it read."""
     import hashlib
 
     import torch.distributed as dist
@@ -190,19 +206,3 @@ def _worker(data_json: str, out_dir: str) -> None:
 
 if __name__ == "__main__":
     _worker(*sys.argv[1:3])
-
-
-def test_training_prepares_data_before_it_builds_the_model(tmp_path, tiny_hf_dir, shapes_dir, monkeypatch, capsys):
-    """A data error stops `mmtune train` before any model is built (the order of train/cli.py)."""
-    import mmtune.train.model_build as model_build
-    from mmtune.train.cli import main
-    from test_train_helpers import make_workdir, train_argv
-
-    work = make_workdir(tmp_path, tiny_hf_dir, shapes_dir)
-    data = json.loads((work / "data.json").read_text())
-    data["dataset_param"]["basic_parameters"]["dataset"] = "no_such_file.json"
-    (work / "data.json").write_text(json.dumps(data))
-    built = []
-    monkeypatch.setattr(model_build, "build_model", lambda *a, **k: built.append(1))
-    assert main(train_argv(work, tmp_path / "save", 1)) == 2
-    assert "no_such_file.json" in capsys.readouterr().err and not built
