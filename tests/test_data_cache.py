@@ -179,7 +179,8 @@ def test_training_prepares_data_before_it_builds_the_model(tmp_path, tiny_hf_dir
 
 
 def _worker(data_json: str, out_dir: str) -> None:
-    """One rank of test_two_nodes_of_two_ranks_build_the_cache_once_then_it_is_reused: the training loader (as `mmtune train` builds it), then what it read."""
+    """One rank of test_two_nodes_of_two_ranks_build_the_cache_once_then_it_is_reused: the training loader (as
+    `mmtune train` builds it), then what it read."""
     import hashlib
 
     import torch.distributed as dist
