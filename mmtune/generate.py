@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from mmtune.config_files import DTYPE_NAMES
 from mmtune.models import architecture_for_config, architecture_of, load_config
 
 IMAGE_TAG = "<image>"
@@ -423,7 +424,7 @@ def main(argv: list[str] | None = None) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.dtype or ("bf16" if device == "cuda" else "fp32")]
+    dtype = getattr(torch, DTYPE_NAMES[args.dtype or ("bf16" if device == "cuda" else "fp32")])
 
     from mmtune.data.images import ImageProcessor, open_image
     from mmtune.data.video import VideoProcessor
