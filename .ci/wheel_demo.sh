@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # `pip install mmtune` then `mmtune demo` works: build the wheel, install it into a fresh venv and run a short
 # demo from a directory outside the repository. The fresh venv reuses the dependencies already installed in
-# the current environment (torch, transformers, ...) through a .pth file instead of downloading them; the
-# current environment's own (editable) mmtune is not visible there, so the demo runs from the wheel.
+# the current environment (torch, transformers, ...) through a .pth file instead of installing them a second
+# time (that would fetch and unpack torch and the rest again: GBs and minutes). So this checks the wheel (its
+# files, package data, entry point) and NOT pyproject.toml's dependency list: the venv sees every package of
+# the current environment, the test extra's too, so a runtime dependency missing from that list goes
+# unnoticed here (tests/test_dependencies.py checks the list for what it knows: jinja2, tensorboard, the torch
+# floor). The current environment's own (editable) mmtune is not visible there, so the demo runs from the wheel.
 # Usage: .ci/wheel_demo.sh   (with the environment that has mmtune's dependencies active, or PYTHON=...)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -37,6 +37,19 @@ def test_runtime_dependencies_and_torch_floor():
     assert f"torch=={floor}." in (REPO / "README.md").read_text()
 
 
+def test_ci_installs_and_tests_as_the_readme_says():
+    """.ci/run runs README's "Install and run the tests" command, step by step, then the wheel demo."""
+    readme = (REPO / "README.md").read_text()
+    command = re.search(r"Install and run the tests:\s*```bash\n(.+?)\n```", readme, re.S).group(1)
+    steps = [step.strip() for step in command.split("&&")]
+    assert steps[2:4] == ["pip install torch==2.13.0", "pip install -e '.[test]'"], steps
+    ci = [line.strip() for line in (REPO / ".ci" / "run").read_text().splitlines()
+          if line.strip() and not line.lstrip().startswith("#")]
+    at = ci.index(steps[0])
+    assert ci[at : at + len(steps)] == steps, ci
+    assert ci[at + len(steps):] == ["PYTHON=python .ci/wheel_demo.sh"], ci
+
+
 def test_jinja2_is_a_runtime_dependency_because_the_chat_template_needs_it(tmp_path, monkeypatch):
     """mmtune generate and the demo's evaluation encode the prompt with transformers' apply_chat_template,
     which renders the tokenizer's jinja chat template; transformers does not install jinja2 itself."""
