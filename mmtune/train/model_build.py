@@ -9,7 +9,7 @@ state, so nothing needs their fp32 copy — except the routers, which compute in
 Weights come from, in order of preference:
   * a converted weights-only DCP (`--load`, from `mmtune convert hf-to-dcp`): each rank reads its shard;
   * an HF dir (`--load HF_DIR`, or model.json `init_from_hf_path`): each rank reads only its slices of the
-    memory-mapped safetensors, experts merged on the fly (train/hf_load.py) — no conversion step, and
+    safetensors files (plain reads, no mmap), experts merged on the fly (train/hf_load.py) — no conversion step, and
     nothing is materialised in full anywhere: the path for the 106B model;
   * nothing: rank 0 initialises a full copy (`init_weights(seed)`) and scatters it with
     `set_model_state_dict(full_state_dict=True, broadcast_from_rank0=True)` (tests, tiny models).
