@@ -62,8 +62,10 @@ def collective_failure(exc: BaseException) -> str | None:
         what = (f"{entry.get('profiling_name', '?')} #{entry.get('collective_seq_id', '?')} on process group "
                 f"{pg_id} ({pg_desc}), input sizes {entry.get('input_sizes')}, timeout "
                 f"{entry.get('timeout_ms', 0) / 1000:g} s")
-    else:
-        what = f"{in_torch[-1].name} (torch.distributed; flight recorder off: TORCH_FR_BUFFER_SIZE=0)"
+    else:  # the recorder is off, or the collective failed before it was recorded (e.g. a bad argument)
+        size = os.environ.get("TORCH_FR_BUFFER_SIZE") or os.environ.get("TORCH_NCCL_TRACE_BUFFER_SIZE") or "0"
+        why = "flight recorder off: TORCH_FR_BUFFER_SIZE=0" if size == "0" else "not in the flight recorder"
+        what = f"{in_torch[-1].name} (torch.distributed; {why})"
     rank = dist.get_rank() if dist.is_initialized() else int(os.environ.get("RANK", "0"))
     cause = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
     cause = re.sub(r"^\[[^\]]*\]\s*", "", cause)  # gloo prefixes the C++ source location
