@@ -52,7 +52,8 @@ def test_ci_installs_and_tests_as_the_readme_says():
 
 def test_jinja2_is_a_runtime_dependency_because_the_chat_template_needs_it(tmp_path, monkeypatch):
     """mmtune generate and the demo's evaluation encode the prompt with transformers' apply_chat_template,
-    which renders the tokenizer's jinja chat template; transformers does not install jinja2 itself."""
+    which renders the tokenizer's jinja chat template; transformers does not require jinja2 (torch 2.13 happens
+    to, without a version), so mmtune lists it itself."""
     from transformers import AutoTokenizer
     from transformers.utils import chat_template_utils
 
