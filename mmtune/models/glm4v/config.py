@@ -48,6 +48,7 @@ class TextConfig:
     # what the shared attention and the planner read (transformers: q/k/v always carry a bias)
     attention_bias = True
     norms_per_layer = 4  # input, post-self-attention, post-attention, post-MLP RMSNorms
+    fused_qkv = True  # DenseAttention: q/k/v from one matmul, v a view of its output (autograd keeps it all)
 
     @property
     def head_dim(self) -> int:
