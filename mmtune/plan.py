@@ -192,7 +192,8 @@ class Plan:
 @dataclass
 class AdapterCounts:
     """LoRA adapters of a model (train/lora.apply_lora on the meta model): parameters per model.json module,
-    the largest decoder layer's, and the adapted Linear modules / expert banks (their [tokens, r] outputs)."""
+    the largest decoder layer's, and the most adapted Linear modules / expert banks of one decoder layer
+    (their [tokens, r] outputs; no banks in a dense model)."""
 
     by_module: dict[str, int]
     largest_decoder_layer: int
@@ -217,10 +218,14 @@ def count_adapters(config, lora, frozen: tuple[str, ...]) -> AdapterCounts:
         if p.requires_grad:
             by_module[module_of(name)] += p.numel()
     layers = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in model.model.language_model.layers]
-    text = [n for n in info.modules if n.startswith("model.language_model.layers.")]
-    n_layers = max(1, config.text.num_hidden_layers)
-    banks = sum(info.modules[n] == "experts" for n in text)
-    return AdapterCounts(by_module, max(layers), lora.r, (len(text) - banks) // n_layers + 1, banks // n_layers + 1)
+    prefix = "model.language_model.layers."
+    kinds_by_layer: dict[str, list[str]] = {}  # layer index -> the kinds of its adapted modules
+    for name, kind in info.modules.items():
+        if name.startswith(prefix):
+            kinds_by_layer.setdefault(name[len(prefix):].split(".")[0], []).append(kind)
+    linear = max((k.count("linear") for k in kinds_by_layer.values()), default=0)
+    banks = max((k.count("experts") for k in kinds_by_layer.values()), default=0)
+    return AdapterCounts(by_module, max(layers, default=0), lora.r, linear, banks)
 
 
 def estimate(config, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: int = 4096,
@@ -304,8 +309,8 @@ def estimate(config, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: in
     # is recomputed -- after the loss's own tensors are gone -- so the peak is the larger of the two.
     per_layer = [decoder_layer_bytes_per_token(t, i, c, kv_repeat) for i in range(t.num_hidden_layers)]
     if adapters is not None:  # each adapter saves its [tokens, r] intermediate (per routed slot for experts)
-        extra = c * adapters.r * (adapters.linear_modules_per_layer + 2 * adapters.expert_banks_per_layer
-                                  * t.num_experts_per_tok)
+        routed = 2 * adapters.expert_banks_per_layer * t.num_experts_per_tok if adapters.expert_banks_per_layer else 0
+        extra = c * adapters.r * (adapters.linear_modules_per_layer + routed)
         per_layer = [b + extra for b in per_layer]
     if loss_chunk_size <= 0:  # plain: fp32 logits, log-softmax and their gradient over all tokens
         loss_act = tokens * t.vocab_size * 4.0 * 3
@@ -467,7 +472,7 @@ def format_plan(plan: Plan) -> str:
     for k, b in plan.rows.items():
         lines.append(f"  {k:<{width}}  {b / scale:10.2f} {unit}")
     lines.append(f"  {'total':<{width}}  {plan.total_bytes / scale:10.2f} {unit}")
-    if plan.comm:
+    if plan.comm and plan.params.experts:  # a dense model has no routed experts to move
         layouts = {e: ("FSDP only" if e == 1 else f"EP {e} x efsdp {plan.gpus // e}") for e in plan.comm}
         lines.append("routed-expert communication sent per GPU: " + " | ".join(layouts.values()))
         for key in [*next(iter(plan.comm.values())), "total of a step of one micro-batch"]:

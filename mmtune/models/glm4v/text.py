@@ -20,6 +20,7 @@ from torch import nn
 from mmtune.models.glm4v.config import TextConfig
 from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextAttention, _padding_idx, mrope_angles
 from mmtune.ops.attention import AttentionMask
+from mmtune.ops.fused import rope as rotary
 
 
 def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: torch.dtype):
@@ -39,52 +40,32 @@ def apply_interleaved_rope(x_BNSD: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh:
     return torch.cat([rotated, x_BNSD[..., 2 * h :]], dim=-1)
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """w * (x / rms(x)) with a hand-written backward: saves x and the [.., 1] inverse rms instead of the
-    fp32 copies autograd keeps, and runs about half the element-wise ops of autograd's backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, rstd, weight)
-        return weight * (xf * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, rstd, weight = ctx.saved_tensors
-        y = x.float() * rstd
-        gy = (grad_out * weight).float()
-        grad_x = (gy - y * (gy * y).mean(-1, keepdim=True)) * rstd
-        grad_w = (grad_out * y.to(grad_out.dtype)).reshape(-1, y.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x.to(x.dtype), grad_w, None
-
-
-class FastRMSNorm(RMSNorm):
-    """RMSNorm (same parameter, same result as transformers') with `_RMSNormFn`'s cheaper backward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
-
-
 class DenseAttention(TextAttention):
-    """GLM-4.5V's attention with interleaved rotary pairs, q/k/v computed by one matmul over the three
-    weights (same parameters) and rotated together."""
+    """GLM-4.5V's attention with interleaved rotary pairs. When q/k/v are plain Linears they run as one
+    matmul over the three weights (same parameters) and q, k are rotated together; when any of them is
+    wrapped (a LoRA adapter, ops/lora.py) each runs as its own module, so the wrapper takes part."""
 
     apply_rope = staticmethod(apply_interleaved_rope)
+
+    def _qkv(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        """q, k, v side by side: [B, S, (N + 2G) * D]."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projs):
+            weight = torch.cat([p.weight for p in projs])
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+            return F.linear(x_BSH, weight, bias)
+        return torch.cat([p(x_BSH) for p in projs], dim=-1)
 
     def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSH.shape
         N, G, D = self.num_heads, self.num_kv_heads, self.head_dim
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv_BSFD = F.linear(x_BSH, weight, bias).view(B, S, N + 2 * G, D)
-        qk_BFSD = apply_interleaved_rope(qkv_BSFD[:, :, : N + G].transpose(1, 2), *rope)
+        qkv_BSFD = self._qkv(x_BSH).view(B, S, N + 2 * G, D)
+        qk_BFSD = rotary(qkv_BSFD[:, :, : N + G].transpose(1, 2), *rope, apply_interleaved_rope)
         q_BNSD, k_BGSD = qk_BFSD[:, :N], qk_BFSD[:, N:]
         v_BGSD = qkv_BSFD[:, :, N + G :].transpose(1, 2)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
-        o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5)
+        o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5, backend=self.attn_backend)
         return self.o_proj(o_BNSD.transpose(1, 2).reshape(B, S, N * D))
 
 
@@ -106,10 +87,10 @@ class DenseDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DenseAttention(cfg, layer_idx)
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_self_attn_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_mlp_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         x_BSH = x_BSH + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x_BSH), rope, mask, cache))
@@ -124,7 +105,7 @@ class DenseTextModel(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=_padding_idx(cfg))
         self.layers = nn.ModuleList(DenseDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self,
