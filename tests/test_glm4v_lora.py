@@ -152,3 +152,34 @@ def test_plan_counts_the_dense_models_adapters(capsys):
     out = capsys.readouterr().out
     assert "frozen base + 47,595,520 LoRA (r=16) parameters train" in out and "fits" in out
     assert "routed-expert" not in out  # nothing to say about experts for a dense model
+
+
+def test_demo_with_lora_on_the_dense_model(tmp_path):
+    """`mmtune demo --arch glm4v --lora`, a few steps: adapter-only checkpoints, the merged export is a dense
+    model whose decoder weights moved, and the loss falls (measured 6.40 -> 5.28 over these 12 steps)."""
+    import contextlib
+    import io
+
+    from mmtune import demo as D
+    from mmtune.train.checkpoint import checkpoint_keys
+    from mmtune.weights.hf_files import list_shards
+    from mmtune.weights.safetensors_io import iter_tensors
+
+    w = tmp_path / "w"
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert D.main(["--workdir", str(w), "--arch", "glm4v", "--lora", "--steps", "12", "--num-samples", "48",
+                       "--num-eval", "4"]) == 0
+    stdout = out.getvalue()
+    assert "LoRA r=16, 12 steps" in stdout and "the adapters merged into the base" in stdout
+    keys = [k for k in checkpoint_keys(w / "save" / "iter_0000012") if k.startswith("model.")]
+    assert any("self_attn.q_proj.lora_A" in k for k in keys) and all("lora_" in k for k in keys)
+    assert json.loads((w / "export" / "config.json").read_text())["model_type"] == "glm4v"
+    name = "model.language_model.layers.0.self_attn.q_proj.weight"
+
+    def weight(d):
+        return next(t for s in list_shards(d) for n, t in iter_tensors(s.path, s.entries) if n == name)
+
+    assert not torch.equal(weight(w / "export").float(), weight(w / D.TINY_NAMES["glm4v"]).float())
+    rows = [json.loads(line) for line in (w / "save" / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert rows[-1]["loss"] < 0.9 * rows[0]["loss"], (rows[0]["loss"], rows[-1]["loss"])
