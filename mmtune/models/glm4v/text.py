@@ -21,6 +21,7 @@ from mmtune.models.glm4v.config import TextConfig
 from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextAttention, _padding_idx, mrope_angles
 from mmtune.ops.attention import AttentionMask
 from mmtune.ops.fused import rope as rotary
+from mmtune.ops.fused import swiglu
 
 
 def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: torch.dtype):
@@ -31,13 +32,32 @@ def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: 
 
 def apply_interleaved_rope(x_BNSD: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
     """Rotate the first R = 2h dims of each head as h adjacent pairs (x[2i], x[2i+1]) by angle i (GPT-J
-    layout, transformers' `rotate_half_llm`); the rest pass."""
+    layout, transformers' `rotate_half_llm`); the rest pass. Eagerly in fp32/fp64 each pair is read as one
+    complex number and multiplied by cos + i sin (one pass instead of the four products, the stack and
+    the slices of `rotate_pairs`; the same products, docs/PERFORMANCE.md "Dense glm4v train step")."""
     h = cos_BSh.shape[-1]
-    cos, sin = cos_BSh[:, None], sin_BSh[:, None]
-    pairs = x_BNSD[..., : 2 * h].unflatten(-1, (h, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    rot = x_BNSD[..., : 2 * h]
+    if _complex_view_ok(rot):
+        turn = torch.complex(cos_BSh, sin_BSh)[:, None]
+        rotated = torch.view_as_real(torch.view_as_complex(rot.unflatten(-1, (h, 2))) * turn).flatten(-2)
+    else:
+        rotated = rotate_pairs(rot, cos_BSh, sin_BSh)
     return torch.cat([rotated, x_BNSD[..., 2 * h :]], dim=-1)
+
+
+def rotate_pairs(x_BNSR: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
+    """The pair rotation in real arithmetic (bf16/fp16, which have no complex type here, and compiled
+    code): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for each pair."""
+    cos, sin = cos_BSh[:, None], sin_BSh[:, None]
+    pairs = x_BNSR.unflatten(-1, (cos.shape[-1], 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+
+
+def _complex_view_ok(x: torch.Tensor) -> bool:
+    """Whether `x`'s adjacent pairs can be viewed as complex numbers without a copy (eager fp32/fp64)."""
+    return (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling() and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]))
 
 
 class DenseAttention(TextAttention):
@@ -59,10 +79,11 @@ class DenseAttention(TextAttention):
     def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSH.shape
         N, G, D = self.num_heads, self.num_kv_heads, self.head_dim
-        qkv_BSFD = self._qkv(x_BSH).view(B, S, N + 2 * G, D)
-        qk_BFSD = rotary(qkv_BSFD[:, :, : N + G].transpose(1, 2), *rope, apply_interleaved_rope)
-        q_BNSD, k_BGSD = qk_BFSD[:, :N], qk_BFSD[:, N:]
-        v_BGSD = qkv_BSFD[:, :, N + G :].transpose(1, 2)
+        # split (not slices): the backward joins the pieces' gradients in one copy, where slicing would
+        # zero-fill a full-size gradient per slice and add into it
+        qk_BSFD, v_BSGD = self._qkv(x_BSH).view(B, S, N + 2 * G, D).split([N + G, G], dim=2)
+        q_BNSD, k_BGSD = rotary(qk_BSFD.transpose(1, 2), *rope, apply_interleaved_rope).split([N, G], dim=1)
+        v_BGSD = v_BSGD.transpose(1, 2)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
         o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5, backend=self.attn_backend)
@@ -78,8 +99,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class DenseDecoderLayer(nn.Module):
