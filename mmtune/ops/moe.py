@@ -22,7 +22,6 @@ Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediat
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -159,17 +158,20 @@ def project(x_RIn: torch.Tensor, weight, counts_E: torch.Tensor) -> torch.Tensor
 
 
 # False while a GroupedExperts with use_grouped_mm off runs its dispatch (which may be the expert-parallel
-# all-to-all, so the switch travels with the call rather than through every signature)
-_GROUPED_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("mmtune_grouped_mm", default=True)
+# all-to-all, so the switch travels with the call rather than through every signature). A module global,
+# not a ContextVar: torch.compile traces a global's read and write (a ContextVar's `get` breaks the graph
+# in every MoE layer), and training runs the model on one thread.
+_GROUPED_ON = True
 
 
 @contextlib.contextmanager
 def _grouped_mm_off():
-    token = _GROUPED_ON.set(False)
+    global _GROUPED_ON
+    before, _GROUPED_ON = _GROUPED_ON, False
     try:
         yield
     finally:
-        _GROUPED_ON.reset(token)
+        _GROUPED_ON = before
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -177,9 +179,17 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
     where `torch` has one for this device/dtype/layout (and `GroupedExperts.use_grouped_mm` is on); otherwise
     a loop over experts with rows."""
     x_RIn = x_RIn.to(w_EOutIn.dtype)
-    if _GROUPED_ON.get() and _grouped_mm_ok(x_RIn, w_EOutIn):
+    if _GROUPED_ON and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return grouped_mm(x_RIn, w_EOutIn.transpose(1, 2), offs_E)
+    return _expert_loop(x_RIn, w_EOutIn, counts_E)
+
+
+@torch.compiler.disable
+def _expert_loop(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """grouped_linear as one matmul per expert with rows. Its shapes depend on the counts' values, which a
+    compiled graph cannot branch on: under torch.compile it runs eagerly (a graph break; the grouped path
+    has none)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:
