@@ -464,15 +464,15 @@ def _guarded(fn, r: dict, device) -> None:
         _free(device)
 
 
-def _note(name: str, m: dict) -> str:
+def _note(name: str, m: dict, hf: dict) -> str:
     if m.get("skipped") or m.get("error"):
         return m.get("skipped") or m["error"]
     notes = []
     if "compile" in m:
         notes.append(f"compile {m['first_step_s']:.0f} s")
     if "lora" in m:
-        notes.append(f"trainable {m['trainable_params']:,} of {m['params']:,} ({m['trainable_params'] / m['params']:.2%}); "
-                     "transformers: full finetune")
+        notes.append(f"trainable {m['trainable_params']:,} of {m['params']:,} ({m['trainable_params'] / m['params']:.2%})"
+                     + ("; transformers: full finetune" if hf.get("fwd_bwd_s") else ""))
     if name == "offload":
         notes.append(f"params on the {'host' if m.get('params_on') == 'cpu' else m.get('params_on')}")
     return "; ".join(notes)
@@ -490,7 +490,7 @@ def table(res: dict) -> str:
                     f"{f(m.get('mfu_vs_measured'), '.1%')} | {f(m.get('step_s'), '.3f')} | "
                     f"{f(m.get('step_peak_gib', m.get('fwd_bwd_peak_gib')), '.1f')} | "
                     f"{f(m.get('first_loss'), '.4f')} / {f(hf.get('first_loss'), '.4f')} | {f(m.get('wall_s'), '.0f')} | "
-                    f"{_note(name, m)} |")
+                    f"{_note(name, m, hf)} |")
     lm = res.get("loss_memory", {})
     if "loss_chunk_peak_added_gib" in lm:
         rows.append(f"\nlm_loss alone, bf16, vocab {lm['vocab']} x {lm['tokens']} tokens x hidden {lm['hidden']}: "

@@ -188,3 +188,28 @@ def test_lora_model_compiles_without_graph_break(eager_model):
     assert any("experts.gate_up_proj_lora_A" in n for n in adapters) and any("q_proj.lora_B" in n for n in adapters)
     for name in adapters:
         torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_expert_loop_runs_eagerly_inside_a_compiled_block():
+    """model.json use_npu_fused_moe false (`GroupedExperts.use_grouped_mm` off: a loop over the experts, whose
+    shapes come from the counts' values) under compile: the loop runs eagerly inside the compiled experts
+    (graph breaks, that setting only) and the numbers are eager's, forward and backward."""
+    from mmtune.ops.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 8)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    experts.use_grouped_mm = False
+    compiled = compile_block(copy.deepcopy(experts), backend="aot_eager")
+    x, w, e = torch.randn(10, 16), torch.rand(10, 2), torch.randint(0, 4, (10, 2))
+    start = compile_counters()
+    outs = []
+    for block in (compiled, experts):
+        x_in = x.clone().requires_grad_()
+        y = block(x_in, w, e)
+        y.square().sum().backward()
+        outs.append((y.detach(), x_in.grad, block.gate_up_proj.grad))
+    assert _delta(compile_counters(), start)["graph_breaks"] > 0  # the loop ran, eagerly
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
