@@ -157,21 +157,20 @@ def project(x_RIn: torch.Tensor, weight, counts_E: torch.Tensor) -> torch.Tensor
     return weight.project(x_RIn, counts_E)
 
 
-# False while a GroupedExperts with use_grouped_mm off runs its dispatch (which may be the expert-parallel
-# all-to-all, so the switch travels with the call rather than through every signature). A module global,
-# not a ContextVar: torch.compile traces a global's read and write (a ContextVar's `get` breaks the graph
-# in every MoE layer), and training runs the model on one thread.
-_GROUPED_ON = True
+# > 0 while a GroupedExperts with use_grouped_mm off runs its dispatch (which may be the expert-parallel
+# all-to-all, so the switch travels with the call rather than through every signature). A plain module
+# global: torch.compile reads it as a guarded constant, where a ContextVar would break the graph.
+_LOOP_DEPTH = 0
 
 
 @contextlib.contextmanager
 def _grouped_mm_off():
-    global _GROUPED_ON
-    before, _GROUPED_ON = _GROUPED_ON, False
+    global _LOOP_DEPTH
+    _LOOP_DEPTH += 1
     try:
         yield
     finally:
-        _GROUPED_ON = before
+        _LOOP_DEPTH -= 1
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -179,7 +178,7 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
     where `torch` has one for this device/dtype/layout (and `GroupedExperts.use_grouped_mm` is on); otherwise
     a loop over experts with rows."""
     x_RIn = x_RIn.to(w_EOutIn.dtype)
-    if _GROUPED_ON and _grouped_mm_ok(x_RIn, w_EOutIn):
+    if _LOOP_DEPTH == 0 and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return grouped_mm(x_RIn, w_EOutIn.transpose(1, 2), offs_E)
     return _expert_loop(x_RIn, w_EOutIn, counts_E)
