@@ -294,6 +294,16 @@ def skip_reason(mode: Mode, arch, elapsed: float, longest: float, budget: float)
     return None
 
 
+def _agreed(skip: str | None, device) -> str | None:
+    """Under torchrun every rank must run the same modes (their collectives pair up), but each rank reads its
+    own clock: a mode is skipped when any rank would skip it."""
+    if not (torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1):
+        return skip
+    flag = torch.tensor([1.0 if skip else 0.0], device=device)
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return skip or ("skipped: budget (on another rank's clock)" if flag.item() else None)
+
+
 def _offloaded(model) -> bool:
     """Whether FSDP2 keeps every parameter of the model in host memory (its CPUOffloadPolicy)."""
     from torch.distributed.fsdp import FSDPModule
@@ -551,7 +561,7 @@ def main(argv=None) -> int:
         bs, seq = (1, args.long_seq) if mode.long else (args.bs, args.seq)
         key = f"{bs}x{seq}"
         r = res["modes"][mode.name] = {"what": mode.what, "seq_key": key}
-        skip = skip_reason(mode, arch, time.perf_counter() - t_start, longest, args.budget_s)
+        skip = _agreed(skip_reason(mode, arch, time.perf_counter() - t_start, longest, args.budget_s), device)
         if skip:
             r["skipped"] = skip
             print(f"{mode.name}: {skip}", flush=True)
