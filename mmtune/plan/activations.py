@@ -13,8 +13,8 @@ A decoder layer saves, per token (`decoder_layer_bytes_per_token`; no recompute)
                            o_proj's input: the output made token-major, a copy where the kernel writes it
                            head-major (the CPU's; CUDA flash kernels write it token-major and o_proj reads a
                            view: there this q is not allocated, the estimate is high by it)
-        (+ q + kv          dense GLM-4.1V: q/k/v come from one matmul and v is a view of it, so the whole
-                           output stays)
+        (+ q + kv          GLM-4.1V (`fused_projections`): q/k/v are one tensor and v a view of it, so all
+                           of it stays)
         + MLP ]            dense SwiGLU: gate and up outputs, the activation, the product down_proj keeps: 4I
                            MoE: per routed slot the token's row, gate/up (2I), the activation, the product and
                            the product scaled by the routing weight (down's input): k (h + 5I); the shared
@@ -37,8 +37,10 @@ gradient arriving from the layer above, and its largest set of temporaries (`_te
           shared expert (run after it) has saved nothing yet: 2kh + h - 4 i_s. The experts' backward holds the
           rows' gradient and the down projection's input gradient, k (h + I), plus the token gradient, after
           the shared expert's backward freed its tensors: kh + kI + h - 4 i_s. The larger of the two.
-  dense   the SwiGLU backward: the gradients of the activation's two factors, 2I, while the down projection's
-          input gradient has taken the place of the product it saved (freed).
+  dense   the SwiGLU backward: the down projection's input gradient takes the place of the product it saved
+          (freed); autograd's SwiGLU (GLM-4.5V's dense layers) then holds the gradients of the activation's two
+          factors, 2I; GLM-4.1V's ops/fused.swiglu (`fused_projections`) a [.., 2I] buffer for both halves'
+          gradients and grad x up, 3I.
 Without recompute a layer's backward holds the same gradient and temporaries on top of every saved tensor of
 the layers below it (the combine's moment then lies in the forward, with less alive: an upper bound).
 estimate.py finds the step's peak over its phases (forward and loss, each layer's backward, the optimizer
@@ -63,7 +65,7 @@ def decoder_layer_bytes_per_token(t, layer_idx: int, act_bytes: int, kv_repeat: 
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     norms = getattr(t, "norms_per_layer", 2)
     attn = (norms + 2) * h + 3 * q + 2 * kv + 2 * kv * (kv_repeat - 1)
-    if getattr(t, "fused_qkv", False):
+    if getattr(t, "fused_projections", False):
         attn += q + kv
     fp32 = norms + t.num_attention_heads
     if t.is_moe_layer(layer_idx):
@@ -80,7 +82,7 @@ def _temporaries(t, layer_idx: int) -> int:
     largest moment (module docstring)."""
     h = t.hidden_size
     if not t.is_moe_layer(layer_idx):
-        return 2 * t.intermediate_size
+        return (3 if getattr(t, "fused_projections", False) else 2) * t.intermediate_size
     k, i_m, i_s = t.num_experts_per_tok, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts
     routed = k * h + k * max(h, i_m) + h - 4 * i_s  # the combine, or the experts' backward
     return max(routed, 2 * i_s)  # or the shared expert's own backward

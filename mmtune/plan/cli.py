@@ -44,7 +44,7 @@ def format_plan(plan: Plan) -> str:
         lines.append(f"  {k:<{width}}  {b / scale:10.2f} {unit}")
     lines.append(f"  {gone:<{width}}  {-plan.not_at_peak / scale:10.2f} {unit}")
     lines.append(f"  {'total':<{width}}  {plan.total_bytes / scale:10.2f} {unit}  (the peak: {plan.peak_phase})")
-    if plan.comm:
+    if plan.comm and plan.params.experts:  # a dense model has no routed experts to move
         layouts = {e: ("FSDP only" if e == 1 else f"EP {e} x efsdp {plan.gpus // e}") for e in plan.comm}
         lines.append("routed-expert communication sent per GPU: " + " | ".join(layouts.values()))
         for key in [*next(iter(plan.comm.values())), "total of a step of one micro-batch"]:

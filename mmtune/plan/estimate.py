@@ -202,8 +202,8 @@ def estimate(config, *, gpus: int = 1, gpu_mem_gib: float = 80.0, seq_length: in
     L = t.num_hidden_layers
     extra = 0.0
     if adapters is not None:  # each adapter saves its [tokens, r] intermediate (per routed slot for experts)
-        extra = c * adapters.r * (adapters.linear_modules_per_layer + 2 * adapters.expert_banks_per_layer
-                                  * t.num_experts_per_tok)
+        routed = 2 * adapters.expert_banks_per_layer * t.num_experts_per_tok if adapters.expert_banks_per_layer else 0
+        extra = c * adapters.r * (adapters.linear_modules_per_layer + routed)
     text_trains = "text_decoder" not in frozen and (adapters is None or adapters.by_module["text_decoder"] > 0)
     if not text_trains:  # no backward through the decoder: it keeps nothing
         kept_l, work_l, kept_other = [0.0] * L, [0.0] * L, 0.0

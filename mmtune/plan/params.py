@@ -59,7 +59,8 @@ def count_params(model: torch.nn.Module) -> ParamCounts:
 @dataclass
 class AdapterCounts:
     """LoRA adapters of a model (train/lora.apply_lora on the meta model): parameters per model.json module,
-    the largest decoder layer's, and the adapted Linear modules / expert banks (their [tokens, r] outputs)."""
+    the largest decoder layer's, and the most adapted Linear modules / expert banks of one decoder layer
+    (their [tokens, r] outputs; no banks in a dense model)."""
 
     by_module: dict[str, int]
     largest_decoder_layer: int
@@ -84,7 +85,11 @@ def count_adapters(config, lora, frozen: tuple[str, ...]) -> AdapterCounts:
         if p.requires_grad:
             by_module[module_of(name)] += p.numel()
     layers = [sum(p.numel() for p in layer.parameters() if p.requires_grad) for layer in model.model.language_model.layers]
-    text = [n for n in info.modules if n.startswith("model.language_model.layers.")]
-    n_layers = max(1, config.text.num_hidden_layers)
-    banks = sum(info.modules[n] == "experts" for n in text)
-    return AdapterCounts(by_module, max(layers), lora.r, (len(text) - banks) // n_layers + 1, banks // n_layers + 1)
+    prefix = "model.language_model.layers."
+    kinds_by_layer: dict[str, list[str]] = {}  # layer index -> the kinds of its adapted modules
+    for name, kind in info.modules.items():
+        if name.startswith(prefix):
+            kinds_by_layer.setdefault(name[len(prefix):].split(".")[0], []).append(kind)
+    linear = max((k.count("linear") for k in kinds_by_layer.values()), default=0)
+    banks = max((k.count("experts") for k in kinds_by_layer.values()), default=0)
+    return AdapterCounts(by_module, max(layers, default=0), lora.r, linear, banks)
