@@ -13,7 +13,9 @@ class LiveTensorBytes:
     """Peak bytes of tensor storages alive at once, for everything run under it (a TorchDispatchMode that
     records each new output storage and, through a weakref finaliser, when it is freed). On the CPU this
     plays the role of torch.cuda.max_memory_allocated: it sees every tensor autograd saves, every
-    gradient and optimizer state, and no allocator caching or Python overhead."""
+    gradient and optimizer state, and no allocator caching or Python overhead. A storage made before it,
+    such as a parameter's, is counted from the first op under it that returns a view of it (F.linear's
+    transpose of its weight) until it is freed: measure_training_step's peaks hold most Linear weights twice."""
 
     def __init__(self):
         from torch.utils._python_dispatch import TorchDispatchMode
