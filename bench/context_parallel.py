@@ -7,7 +7,7 @@ activation recompute. The sample: SEQ tokens in one row with 8 images of 8x8 pat
 spread over it, labels on every text token, per_token_loss with the chunked cross-entropy.
 
 Per cp: each rank runs one measured step under a tensor-storage tracker (the peak bytes of tensors alive
-at once: parameters, gradients, activations, collectives' buffers; mmtune.plan._LiveTensorBytes), then
+at once: parameters, gradients, activations, collectives' buffers; mmtune.plan.LiveTensorBytes), then
 --steps timed training steps (forward, backward, clip, SGD). Printed per cp: median/best step seconds,
 tokens/s of the cp group, the peak tensor bytes of the largest rank and its max RSS, and mmtune plan's
 estimate of the same step's activations per rank. Every rank uses --threads torch threads (default 1:
@@ -65,7 +65,7 @@ def worker(args) -> None:
     """One rank of one cp run (under torchrun)."""
     from mmtune.distributed import FSDPOptions, init_distributed
     from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration
-    from mmtune.plan import _LiveTensorBytes
+    from mmtune.plan import LiveTensorBytes
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.model_build import build_model
     from mmtune.train.trainer import LoopSettings, Trainer
@@ -83,7 +83,7 @@ def worker(args) -> None:
     s = LoopSettings(train_iters=10**6, grad_accum_steps=1, loss_type="per_token_loss", compute_mode="chunk",
                      chunk_size=1024, clip_grad=1.0, pad_token_id=cfg.text.pad_token_id)
     trainer = Trainer(s, env, model, opt, sched, [batch])
-    tracker = _LiveTensorBytes()
+    tracker = LiveTensorBytes()
     with tracker.mode:
         first = trainer.train_step([batch])
     times = []

@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     env = init_distributed("cpu")
     ep = args.ep or env.world_size
     cfg = build_config(argparse.Namespace(dry_run=False, cpu=True, moe_layers=3))
-    batch = make_batch(cfg, argparse.Namespace(bs=args.bs, seq=args.seq), torch.device("cpu"))
+    batch = make_batch(cfg, args.bs, args.seq, torch.device("cpu"))
     g = torch.Generator().manual_seed(1 + env.rank)  # different tokens on every rank
     batch["input_ids"] = torch.randint(0, 400, batch["input_ids"].shape, generator=g)
     batch["labels"][:, :-1] = batch["input_ids"][:, 1:]

@@ -84,9 +84,9 @@ def _step_fn(model, opt, batch):
 
 
 def _peak(model, opt, batch) -> int:
-    from mmtune.plan import _LiveTensorBytes
+    from mmtune.plan import LiveTensorBytes
 
-    tracker = _LiveTensorBytes()
+    tracker = LiveTensorBytes()
     step = _step_fn(model, opt, batch)
     with tracker.mode:
         step()

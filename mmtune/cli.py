@@ -14,7 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mmtune.train.cli", "finetune (one process, or torchrun -m mmtune train ...)"),
     "generate": ("mmtune.generate", "generate an answer from an HF dir or a training checkpoint"),
     "demo": ("mmtune.demo", "the whole recipe end to end on a tiny model and a synthetic data set"),
-    "plan": ("mmtune.plan", "per-GPU memory plan for a model under FSDP2"),
+    "plan": ("mmtune.plan.cli", "per-GPU memory plan for a model under FSDP2"),
     "plot": ("mmtune.plot", "plot loss / lr / tokens-per-second from metrics.jsonl"),
 }
 

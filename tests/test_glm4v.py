@@ -167,6 +167,38 @@ def test_kv_cache_decoding_equals_full_recompute():
             torch.testing.assert_close(out.logits[:, -1], full, atol=1e-5, rtol=0)
 
 
+def test_eager_fast_paths_equal_their_plain_forms(monkeypatch):
+    """The dense decoder's eager shortcuts (docs/PERFORMANCE.md "Dense glm4v train step") against the plain
+    forms that bf16 and compiled code take: the complex-number pair rotation, and swiglu's backward that
+    writes both halves into one buffer."""
+    import torch.nn.functional as F
+
+    from mmtune.models.glm4v import text as T
+    from mmtune.ops.fused import swiglu
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 5, 6, 16, generator=g).transpose(1, 2)  # [B, heads, S, D], a strided view as in the model
+    angles = torch.randn(2, 5, 4, generator=g)
+    cos, sin = angles.cos(), angles.sin()
+    assert T._complex_view_ok(x[..., :8]) and not T._complex_view_ok(x[..., 1:9])
+    plain = torch.cat([T.rotate_pairs(x[..., :8], cos, sin), x[..., 8:]], dim=-1)
+    torch.testing.assert_close(T.apply_interleaved_rope(x, cos, sin), plain, atol=1e-6, rtol=0)
+    half = T.apply_interleaved_rope(x.bfloat16(), cos.bfloat16(), sin.bfloat16())  # no complex bf16: the plain form
+    torch.testing.assert_close(half.float(), plain, atol=0.05, rtol=0)
+
+    gu = torch.randn(3, 7, 2 * 10, generator=g, requires_grad=True)
+    grad = torch.randn(3, 7, 10, generator=g)
+    gate, up = gu.chunk(2, dim=-1)
+    (want,) = torch.autograd.grad(F.silu(gate) * up, gu, grad)
+    for compiling in (False, True):
+        out = swiglu(gu)
+        torch.testing.assert_close(out, F.silu(gate) * up, atol=0, rtol=0)
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        (got,) = torch.autograd.grad(out, gu, grad)
+        monkeypatch.undo()
+        torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=f"compiling={compiling}")
+
+
 def test_real_9b_config_on_meta_has_transformers_parameter_count():
     """GLM-4.1V-9B-Thinking's config: the same parameter names, shapes and count as transformers' model
     (10,292,777,472 — also the hub's count for zai-org/GLM-4.6V-Flash); nothing allocated."""

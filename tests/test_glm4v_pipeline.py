@@ -186,8 +186,8 @@ def test_plan_presets_and_estimate_for_the_dense_model(capsys):
 # ---- demo ----------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def dense_demo(tmp_path_factory):
-    """`mmtune demo --arch glm4v` at the reduced size of the GLM-4.5V demo test (400 samples, 200 steps,
-    48 held-out questions); main()'s stdout kept."""
+    """`mmtune demo --arch glm4v` at a reduced size (400 samples, 250 steps, 48 held-out questions; the
+    default demo is 2000 / 600 / 200); main()'s stdout kept."""
     import contextlib
     import io
 
@@ -196,22 +196,22 @@ def dense_demo(tmp_path_factory):
     work = tmp_path_factory.mktemp("dense_demo") / "work"
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        rc = D.main(["--arch", "glm4v", "--workdir", str(work), "--steps", "200", "--num-samples", "400",
+        rc = D.main(["--arch", "glm4v", "--workdir", str(work), "--steps", "250", "--num-samples", "400",
                      "--num-eval", "48"])
     assert rc == 0
     return work, out.getvalue()
 
 
 def test_dense_demo_learns_the_visual_task(dense_demo):
-    """Measured 0.917 at 200 steps (chance 0.208; 0.44 at 150 steps, chance level at 100); the full demo
-    (600 steps) is in README.md."""
+    """The issue's bar, >= 0.9. Measured 1.000 at 250 steps (chance 0.208; 0.917 at 200 steps, 0.44 at 150,
+    chance level at 100); the full demo (600 steps) is in README.md and docs/PERFORMANCE.md."""
     import re
 
     work, stdout = dense_demo
-    m = re.fullmatch(r"accuracy=([0-9.]+) chance=([0-9.]+) steps=200 train_s=[0-9.]+ total_s=[0-9.]+",
+    m = re.fullmatch(r"accuracy=([0-9.]+) chance=([0-9.]+) steps=250 train_s=[0-9.]+ total_s=[0-9.]+",
                      stdout.strip().splitlines()[-1])
     accuracy, chance = float(m.group(1)), float(m.group(2))
-    assert accuracy >= 0.6 and accuracy > 2 * chance, (accuracy, chance)
+    assert accuracy >= 0.9 and accuracy > 2 * chance, (accuracy, chance)
     model_json = json.loads((work / "model.json").read_text())
     assert (model_json["model_id"], model_json["text_decoder"]["model_id"]) == ("glm4v", "glm4v_text")
     assert json.loads((work / "GLM-4.1V-tiny" / "config.json").read_text())["model_type"] == "glm4v"

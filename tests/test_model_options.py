@@ -4,9 +4,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
-from mmtune.models.glm4v_moe import Glm4vMoeForConditionalGeneration, tiny_config
+from mmtune.models import get_architecture
+from mmtune.models.glm4v_moe import tiny_config
 from mmtune.ops import attention as att
 from mmtune.ops import moe
 from mmtune.train.args import ModelJsonConfig
@@ -14,9 +16,10 @@ from mmtune.train.model_options import apply_model_options, attention_backends
 from test_model import image_sample
 
 
-def _model(seed: int = 0) -> Glm4vMoeForConditionalGeneration:
+def _model(seed: int = 0, arch: str = "glm4v_moe") -> torch.nn.Module:
+    a = get_architecture(arch)
     torch.manual_seed(seed)
-    model = Glm4vMoeForConditionalGeneration(tiny_config())
+    model = a.model_class(a.tiny_config())
     model.init_weights(seed=seed)
     return model
 
@@ -29,9 +32,10 @@ def _packed_batch(cfg):
                                        cu_seqlens=torch.tensor([0, 7, L, 2 * L], dtype=torch.int32))
 
 
-def test_attn_implementation_picks_each_towers_backend(monkeypatch):
+@pytest.mark.parametrize("arch", ["glm4v_moe", "glm4v"])
+def test_attn_implementation_picks_each_towers_backend(monkeypatch, arch):
     """flash_attention_2 -> the varlen kernel (a reference kernel stands in for CUDA's here), sdpa -> SDPA,
-    eager -> SDPA's math kernel; the same numbers every way."""
+    eager -> SDPA's math kernel; the same numbers every way; for the MoE and the dense decoder."""
     def model_json(vision, text):
         return ModelJsonConfig.model_validate({"image_encoder": {"vision_encoder": {"attn_implementation": vision}},
                                                "text_decoder": {"attn_implementation": text}})
@@ -54,7 +58,7 @@ def test_attn_implementation_picks_each_towers_backend(monkeypatch):
     monkeypatch.setattr(att, "_varlen_ok", lambda q: True)
     monkeypatch.setattr(att, "_varlen_attn", lambda: fake_varlen_attn)
     monkeypatch.setattr(att, "sdpa_kernel", lambda b: kernels.append(b) or real_kernel(b))
-    model = _model()
+    model = _model(arch=arch)
     cfg = model.config
     ids, kw = _packed_batch(cfg)
     outs = {}

@@ -16,13 +16,15 @@ PEFT (`--adapter-only`): `adapter_config.json` + `adapter_model.safetensors` tha
 update, so exact. When both expert projections are adapted PEFT nests its wrappers: down_proj's adapter
 is `experts.lora_*`, gate_up_proj's `experts.base_layer.lora_*`.
 
-One name clash needs care: transformers 5 folds GLM-4.5V's per-expert gate/up/down projections into
-stacked tensors, and PEFT (0.21) rewrites every `target_modules` entry named `gate_proj`, `up_proj` or
-`down_proj` into a target on those stacked expert tensors — so an adapter on a dense MLP, the shared
-experts or the vision MLP named that way would load onto the routed experts instead. We therefore name
-those Linear weights in `target_parameters` (`<module>.weight`), which PEFT applies to exactly that
-parameter with the same rank-r math (its wrapper has no dropout, irrelevant at inference). Everything
-mmtune trains is expressible this way; `lora_dropout` is written as 0 (PEFT refuses it with
+One name clash needs care (GLM-4.5V / GLM-4.6V, `glm4v_moe`): transformers 5 folds their per-expert
+gate/up/down projections into stacked tensors, and PEFT (0.21) rewrites every `target_modules` entry
+named `gate_proj`, `up_proj` or `down_proj` into a target on those stacked expert tensors — so an adapter
+on a dense MLP, the shared experts or the vision MLP named that way would load onto the routed experts
+instead. We therefore name those Linear weights in `target_parameters` (`<module>.weight`), which PEFT
+applies to exactly that parameter with the same rank-r math (its wrapper has no dropout, irrelevant at
+inference). Which names clash is the architecture's `peft_fused_names` (mmtune.models): none for the
+dense `glm4v` (transformers has no weight conversion for it), whose adapters are all `target_modules`.
+Everything mmtune trains is expressible this way; `lora_dropout` is written as 0 (PEFT refuses it with
 `target_parameters`, and dropout is off at inference anyway).
 
 Serving: vLLM reads `target_modules` LoRA of Linear layers, but does not apply PEFT `target_parameters`
@@ -40,8 +42,7 @@ import torch
 from tqdm import tqdm
 
 from mmtune.convert.dcp_io import LORA_KEY, load_blob, load_tensors, model_tensors, read_metadata
-from mmtune.models.glm4v_moe.checkpoint_names import StateDictAdapter
-from mmtune.models.glm4v_moe.config import Glm4vMoeConfig
+from mmtune.models import architecture_of, load_config
 from mmtune.ops.lora import is_adapter_name as _is_adapter
 from mmtune.weights.hf_files import INDEX_FILE, copy_non_weight_files, list_shards, publish, staging_dir
 from mmtune.weights.safetensors_io import iter_tensors, write_file
@@ -49,8 +50,6 @@ from mmtune.weights.safetensors_io import iter_tensors, write_file
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
-# Linear names PEFT's transformers-5 conversion for this model type maps onto the stacked experts
-PEFT_FUSED_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 def lora_info(ckpt: Path) -> dict | None:
@@ -87,7 +86,7 @@ def _load(ckpt: Path, names: list[str]) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------- merged
 
 
-def _row_map(adapter: StateDictAdapter, native: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
+def _row_map(adapter, native: str, shape: tuple[int, ...]) -> dict[str, torch.Tensor]:
     """hub name -> the flat row indices (over the native tensor's [..., out] rows) it holds. The adapter's
     own `to_hub` is applied to a tensor of row indices, so its split decides (no second copy of the names)."""
     n_rows = 1
@@ -118,8 +117,8 @@ def _delta_rows(A: torch.Tensor, B: torch.Tensor, rows: torch.Tensor, scale: flo
 def merged_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, dtype: str = "keep", force: bool = False,
                   progress: bool = True) -> Path:
     """The base HF dir with the checkpoint's adapters merged in, written to `save_dir` (see the module doc)."""
-    config = Glm4vMoeConfig.from_pretrained(hf_dir)
-    adapter = StateDictAdapter(config)
+    arch, config = load_config(hf_dir)
+    adapter = arch.adapter_class(config)
     pairs = adapter_pairs(ckpt, info)
     scale = float(info["alpha"]) / int(info["r"])
     for base in pairs:
@@ -194,8 +193,11 @@ def merged_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, dtype
 # ------------------------------------------------------------------------------------------- PEFT
 
 
-def peft_tensors(ckpt: Path, info: dict) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
-    """(PEFT state dict, target_modules, target_parameters) of a LoRA checkpoint (see the module doc)."""
+def peft_tensors(ckpt: Path, info: dict, fused_names: tuple[str, ...] = ()
+                 ) -> tuple[dict[str, torch.Tensor], list[str], list[str]]:
+    """(PEFT state dict, target_modules, target_parameters) of a LoRA checkpoint (see the module doc).
+    `fused_names`: Linear names PEFT moves onto the routed experts (the architecture's `peft_fused_names`);
+    those Linears go to target_parameters."""
     pairs = adapter_pairs(ckpt, info)
     loaded = _load(ckpt, [n for ab in pairs.values() for n in ab])
     sd: dict[str, torch.Tensor] = {}
@@ -204,7 +206,7 @@ def peft_tensors(ckpt: Path, info: dict) -> tuple[dict[str, torch.Tensor], list[
         A, B = loaded[a].float(), loaded[b].float()
         if A.dim() == 2:  # a Linear: base = <module>.weight
             module = base.rpartition(".")[0]
-            if module.rpartition(".")[2] in PEFT_FUSED_NAMES:
+            if module.rpartition(".")[2] in fused_names:
                 params.append(base)
             else:
                 modules.append(module)
@@ -228,7 +230,7 @@ def peft_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, force: 
 
     arch = json.loads((hf_dir / "config.json").read_text()).get("architectures") or [None]
     _check_buffers_unchanged(hf_dir, ckpt, info)
-    sd, modules, params = peft_tensors(ckpt, info)
+    sd, modules, params = peft_tensors(ckpt, info, architecture_of(hf_dir).peft_fused_names)
     config = {
         "peft_type": "LORA", "task_type": None, "base_model_name_or_path": str(hf_dir.resolve()),
         "r": int(info["r"]), "lora_alpha": float(info["alpha"]), "lora_dropout": 0.0, "bias": "none",

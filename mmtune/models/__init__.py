@@ -2,8 +2,9 @@
 
 One `Architecture` per model type names everything the rest of mmtune needs about it: the config,
 model and state-dict adapter classes, the tiny config of `make-tiny` / `demo`, the `mmtune plan` presets,
-the model.json `model_id`s that belong to it, and whether it has routed experts (expert parallelism,
-the router aux loss and LoRA on experts ask `has_experts` / `num_experts(config)`).
+the model.json `model_id`s that belong to it, whether it has routed experts (expert parallelism,
+the router aux loss and LoRA on experts ask `has_experts` / `num_experts(config)`), and which Linear
+names PEFT would move onto the routed experts (`peft_fused_names`, for the PEFT adapter export).
 
     arch = architecture_of(hf_dir)             # from config.json's model_type
     config = arch.config_class.from_pretrained(hf_dir)   # or: arch, config = load_config(hf_dir)
@@ -42,6 +43,10 @@ class Architecture:
     presets: dict[str, Callable[[], Any]]
     model_ids: ModelIds
     has_experts: bool
+    # Linear module names that PEFT's transformers-5 weight conversion for this model type rewrites into
+    # targets on the stacked routed experts; a PEFT export names such Linears by parameter instead
+    # (convert/lora_export.py)
+    peft_fused_names: tuple[str, ...] = ()
 
     @property
     def config_class(self) -> type:
@@ -85,7 +90,7 @@ ARCHITECTURES: dict[str, Architecture] = {
             presets={"glm4.5v": glm4v_moe.glm45v_config, "glm4.6v": glm4v_moe.glm46v_config},
             model_ids=ModelIds(model=("glm4v_moe",), vision_encoder=("glm4v_moe",),
                                text_decoder=("glm_4v_moe_text", "glm4v_moe_text")),
-            has_experts=True,
+            has_experts=True, peft_fused_names=("gate_proj", "up_proj", "down_proj"),
         ),
         Architecture(
             model_type="glm4v", name="GLM-4.1V / GLM-4.6V-Flash, dense", model_class=glm4v.Glm4vForConditionalGeneration,

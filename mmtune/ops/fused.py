@@ -14,6 +14,8 @@ torch.compile inductor fuses them itself; these functions make the eager path ch
   by a gather and summing them, measured.)
 - `rope(x, cos, sin, rotate)`: a rotary embedding whose backward is the rotation by the opposite angles
   (autograd keeps the pieces and zero-fills the slices of the rotated dims).
+- `swiglu(gate_up)`: silu(gate) * up of a fused [.., 2I] projection (gate first); the backward writes both
+  halves' gradients straight into one [.., 2I] buffer (autograd computes them apart and concatenates).
 """
 
 from __future__ import annotations
@@ -81,3 +83,28 @@ def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate) -> torch
     """`rotate(x, cos, sin)` (a rotary embedding: pairs of dims turned by angles) whose backward is the
     rotation by the opposite angles, rotate(grad, cos, -sin)."""
     return _Rope.apply(x, cos, sin, rotate)
+
+
+class _SwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate_up):
+        gate, up = gate_up.chunk(2, dim=-1)
+        act = torch.nn.functional.silu(gate)
+        ctx.save_for_backward(gate, up, act)
+        return act * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up, act = ctx.saved_tensors
+        if torch.compiler.is_compiling():  # traced: inductor fuses the concatenation itself
+            return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * act], dim=-1)
+        out = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
+        d_gate, d_up = out.chunk(2, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
+        torch.mul(grad, act, out=d_up)
+        return out
+
+
+def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up where gate, up = gate_up.chunk(2, -1): [.., I]."""
+    return _SwiGLU.apply(gate_up)

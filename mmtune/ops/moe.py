@@ -181,6 +181,14 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
     if _LOOP_DEPTH == 0 and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return grouped_mm(x_RIn, w_EOutIn.transpose(1, 2), offs_E)
+    return _expert_loop(x_RIn, w_EOutIn, counts_E)
+
+
+@torch.compiler.disable
+def _expert_loop(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """grouped_linear as one matmul per expert with rows. Its shapes depend on the counts' values, which a
+    compiled graph cannot branch on: under torch.compile it runs eagerly (a graph break; the grouped path
+    has none)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:

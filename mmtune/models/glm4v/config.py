@@ -48,6 +48,8 @@ class TextConfig:
     # what the shared attention and the planner read (transformers: q/k/v always carry a bias)
     attention_bias = True
     norms_per_layer = 4  # input, post-self-attention, post-attention, post-MLP RMSNorms
+    # q/k/v in one tensor (v a view of it: autograd keeps it all); the MLP's gate/up through ops/fused.swiglu
+    fused_projections = True
 
     @property
     def head_dim(self) -> int:

@@ -20,6 +20,8 @@ from torch import nn
 from mmtune.models.glm4v.config import TextConfig
 from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextAttention, _padding_idx, mrope_angles
 from mmtune.ops.attention import AttentionMask
+from mmtune.ops.fused import rope as rotary
+from mmtune.ops.fused import swiglu
 
 
 def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: torch.dtype):
@@ -30,61 +32,61 @@ def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: 
 
 def apply_interleaved_rope(x_BNSD: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
     """Rotate the first R = 2h dims of each head as h adjacent pairs (x[2i], x[2i+1]) by angle i (GPT-J
-    layout, transformers' `rotate_half_llm`); the rest pass."""
+    layout, transformers' `rotate_half_llm`); the rest pass. Eagerly in fp32/fp64 each pair is read as one
+    complex number and multiplied by cos + i sin (one pass instead of the four products, the stack and
+    the slices of `rotate_pairs`; the same products, docs/PERFORMANCE.md "Dense glm4v train step")."""
     h = cos_BSh.shape[-1]
-    cos, sin = cos_BSh[:, None], sin_BSh[:, None]
-    pairs = x_BNSD[..., : 2 * h].unflatten(-1, (h, 2))
-    x1, x2 = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
+    rot = x_BNSD[..., : 2 * h]
+    if _complex_view_ok(rot):
+        turn = torch.complex(cos_BSh, sin_BSh)[:, None]
+        rotated = torch.view_as_real(torch.view_as_complex(rot.unflatten(-1, (h, 2))) * turn).flatten(-2)
+    else:
+        rotated = rotate_pairs(rot, cos_BSh, sin_BSh)
     return torch.cat([rotated, x_BNSD[..., 2 * h :]], dim=-1)
 
 
-class _RMSNormFn(torch.autograd.Function):
-    """w * (x / rms(x)) with a hand-written backward: saves x and the [.., 1] inverse rms instead of the
-    fp32 copies autograd keeps, and runs about half the element-wise ops of autograd's backward."""
-
-    @staticmethod
-    def forward(ctx, x, weight, eps):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, rstd, weight)
-        return weight * (xf * rstd).to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, rstd, weight = ctx.saved_tensors
-        y = x.float() * rstd
-        gy = (grad_out * weight).float()
-        grad_x = (gy - y * (gy * y).mean(-1, keepdim=True)) * rstd
-        grad_w = (grad_out * y.to(grad_out.dtype)).reshape(-1, y.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
-        return grad_x.to(x.dtype), grad_w, None
+def rotate_pairs(x_BNSR: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
+    """The pair rotation in real arithmetic (bf16/fp16, which have no complex type here, and compiled
+    code): (x1, x2) -> (x1 cos - x2 sin, x2 cos + x1 sin) for each pair."""
+    cos, sin = cos_BSh[:, None], sin_BSh[:, None]
+    pairs = x_BNSR.unflatten(-1, (cos.shape[-1], 2))
+    x1, x2 = pairs[..., 0], pairs[..., 1]
+    return torch.stack([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).flatten(-2)
 
 
-class FastRMSNorm(RMSNorm):
-    """RMSNorm (same parameter, same result as transformers') with `_RMSNormFn`'s cheaper backward."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _RMSNormFn.apply(x, self.weight, self.eps)
+def _complex_view_ok(x: torch.Tensor) -> bool:
+    """Whether `x`'s adjacent pairs can be viewed as complex numbers without a copy (eager fp32/fp64)."""
+    return (x.dtype in (torch.float32, torch.float64) and not torch.compiler.is_compiling() and x.stride(-1) == 1
+            and x.storage_offset() % 2 == 0 and all(s % 2 == 0 for s in x.stride()[:-1]))
 
 
 class DenseAttention(TextAttention):
-    """GLM-4.5V's attention with interleaved rotary pairs, q/k/v computed by one matmul over the three
-    weights (same parameters) and rotated together."""
+    """GLM-4.5V's attention with interleaved rotary pairs. When q/k/v are plain Linears they run as one
+    matmul over the three weights (same parameters) and q, k are rotated together; when any of them is
+    wrapped (a LoRA adapter, ops/lora.py) each runs as its own module, so the wrapper takes part."""
 
     apply_rope = staticmethod(apply_interleaved_rope)
+
+    def _qkv(self, x_BSH: torch.Tensor) -> torch.Tensor:
+        """q, k, v side by side: [B, S, (N + 2G) * D]."""
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if all(type(p) is nn.Linear for p in projs):
+            weight = torch.cat([p.weight for p in projs])
+            bias = None if self.q_proj.bias is None else torch.cat([p.bias for p in projs])
+            return F.linear(x_BSH, weight, bias)
+        return torch.cat([p(x_BSH) for p in projs], dim=-1)
 
     def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         B, S, _ = x_BSH.shape
         N, G, D = self.num_heads, self.num_kv_heads, self.head_dim
-        weight = torch.cat([self.q_proj.weight, self.k_proj.weight, self.v_proj.weight])
-        bias = torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias])
-        qkv_BSFD = F.linear(x_BSH, weight, bias).view(B, S, N + 2 * G, D)
-        qk_BFSD = apply_interleaved_rope(qkv_BSFD[:, :, : N + G].transpose(1, 2), *rope)
-        q_BNSD, k_BGSD = qk_BFSD[:, :N], qk_BFSD[:, N:]
-        v_BGSD = qkv_BSFD[:, :, N + G :].transpose(1, 2)
+        # split (not slices): the backward joins the pieces' gradients in one copy, where slicing would
+        # zero-fill a full-size gradient per slice and add into it
+        qk_BSFD, v_BSGD = self._qkv(x_BSH).view(B, S, N + 2 * G, D).split([N + G, G], dim=2)
+        q_BNSD, k_BGSD = rotary(qk_BSFD.transpose(1, 2), *rope, apply_interleaved_rope).split([N, G], dim=1)
+        v_BGSD = v_BSGD.transpose(1, 2)
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
-        o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5)
+        o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5, backend=self.attn_backend)
         return self.o_proj(o_BNSD.transpose(1, 2).reshape(B, S, N * D))
 
 
@@ -97,8 +99,7 @@ class DenseMLP(nn.Module):
         self.down_proj = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
-        return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(swiglu(self.gate_up_proj(x)))
 
 
 class DenseDecoderLayer(nn.Module):
@@ -106,10 +107,10 @@ class DenseDecoderLayer(nn.Module):
         super().__init__()
         self.self_attn = DenseAttention(cfg, layer_idx)
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
-        self.input_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_self_attn_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_mlp_layernorm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
         x_BSH = x_BSH + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x_BSH), rope, mask, cache))
@@ -124,7 +125,7 @@ class DenseTextModel(nn.Module):
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=_padding_idx(cfg))
         self.layers = nn.ModuleList(DenseDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = FastRMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
         self,
