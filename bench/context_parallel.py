@@ -1,7 +1,7 @@
 """Context parallelism on the CPU: one long multimodal sample trained at --context-parallel-size 1, 2, 4
 (gloo ranks on this machine), side by side in one run: tokens/s of the training step and memory per rank.
 
-The model is bench/model_step_cpu.py's (DESIGN.md's 9M-param GLM-4.5V-architecture model: text 256 wide,
+The model is bench/model_step_cpu.py's (a 9M-param GLM-4.5V-architecture model: text 256 wide,
 4 layers, 16 experts top-4; vision 2 blocks), everything trainable, fp32, FSDP2 over the cp ranks, no
 activation recompute. The sample: SEQ tokens in one row with 8 images of 8x8 patches (16 tokens each)
 spread over it, labels on every text token, per_token_loss with the chunked cross-entropy.

@@ -1,7 +1,7 @@
 """Expert parallelism next to FSDP only, side by side in one torchrun job on gloo (CPU): the same model, the
 same batches, steps interleaved (FSDP, EP, FSDP, EP, ...) so that a shared machine slows both alike.
 
-Model: DESIGN.md's 9M-param CPU GLM-4.5V (text 256 wide, 1 dense + 3 MoE layers of 16 experts top-4;
+Model: the 9M-param CPU GLM-4.5V of bench/model_step_cpu.py (text 256 wide, 1 dense + 3 MoE layers of 16 experts top-4;
 vision 2 blocks, frozen), fp32, text-only batches of BS x SEQ tokens per rank, per_token_loss, AdamW.
 
 Printed per optimizer step and rank (medians over the timed steps; best = fastest step):
@@ -135,7 +135,7 @@ def main(argv=None) -> int:
     env = init_distributed("cpu")
     ep = args.ep or env.world_size
     cfg = build_config(argparse.Namespace(dry_run=False, cpu=True, moe_layers=3))
-    batch = make_batch(cfg, argparse.Namespace(bs=args.bs, seq=args.seq), torch.device("cpu"))
+    batch = make_batch(cfg, args.bs, args.seq, torch.device("cpu"))
     g = torch.Generator().manual_seed(1 + env.rank)  # different tokens on every rank
     batch["input_ids"] = torch.randint(0, 400, batch["input_ids"].shape, generator=g)
     batch["labels"][:, :-1] = batch["input_ids"][:, 1:]

@@ -155,3 +155,61 @@ def test_mmtune_train_with_compile(tmp_path, tiny_hf_dir, shapes_dir, monkeypatc
     assert "data wait" in out
     compiled = _delta(compile_counters(), start)
     assert compiled["graph_breaks"] == 0 and compiled["frames_compiled"] <= 3, compiled  # at most one per block kind
+
+
+def test_lora_model_compiles_without_graph_break(eager_model):
+    """LoRA (train/lora.apply_lora, all-linear + the routed experts' per-expert adapters) composed with
+    per-block compile: the adapters' grouped low-rank update (ops/lora.grouped_lowrank, whose CPU padded
+    path sizes a buffer from the counts' values) takes the grouped path when compiling, so no block breaks
+    its graph; loss and adapter gradients equal eager within fp32 tolerance."""
+    from mmtune.train.freeze import FreezeSpec
+    from mmtune.train.lora import LoRAConfig, apply_lora
+
+    eager = copy.deepcopy(eager_model)
+    apply_lora(eager, LoRAConfig(r=4, alpha=8.0), FreezeSpec())
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # B != 0 (as after training), so every adapter moves the loss and has a gradient
+        for name, p in eager.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    compiled = copy.deepcopy(eager)
+    start = compile_counters()
+    # one MoE layer (LoRALinear in attention and the shared experts, LoRA on the routed experts): tracing a
+    # block costs ~20 s here, and the other layers are the same code
+    compile_block(compiled.model.language_model.layers[1], backend="aot_eager")
+    b = BATCHES[0]
+    loss_c, grads_c = _loss_and_grads(compiled, b)
+    loss_e, grads_e = _loss_and_grads(eager, b)
+    compiled_now = _delta(compile_counters(), start)
+    assert compiled_now["graph_breaks"] == 0 and compiled_now["graphs"] == 1, compiled_now  # traced whole
+    torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
+    adapters = [n for n in grads_e if "lora_" in n]
+    assert grads_c.keys() == grads_e.keys() and set(grads_e) == set(adapters)
+    assert any("experts.gate_up_proj_lora_A" in n for n in adapters) and any("q_proj.lora_B" in n for n in adapters)
+    for name in adapters:
+        torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_expert_loop_runs_eagerly_inside_a_compiled_block():
+    """model.json use_npu_fused_moe false (`GroupedExperts.use_grouped_mm` off: a loop over the experts, whose
+    shapes come from the counts' values) under compile: the loop runs eagerly inside the compiled experts
+    (graph breaks, that setting only) and the numbers are eager's, forward and backward."""
+    from mmtune.ops.moe import GroupedExperts
+
+    torch.manual_seed(0)
+    experts = GroupedExperts(4, 16, 8)
+    torch.nn.init.normal_(experts.gate_up_proj, std=0.1)
+    torch.nn.init.normal_(experts.down_proj, std=0.1)
+    experts.use_grouped_mm = False
+    compiled = compile_block(copy.deepcopy(experts), backend="aot_eager")
+    x, w, e = torch.randn(10, 16), torch.rand(10, 2), torch.randint(0, 4, (10, 2))
+    start = compile_counters()
+    outs = []
+    for block in (compiled, experts):
+        x_in = x.clone().requires_grad_()
+        y = block(x_in, w, e)
+        y.square().sum().backward()
+        outs.append((y.detach(), x_in.grad, block.gate_up_proj.grad))
+    assert _delta(compile_counters(), start)["graph_breaks"] > 0  # the loop ran, eagerly
+    for got, want in zip(*outs):
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)

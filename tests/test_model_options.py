@@ -75,8 +75,8 @@ def test_use_npu_fused_moe_false_runs_the_expert_loop(monkeypatch):
     model = _model()
     ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(0))
     seen = []
-    real = moe._GROUPED_MM
-    monkeypatch.setattr(moe, "_GROUPED_MM", lambda *a, **k: seen.append(1) or real(*a, **k))
+    real = moe.grouped_mm
+    monkeypatch.setattr(moe, "grouped_mm", lambda *a, **k: seen.append(1) or real(*a, **k))
     grouped = model(ids).logits
     assert seen and apply_model_options(model, vision_attn="sdpa", text_attn="sdpa", grouped_mm=False)["experts"] == 2
     seen.clear()

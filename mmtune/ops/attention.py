@@ -23,7 +23,6 @@ D head dim, T flattened tokens, N segments.
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -100,10 +99,15 @@ def build_mask(
     return AttentionMask(causal, num_past=num_past)
 
 
-def _kernels(backend: str):
+def _with_backend(backend: str, fn, *args):
+    """fn(*args) under the SDPA kernels of `backend`: only "eager" restricts them (a context manager only
+    then: entering one inside a compiled block would break its graph)."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend {backend!r} is not one of {BACKENDS}")
-    return sdpa_kernel(SDPBackend.MATH) if backend == "eager" else nullcontext()
+    if backend != "eager":
+        return fn(*args)
+    with sdpa_kernel(SDPBackend.MATH):
+        return fn(*args)
 
 
 def attention(
@@ -113,8 +117,7 @@ def attention(
     """Scaled dot-product attention `[B, H, S, D]` with grouped key/value heads (H a multiple of G)."""
     if mask.cu_seqlens is not None and backend == "flash" and _varlen_ok(q_BHSD):
         return _varlen(q_BHSD, k_BGKD, v_BGKD, mask, scale)
-    with _kernels(backend):
-        return _sdpa(q_BHSD, k_BGKD, v_BGKD, mask, scale)
+    return _with_backend(backend, _sdpa, q_BHSD, k_BGKD, v_BGKD, mask, scale)
 
 
 def _sdpa(q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask, scale) -> torch.Tensor:
@@ -155,11 +158,14 @@ def attention_per_segment(
         q_THD, k_THD, v_THD = (x.transpose(0, 1).contiguous() for x in (q_HTD, k_HTD, v_HTD))
         out_THD = _varlen_attn()(q_THD, k_THD, v_THD, cu, cu, max_len, max_len, scale=scale)
         return out_THD.transpose(0, 1)
-    with _kernels(backend):
-        if segment_attention_ok(q_HTD):
-            return segment_attention(q_HTD[None], k_HTD[None], v_HTD[None], cu_seqlens, False, scale)[0]
-        # 4-D inputs: SDPA's fused CPU kernel takes [B, H, S, D] only (3-D falls back to the math path)
-        return _packed_sdpa(q_HTD[None], k_HTD[None], v_HTD[None], cu_seqlens, False, scale)[0]
+    return _with_backend(backend, _segments_sdpa, q_HTD, k_HTD, v_HTD, cu_seqlens, scale)
+
+
+def _segments_sdpa(q_HTD, k_HTD, v_HTD, cu_seqlens, scale) -> torch.Tensor:
+    if segment_attention_ok(q_HTD):
+        return segment_attention(q_HTD[None], k_HTD[None], v_HTD[None], cu_seqlens, False, scale)[0]
+    # 4-D inputs: SDPA's fused CPU kernel takes [B, H, S, D] only (3-D falls back to the math path)
+    return _packed_sdpa(q_HTD[None], k_HTD[None], v_HTD[None], cu_seqlens, False, scale)[0]
 
 
 @torch.compiler.disable  # a loop over the segments' lengths (Python ints): eager even inside a compiled block

@@ -166,10 +166,15 @@ def grouped_lowrank(x_RIn: torch.Tensor, A_ErIn: torch.Tensor, B_EOutr: torch.Te
     Two grouped matmuls over the rows (`grouped_linear`), or — on the CPU, whose grouped matmul runs each
     expert's narrow [n_e, r] product as a separate small matmul — the same rows copied into an
     [E, max n_e, In] buffer and two batched matmuls, when that padding at most doubles the rows (`padded`
-    None decides so; True / False force a path, for tests). Both are O(R * r * (In + Out))."""
+    None decides so; True / False force a path, for tests). Both are O(R * r * (In + Out)).
+
+    Under torch.compile (--use-torch-compile) the grouped path is taken: the padded buffer's size is a
+    value read from the counts, which a compiled graph cannot branch on (a graph break in every MoE layer),
+    and the grouped matmul is traced whole (ops/grouped_mm.py)."""
     E, R = counts_E.numel(), x_RIn.shape[0]
     if padded is None:
-        padded = x_RIn.device.type == "cpu" and R > 0 and int(counts_E.max()) * E <= 2 * R
+        padded = (not torch.compiler.is_compiling() and x_RIn.device.type == "cpu" and R > 0
+                  and int(counts_E.max()) * E <= 2 * R)
     if not padded or R == 0:
         return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E) * scale, B_EOutr, counts_E)
     C = int(counts_E.max())

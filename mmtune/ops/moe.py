@@ -22,7 +22,6 @@ Legend: T tokens, H hidden, E experts, K experts per token, I expert intermediat
 from __future__ import annotations
 
 import contextlib
-import contextvars
 
 import torch
 import torch.nn.functional as F
@@ -158,18 +157,20 @@ def project(x_RIn: torch.Tensor, weight, counts_E: torch.Tensor) -> torch.Tensor
     return weight.project(x_RIn, counts_E)
 
 
-# False while a GroupedExperts with use_grouped_mm off runs its dispatch (which may be the expert-parallel
-# all-to-all, so the switch travels with the call rather than through every signature)
-_GROUPED_ON: contextvars.ContextVar[bool] = contextvars.ContextVar("mmtune_grouped_mm", default=True)
+# > 0 while a GroupedExperts with use_grouped_mm off runs its dispatch (which may be the expert-parallel
+# all-to-all, so the switch travels with the call rather than through every signature). A plain module
+# global: torch.compile reads it as a guarded constant, where a ContextVar would break the graph.
+_LOOP_DEPTH = 0
 
 
 @contextlib.contextmanager
 def _grouped_mm_off():
-    token = _GROUPED_ON.set(False)
+    global _LOOP_DEPTH
+    _LOOP_DEPTH += 1
     try:
         yield
     finally:
-        _GROUPED_ON.reset(token)
+        _LOOP_DEPTH -= 1
 
 
 def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
@@ -177,9 +178,17 @@ def grouped_linear(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.
     where `torch` has one for this device/dtype/layout (and `GroupedExperts.use_grouped_mm` is on); otherwise
     a loop over experts with rows."""
     x_RIn = x_RIn.to(w_EOutIn.dtype)
-    if _GROUPED_ON.get() and _grouped_mm_ok(x_RIn, w_EOutIn):
+    if _LOOP_DEPTH == 0 and _grouped_mm_ok(x_RIn, w_EOutIn):
         offs_E = torch.cumsum(counts_E, 0, dtype=torch.int32)
         return grouped_mm(x_RIn, w_EOutIn.transpose(1, 2), offs_E)
+    return _expert_loop(x_RIn, w_EOutIn, counts_E)
+
+
+@torch.compiler.disable
+def _expert_loop(x_RIn: torch.Tensor, w_EOutIn: torch.Tensor, counts_E: torch.Tensor) -> torch.Tensor:
+    """grouped_linear as one matmul per expert with rows. Its shapes depend on the counts' values, which a
+    compiled graph cannot branch on: under torch.compile it runs eagerly (a graph break; the grouped path
+    has none)."""
     outs, start = [], 0
     for e, n in enumerate(counts_E.tolist()):
         if n:

@@ -16,12 +16,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from mmtune.models.glm4v_moe.config import VisionConfig, _dataclass_from_dict
+from mmtune.models.glm4v_moe.config import ConfigFile, VisionConfig, _dataclass_from_dict, read_rope
 
 # transformers' Glm4vVisionConfig default, GLM-4.1V's value (GLM-4.5V's vision merger is 10944 wide)
 DENSE_VISION_INTERMEDIATE = 13696
@@ -64,7 +62,7 @@ class TextConfig:
 
 
 @dataclass
-class Glm4vConfig:
+class Glm4vConfig(ConfigFile):
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=lambda: VisionConfig(intermediate_size=DENSE_VISION_INTERMEDIATE))
     image_token_id: int = 151343
@@ -77,21 +75,11 @@ class Glm4vConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     model_type = "glm4v"
+    architecture = "Glm4vForConditionalGeneration"
+    text_model_type = "glm4v_text"
+    vision_model_type = "glm4v_vision"
 
-    # ---- reading -----------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Glm4vConfig":
-        """Read `path/config.json` (or `path` itself when it is a file)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json (expected an HF model dir with config.json)")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(file))
-
+    # ---- reading (from_pretrained, to_dict, save_pretrained: ConfigFile) -------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Glm4vConfig":
         data = copy.deepcopy(data)
@@ -116,52 +104,9 @@ class Glm4vConfig:
             kwargs["tie_word_embeddings"] = True  # a pre-v5 save keeps it inside text_config
         return cls(text=text, vision=vision, extra=data, **kwargs)
 
-    # ---- writing -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """An HF config.json (transformers>=5 style) that `AutoConfig.from_pretrained` reads."""
-        t = self.text
-        text = {k: v for k, v in dataclasses.asdict(t).items() if k not in _ROPE_KEYS | {"extra"}}
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": t.rope_theta,
-            "partial_rotary_factor": t.partial_rotary_factor,
-            "mrope_section": list(t.mrope_section),
-        }
-        text["model_type"] = "glm4v_text"
-        text.update(copy.deepcopy(t.extra))
-        vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k != "extra"}
-        vision["model_type"] = "glm4v_vision"
-        vision.update(copy.deepcopy(self.vision.extra))
-        out: dict[str, Any] = {"architectures": ["Glm4vForConditionalGeneration"], "model_type": self.model_type}
-        out.update(copy.deepcopy(self.extra))
-        out.update(text_config=text, vision_config=vision)
-        for f in dataclasses.fields(self):
-            if f.name not in ("text", "vision", "extra"):
-                out[f.name] = getattr(self, f.name)
-        return out
-
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-_ROPE_KEYS = {"rope_theta", "partial_rotary_factor", "mrope_section"}
-
 
 def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
-    d = dict(d)
-    d.pop("model_type", None)
-    rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
-    d.pop("rope_scaling", None)
-    for key in ("rope_theta", "partial_rotary_factor"):
-        if key in rope:
-            d.setdefault(key, rope[key])
-    if "mrope_section" in rope:
-        d["mrope_section"] = list(rope["mrope_section"])
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type not in ("default", "mrope"):
-        raise ValueError(f"{source}: text_config rope type {rope_type!r} is not supported (expected 'default')")
+    d = read_rope(d, source)
     d.setdefault("partial_rotary_factor", 1.0)  # transformers' default when the file has none
     d.setdefault("pad_token_id", None)
     cfg = _dataclass_from_dict(TextConfig, d, source, "text_config")

@@ -85,8 +85,64 @@ class VisionConfig:
         return self.in_channels * self.temporal_patch_size * self.patch_size**2
 
 
+class ConfigFile:
+    """config.json reading and writing shared by the family's configs (Glm4vMoeConfig, models/glm4v's
+    Glm4vConfig): a dataclass with `text`, `vision`, `extra` and the multimodal token ids, whose class
+    names its `model_type`, `architecture` and the model types of its two sub-configs. `from_dict` is
+    each config's own (what it accepts differs)."""
+
+    model_type: str
+    architecture: str
+    text_model_type: str
+    vision_model_type: str
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path):
+        """Read `path/config.json` (or `path` itself when it is a file)."""
+        path = Path(path)
+        file = path / "config.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no config.json (expected an HF model dir with config.json)")
+        try:
+            data = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file}: not valid JSON ({e})") from e
+        return cls.from_dict(data, source=str(file))
+
+    def to_dict(self) -> dict[str, Any]:
+        """An HF config.json (transformers>=5 style) that `AutoConfig.from_pretrained` reads."""
+        t = self.text
+        text = {k: v for k, v in dataclasses.asdict(t).items() if k not in TEXT_ROPE_KEYS | {"extra"}}
+        text["rope_parameters"] = {
+            "rope_type": "default",
+            "rope_theta": t.rope_theta,
+            "partial_rotary_factor": t.partial_rotary_factor,
+            "mrope_section": list(t.mrope_section),
+        }
+        text["model_type"] = self.text_model_type
+        text.update(copy.deepcopy(t.extra))
+        vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k != "extra"}
+        vision["model_type"] = self.vision_model_type
+        vision.update(copy.deepcopy(self.vision.extra))
+        out: dict[str, Any] = {"architectures": [self.architecture], "model_type": self.model_type}
+        out.update(copy.deepcopy(self.extra))
+        out.update(text_config=text, vision_config=vision)
+        for f in dataclasses.fields(self):
+            if f.name not in ("text", "vision", "extra"):
+                out[f.name] = getattr(self, f.name)
+        return out
+
+    def save_pretrained(self, path: str | Path) -> None:
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        (path / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+
+TEXT_ROPE_KEYS = {"rope_theta", "partial_rotary_factor", "mrope_section"}
+
+
 @dataclass
-class Glm4vMoeConfig:
+class Glm4vMoeConfig(ConfigFile):
     text: TextConfig = field(default_factory=TextConfig)
     vision: VisionConfig = field(default_factory=VisionConfig)
     image_token_id: int = 151363
@@ -99,21 +155,11 @@ class Glm4vMoeConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     model_type = "glm4v_moe"
+    architecture = "Glm4vMoeForConditionalGeneration"
+    text_model_type = "glm4v_moe_text"
+    vision_model_type = "glm4v_moe_vision"
 
-    # ---- reading -----------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: str | Path) -> "Glm4vMoeConfig":
-        """Read `path/config.json` (or `path` itself when it is a file)."""
-        path = Path(path)
-        file = path / "config.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"{file}: no config.json (expected an HF model dir with config.json)")
-        try:
-            data = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: not valid JSON ({e})") from e
-        return cls.from_dict(data, source=str(file))
-
+    # ---- reading (from_pretrained: ConfigFile) ------------------------------------------------
     @classmethod
     def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Glm4vMoeConfig":
         data = copy.deepcopy(data)
@@ -136,53 +182,27 @@ class Glm4vMoeConfig:
             kwargs["tie_word_embeddings"] = True
         return cls(text=text, vision=vision, extra=data, **kwargs)
 
-    # ---- writing -----------------------------------------------------------------------------
-    def to_dict(self) -> dict[str, Any]:
-        """An HF config.json (transformers>=5 style) that `AutoConfig.from_pretrained` reads."""
-        t = self.text
-        text = {k: v for k, v in dataclasses.asdict(t).items() if k not in _TEXT_ROPE_KEYS | {"extra"}}
-        text["rope_parameters"] = {
-            "rope_type": "default",
-            "rope_theta": t.rope_theta,
-            "partial_rotary_factor": t.partial_rotary_factor,
-            "mrope_section": list(t.mrope_section),
-        }
-        text["model_type"] = "glm4v_moe_text"
-        text.update(copy.deepcopy(t.extra))
-        vision = {k: v for k, v in dataclasses.asdict(self.vision).items() if k != "extra"}
-        vision["model_type"] = "glm4v_moe_vision"
-        vision.update(copy.deepcopy(self.vision.extra))
-        out: dict[str, Any] = {"architectures": ["Glm4vMoeForConditionalGeneration"], "model_type": self.model_type}
-        out.update(copy.deepcopy(self.extra))
-        out.update(text_config=text, vision_config=vision)
-        for f in dataclasses.fields(self):
-            if f.name not in ("text", "vision", "extra"):
-                out[f.name] = getattr(self, f.name)
-        return out
 
-    def save_pretrained(self, path: str | Path) -> None:
-        path = Path(path)
-        path.mkdir(parents=True, exist_ok=True)
-        (path / "config.json").write_text(json.dumps(self.to_dict(), indent=2) + "\n")
-
-
-_TEXT_ROPE_KEYS = {"rope_theta", "partial_rotary_factor", "mrope_section"}
-
-
-def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
+def read_rope(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """A text_config dict with its rope settings as plain keys: transformers>=5 `rope_parameters` or the
+    legacy `rope_scaling` (+ top-level `rope_theta` / `partial_rotary_factor`); model_type dropped."""
     d = dict(d)
     d.pop("model_type", None)
-    rope = d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {}
+    rope = dict(d.pop("rope_parameters", None) or d.pop("rope_scaling", None) or {})
     d.pop("rope_scaling", None)
-    if "rope_theta" in rope:
-        d.setdefault("rope_theta", rope["rope_theta"])
-    if "partial_rotary_factor" in rope:
-        d.setdefault("partial_rotary_factor", rope["partial_rotary_factor"])
+    for key in ("rope_theta", "partial_rotary_factor"):
+        if key in rope:
+            d.setdefault(key, rope[key])
     if "mrope_section" in rope:
         d["mrope_section"] = list(rope["mrope_section"])
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "mrope"):
         raise ValueError(f"{source}: text_config rope type {rope_type!r} is not supported (expected 'default')")
+    return d
+
+
+def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
+    d = read_rope(d, source)
     if d.get("head_dim") is None:
         d["head_dim"] = d.get("hidden_size", TextConfig.hidden_size) // d.get(
             "num_attention_heads", TextConfig.num_attention_heads
