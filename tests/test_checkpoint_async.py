@@ -60,6 +60,7 @@ def test_async_save_publishes_only_when_complete(tmp_path, gated_finish):
     ck.close()
     assert (tmp_path / POINTER_FILE).read_text() == "2\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["iter_0000001", "iter_0000002", POINTER_FILE]
+    assert sorted(ck.written_s) == [1, 2] and ck.written_s[1] >= 0.3  # its write was held >= 0.3 s by the gate
     fresh, _, _ = _parts(seed=3)
     Checkpointer.load(tmp_path / "iter_0000001", fresh, load_optim=False)
     for name, value in fresh.state_dict().items():
@@ -88,6 +89,7 @@ def test_keep_latest_checkpoints(tmp_path, async_save):
     for step in range(1, 5):
         ck.save(step, model, opt, sched)
     ck.close()
+    assert sorted(ck.written_s) == [1, 2, 3, 4]  # the write time of each save (bench/async_save.py reads it)
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         ".iter_0000009.tmp", "iter_0000003", "iter_0000004", POINTER_FILE]
     # the checkpoint the pointer names is kept even when it is not among the newest

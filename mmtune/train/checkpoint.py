@@ -206,6 +206,7 @@ class Checkpointer:
         self.print = print_fn or (lambda *a, **k: None)
         self.last_blocked_s = 0.0  # how long the last save() held the caller (the bench reads it)
         self.staging_wait_s = 0.0  # how long wait_staged() held the caller, in all
+        self.written_s: dict[int, float] = {}  # step -> seconds its write took (async: in the background)
         self._pending: tuple[Future, Path] | None = None
         self._staged: Future | None = None
         self._pool: ThreadPoolExecutor | None = None
@@ -253,6 +254,7 @@ class Checkpointer:
             if rank == 0:
                 self._publish(step, tmp, final)
             _barrier()
+            self.written_s[step] = time.perf_counter() - t0
         self.last_blocked_s = time.perf_counter() - t0
         return final
 
@@ -283,6 +285,7 @@ class Checkpointer:
             self._publish(step, tmp, final)
             self.print(f"saved checkpoint {final} (written in the background in {time.perf_counter() - started:.1f} s)",
                        flush=True)
+        self.written_s[step] = time.perf_counter() - started
         return final
 
     def _publish(self, step: int, tmp: Path, final: Path) -> None:
