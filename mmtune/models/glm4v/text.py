@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mmtune.models.glm4v.config import TextConfig
-from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextAttention, _padding_idx, mrope_angles
+from mmtune.models.glm4v_moe.text import KVCache, RMSNorm, TextAttention, TextModel, mrope_angles
 from mmtune.ops.attention import AttentionMask
 from mmtune.ops.fused import rope as rotary
 from mmtune.ops.fused import swiglu
@@ -112,31 +112,14 @@ class DenseDecoderLayer(nn.Module):
         self.post_self_attn_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_mlp_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x_BSH, rope, mask: AttentionMask, cache: KVCache | None = None) -> tuple[torch.Tensor, None]:
         x_BSH = x_BSH + self.post_self_attn_layernorm(self.self_attn(self.input_layernorm(x_BSH), rope, mask, cache))
-        return x_BSH + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x_BSH)))
+        return x_BSH + self.post_mlp_layernorm(self.mlp(self.post_attention_layernorm(x_BSH))), None
 
 
-class DenseTextModel(nn.Module):
-    """`model.language_model`: embeddings, dense decoder layers, final norm (the lm head lives outside)."""
+class DenseTextModel(TextModel):
+    """`model.language_model`: embeddings, dense decoder layers, final norm (the lm head lives outside);
+    no router, so no router logits."""
 
-    def __init__(self, cfg: TextConfig):
-        super().__init__()
-        self.config = cfg
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=_padding_idx(cfg))
-        self.layers = nn.ModuleList(DenseDecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(
-        self,
-        inputs_embeds_BSH: torch.Tensor,
-        position_ids_3BS: torch.Tensor,
-        mask: AttentionMask,
-        cache: KVCache | None = None,
-    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Final hidden states and the router logits (none: a dense model has no router)."""
-        rope = mrope_cos_sin_pairs(self.config, position_ids_3BS, inputs_embeds_BSH.dtype)
-        h_BSH = inputs_embeds_BSH
-        for layer in self.layers:
-            h_BSH = layer(h_BSH, rope, mask, cache)
-        return self.norm(h_BSH), ()
+    layer_class = DenseDecoderLayer
+    cos_sin = staticmethod(mrope_cos_sin_pairs)

@@ -197,13 +197,18 @@ class DecoderLayer(nn.Module):
 
 
 class TextModel(nn.Module):
-    """`model.language_model`: embeddings, decoder layers, final norm (the lm head lives outside)."""
+    """`model.language_model`: embeddings, decoder layers, final norm (the lm head lives outside). A family
+    member with other layers or rotary angles (models/glm4v) sets `layer_class` / `cos_sin`; each layer
+    returns (hidden states, its router logits or None)."""
 
-    def __init__(self, cfg: TextConfig):
+    layer_class: type[nn.Module]  # DecoderLayer (set below the class)
+    cos_sin = staticmethod(mrope_cos_sin)
+
+    def __init__(self, cfg):
         super().__init__()
         self.config = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size, padding_idx=_padding_idx(cfg))
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(self.layer_class(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
     def forward(
@@ -213,13 +218,16 @@ class TextModel(nn.Module):
         mask: AttentionMask,
         cache: KVCache | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        rope = mrope_cos_sin(self.config, position_ids_3BS, inputs_embeds_BSH.dtype)
+        rope = self.cos_sin(self.config, position_ids_3BS, inputs_embeds_BSH.dtype)
         h_BSH, router_logits = inputs_embeds_BSH, []
         for layer in self.layers:
             h_BSH, logits_TE = layer(h_BSH, rope, mask, cache)
             if logits_TE is not None:
                 router_logits.append(logits_TE)
         return self.norm(h_BSH), tuple(router_logits)
+
+
+TextModel.layer_class = DecoderLayer
 
 
 def _padding_idx(cfg: TextConfig) -> int | None:
