@@ -217,3 +217,6 @@ def _worker(job_path: str) -> None:
 if __name__ == "__main__":
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     _worker(sys.argv[1])
+    from mmtune.distributed import shutdown_distributed
+
+    shutdown_distributed()  # gloo's threads stop here, not in the interpreter's teardown
