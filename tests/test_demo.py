@@ -73,19 +73,24 @@ def test_exported_model_answers_the_same_through_transformers(demo_run):
     same greedy answers as mmtune on held-out questions."""
     from transformers import Glm4vMoeForConditionalGeneration
 
+    assert_export_answers_like_transformers(demo_run[0] / "export", Glm4vMoeForConditionalGeneration)
+
+
+def assert_export_answers_like_transformers(export: Path, hf_class) -> None:
+    """mmtune's greedy answers from a demo's exported HF dir on 4 held-out questions equal those of
+    transformers' `hf_class.from_pretrained(export)` + its generate(), token for token (also used by the
+    dense demo's test)."""
     from mmtune.data.images import ImageProcessor
     from mmtune.data.shapes import eval_questions
     from mmtune.generate import eos_ids, generate_batch, load_model, load_tokenizer
 
-    work, _ = demo_run
-    export = work / "export"
     ours, _ = load_model(export)
     tok = load_tokenizer(export)
     improc = ImageProcessor.from_pretrained(export, image_max_pixels=262144, image_min_pixels=1024)
     questions = eval_questions(4, seed=D.EVAL_SEED)
     gens = generate_batch(ours, tok, [(q, [img]) for img, q, _ in questions], image_processor=improc,
                           max_new_tokens=6)
-    hf = Glm4vMoeForConditionalGeneration.from_pretrained(str(export), dtype=torch.float32).eval()
+    hf = hf_class.from_pretrained(str(export), dtype=torch.float32).eval()
     stop = sorted(eos_ids(ours.config))
     for (img, q, _), g in zip(questions, gens):
         ids = torch.tensor([g.prompt_ids])

@@ -223,31 +223,9 @@ def test_dense_export_answers_the_same_through_transformers(dense_demo):
     """transformers' Glm4vForConditionalGeneration.from_pretrained(export) + generate() = mmtune's answers."""
     from transformers import Glm4vForConditionalGeneration as HF
 
-    from mmtune import demo as D
-    from mmtune.data.images import ImageProcessor
-    from mmtune.data.shapes import eval_questions
-    from mmtune.generate import eos_ids, generate_batch, load_model, load_tokenizer
+    from test_demo import assert_export_answers_like_transformers
 
-    work, _ = dense_demo
-    export = work / "export"
-    ours, _ = load_model(export)
-    tok = load_tokenizer(export)
-    improc = ImageProcessor.from_pretrained(export, image_max_pixels=262144, image_min_pixels=1024)
-    questions = eval_questions(4, seed=D.EVAL_SEED)
-    gens = generate_batch(ours, tok, [(q, [img]) for img, q, _ in questions], image_processor=improc,
-                          max_new_tokens=6)
-    hf = HF.from_pretrained(str(export), dtype=torch.float32).eval()
-    stop = sorted(eos_ids(ours.config))
-    for (img, q, answer), g in zip(questions, gens):
-        ids = torch.tensor([g.prompt_ids])
-        pv, grid = improc.process([img])
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          mm_token_type_ids=(ids == hf.config.image_token_id).long(),
-                          pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
-                          max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
-        theirs = out[0, ids.shape[1]:].tolist()
-        assert theirs == g.token_ids, (q, theirs, g.token_ids)
-        assert tok.decode(theirs, skip_special_tokens=True).strip() == g.text
+    assert_export_answers_like_transformers(dense_demo[0] / "export", HF)
 
 
 # ---- GLM-4.6V's processor --------------------------------------------------------------------------
