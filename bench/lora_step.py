@@ -9,11 +9,9 @@ bytes (parameters + everything the step allocates, as `mmtune plan --measure` co
 Part 2, LoRA on the routed experts alone: one MoE layer's experts (T tokens, top-K of E), forward + backward
 with a frozen base (the input needs its gradient, as inside a model). mmtune's per-expert adapters in the
 grouped matmuls against PEFT's `target_parameters` on transformers' own experts module (grouped_mm
-implementation), each beside its own no-LoRA baseline. The overhead is LoRA time - baseline time. "ours
-LoRA gmm" forces the adapters' products onto torch's grouped_mm (the CUDA path) instead of the CPU's
-padded batched matmul (ops/lora.grouped_lowrank).
+implementation), each beside its own no-LoRA baseline. The overhead is LoRA time - baseline time.
 
-    flock /tmp/mmtune-bench.lock python bench/lora_step.py [--steps 6] [--rank 16]
+    flock /tmp/mmtune-bench.lock python bench/lora_step.py [--steps 6] [--rank 16] [--threads 1 --cpu-time]
 """
 
 from __future__ import annotations
@@ -41,14 +39,17 @@ from mmtune.train.lora import LoRAConfig, apply_lora, init_adapters  # noqa: E40
 TRAIN_ALL = FreezeSpec(vision_encoder=False, vision_projector=False, text_decoder=False)
 
 
+CLOCK = time.perf_counter  # --cpu-time: time.process_time
+
+
 def _interleaved(fns: dict, steps: int, warmup: int = 1) -> dict[str, list[float]]:
     times = {k: [] for k in fns}
     for i in range(warmup + steps):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
+            t0 = CLOCK()
             fn()
             if i >= warmup:
-                times[k].append(time.perf_counter() - t0)
+                times[k].append(CLOCK() - t0)
     return times
 
 
@@ -184,23 +185,7 @@ def part2(steps: int, rank: int, E: int, H: int, I: int, T: int, K: int) -> None
             wrapper.lora_B["default"].weight.copy_(B.permute(1, 2, 0).reshape(B.shape[1], rank * E))
     with torch.no_grad():
         diff = (ours_lora(x, w, idx) - peft_experts(x, idx, w)).abs().max().item()
-    import functools
-
-    from mmtune.ops import lora as lora_ops
-
-    auto = lora_ops.grouped_lowrank
-
-    def forced(fn):  # ours with the adapters' products on torch's grouped_mm (the CUDA path) instead
-        def f():
-            lora_ops.grouped_lowrank = functools.partial(auto, padded=False)
-            try:
-                fn()
-            finally:
-                lora_ops.grouped_lowrank = auto
-        return f
-
     fns = {"ours base": run(ours, False), "ours LoRA": run(ours_lora, False),
-           "ours LoRA gmm": forced(run(ours_lora, False)),
            "hf base": run(hf_base, True), "hf+PEFT LoRA": run(peft_experts, True)}
     times = _interleaved(fns, steps)
     med = {k: statistics.median(v) for k, v in times.items()}
@@ -221,8 +206,16 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 1 warm-up step)")
     p.add_argument("--rank", type=int, default=16, help="LoRA rank (default 16)")
     p.add_argument("--part", choices=["1", "2", "both"], default="both")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")),
+                   help="torch threads (default $OMP_NUM_THREADS or 2)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time each step by the process's CPU time (with --threads 1: what a step costs when other "
+                        "jobs share the cores, which the wall clock does not show)")
     args = p.parse_args(argv)
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "2")))
+    torch.set_num_threads(args.threads)
+    if args.cpu_time:
+        global CLOCK
+        CLOCK = time.process_time
     if args.part in ("1", "both"):
         part1(args.steps, args.rank)
     if args.part in ("2", "both"):

@@ -159,9 +159,8 @@ def test_mmtune_train_with_compile(tmp_path, tiny_hf_dir, shapes_dir, monkeypatc
 
 def test_lora_model_compiles_without_graph_break(eager_model):
     """LoRA (train/lora.apply_lora, all-linear + the routed experts' per-expert adapters) composed with
-    per-block compile: the adapters' grouped low-rank update (ops/lora.grouped_lowrank, whose CPU padded
-    path sizes a buffer from the counts' values) takes the grouped path when compiling, so no block breaks
-    its graph; loss and adapter gradients equal eager within fp32 tolerance."""
+    per-block compile: the adapters' grouped low-rank update (ops/lora.grouped_lowrank: two grouped matmuls
+    over the sorted rows) traces whole, so no block breaks its graph; loss and adapter gradients equal eager within fp32 tolerance."""
     from mmtune.train.freeze import FreezeSpec
     from mmtune.train.lora import LoRAConfig, apply_lora
 

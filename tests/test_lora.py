@@ -90,14 +90,8 @@ def _dense_delta(x_TH, weights_TK, experts_TK, experts: LoRAGroupedExperts):
     return plain(x_TH, weights_TK, experts_TK)
 
 
-@pytest.mark.parametrize("padded", [False, True], ids=["grouped_mm", "padded_bmm"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_expert_lora_grouped_equals_loop_and_dense_delta(dtype, padded, monkeypatch):
-    import functools
-
-    from mmtune.ops import lora as lora_ops
-
-    monkeypatch.setattr(lora_ops, "grouped_lowrank", functools.partial(lora_ops.grouped_lowrank, padded=padded))
+def test_expert_lora_grouped_equals_loop_and_dense_delta(dtype):
     g = torch.Generator().manual_seed(0)
     E, H, I, T, K, r = 5, 16, 8, 23, 2, 4
     base = GroupedExperts(E, H, I).to(dtype)
@@ -114,7 +108,7 @@ def test_expert_lora_grouped_equals_loop_and_dense_delta(dtype, padded, monkeypa
     experts_TK[:, :] = experts_TK.clamp(max=E - 2)  # expert E-1 gets no rows: empty groups are handled
     experts_TK[:, 1] = (experts_TK[:, 0] + 1) % (E - 1)
     w = torch.rand(T, K, generator=g, dtype=dtype)
-    if dtype == torch.float32 and not padded:  # the grouped matmul runs (torch has no fp64 grouped_mm on the CPU)
+    if dtype == torch.float32:  # the grouped matmul runs (torch has no fp64 grouped_mm on the CPU)
         assert moe._grouped_mm_ok(x, experts.gate_up_proj) and moe._grouped_mm_ok(torch.zeros(3, r), experts.down_proj_lora_B)
     got = experts(x, w, experts_TK)
     ref = _reference_loop(x.double(), w.double(), experts_TK, experts.double())

@@ -160,59 +160,12 @@ def wrap_experts(experts: GroupedExperts, r: int, alpha: float, dropout: float =
 
 
 def grouped_lowrank(x_RIn: torch.Tensor, A_ErIn: torch.Tensor, B_EOutr: torch.Tensor, counts_E: torch.Tensor,
-                    scale: float = 1.0, padded: bool | None = None) -> torch.Tensor:
+                    scale: float = 1.0) -> torch.Tensor:
     """s (x A_e^T) B_e^T for each expert's block of the sorted rows: [R, Out] (s scales the [R, r] middle).
-
-    Two grouped matmuls over the rows (`grouped_linear`), or — on the CPU, whose grouped matmul runs each
-    expert's narrow [n_e, r] product as a separate small matmul — the same rows copied into an
-    [E, max n_e, In] buffer and two batched matmuls, when that padding at most doubles the rows (`padded`
-    None decides so; True / False force a path, for tests). Both are O(R * r * (In + Out)).
-
-    Under torch.compile (--use-torch-compile) the grouped path is taken: the padded buffer's size is a
-    value read from the counts, which a compiled graph cannot branch on (a graph break in every MoE layer),
-    and the grouped matmul is traced whole (ops/grouped_mm.py)."""
-    E, R = counts_E.numel(), x_RIn.shape[0]
-    if padded is None:
-        padded = (not torch.compiler.is_compiling() and x_RIn.device.type == "cpu" and R > 0
-                  and int(counts_E.max()) * E <= 2 * R)
-    if not padded or R == 0:
-        return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E) * scale, B_EOutr, counts_E)
-    C = int(counts_E.max())
-    start_E = torch.cumsum(counts_E, 0) - counts_E
-    expert_R = torch.repeat_interleave(torch.arange(E, device=x_RIn.device), counts_E)
-    slot_R = expert_R * C + torch.arange(R, device=x_RIn.device) - start_E[expert_R]  # row -> its padded slot
-    x_ECIn = _ToSlots.apply(x_RIn.to(A_ErIn.dtype), slot_R, E * C).view(E, C, -1)
-    y_ECOut = torch.bmm(torch.bmm(x_ECIn, A_ErIn.transpose(1, 2)) * scale, B_EOutr.transpose(1, 2))
-    return _FromSlots.apply(y_ECOut.view(E * C, -1), slot_R)
-
-
-class _ToSlots(torch.autograd.Function):
-    """rows [R, D] -> a zero buffer [S, D] with row i at slot_R[i] (slots distinct); backward: a gather."""
-
-    @staticmethod
-    def forward(ctx, x_RD, slot_R, n_slots):
-        ctx.save_for_backward(slot_R)
-        return x_RD.new_zeros(n_slots, x_RD.shape[1]).index_copy_(0, slot_R, x_RD)
-
-    @staticmethod
-    def backward(ctx, grad_SD):
-        (slot_R,) = ctx.saved_tensors
-        return grad_SD.index_select(0, slot_R), None, None
-
-
-class _FromSlots(torch.autograd.Function):
-    """the rows at slot_R of [S, D]; backward: copied back into zeros (slots distinct: no scatter-add)."""
-
-    @staticmethod
-    def forward(ctx, y_SD, slot_R):
-        ctx.save_for_backward(slot_R)
-        ctx.n_slots = y_SD.shape[0]
-        return y_SD.index_select(0, slot_R)
-
-    @staticmethod
-    def backward(ctx, grad_RD):
-        (slot_R,) = ctx.saved_tensors
-        return grad_RD.new_zeros(ctx.n_slots, grad_RD.shape[1]).index_copy_(0, slot_R, grad_RD), None
+    Two grouped matmuls over the same rows (`grouped_linear`): O(R * r * (In + Out)), on every device and
+    under torch.compile alike. (A CPU variant that padded each expert's rows into an [E, max n_e, In] buffer
+    for two batched matmuls was slower than this on an idle machine, docs/PERFORMANCE.md "LoRA".)"""
+    return grouped_linear(grouped_linear(x_RIn, A_ErIn, counts_E) * scale, B_EOutr, counts_E)
 
 
 def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
