@@ -15,7 +15,7 @@ from mmtune.data.config import load_data_config, parse_data_config
 from mmtune.data.dataset import build_dataset
 from mmtune.data.images import ImageProcessor
 from mmtune.data.llava import llava_to_mllm
-from mmtune.data.loader import DistributedRowSampler, StreamingRows, build_train_loader
+from mmtune.data.loader import DistributedRowSampler, StreamingRows, build_train_loader, from_one_buffer, to_one_buffer
 from mmtune.data.packing import plan_rows, truncation_point
 from mmtune.data.shapes import make_shapes
 from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
@@ -136,6 +136,47 @@ def test_loader_takes_num_workers_and_pin_memory_from_data_json(env):
     assert loader.num_workers == 1 and loader.pin_memory == torch.cuda.is_available()
     loader = build_train_loader(cfg, num_workers=0, pin_memory=True, **kw)  # what `mmtune train` passes on CUDA
     assert loader.num_workers == 0 and loader.pin_memory
+
+
+def test_one_buffer_round_trip_keeps_every_tensor_and_value():
+    g = torch.Generator().manual_seed(0)
+    batch = {"input_ids": torch.randint(0, 99, (3, 7), generator=g), "num_samples": 5,
+             "cu_seqlens": torch.tensor([0, 4, 21], dtype=torch.int32), "pixel_values": torch.randn(5, 3, generator=g),
+             "empty": torch.zeros(0, 3, dtype=torch.long), "mask": torch.tensor([True, False, True])}
+    packed = to_one_buffer(batch)
+    assert [k for k, v in packed.items() if isinstance(v, torch.Tensor)] == ["_one_buffer"]  # one tensor crosses
+    back = from_one_buffer(packed)
+    assert list(back) == list(batch)  # the same keys in the same order
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            assert back[k].dtype == v.dtype and torch.equal(back[k], v) and back[k].data_ptr() % 64 == 0
+        else:
+            assert back[k] == v
+    assert from_one_buffer(batch) is batch  # a batch from the main process passes through
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_worker_batches_equal_in_process_batches(env, streaming):
+    """With a loader worker the batch crosses processes as one buffer (to_one_buffer); what the trainer gets
+    is what the in-process loader makes, key order and dtypes included, and resuming from the worker
+    loader's state continues where it stopped."""
+    cfg = _cfg(env, packing=True, shuffle=True, streaming=streaming)
+    kw = dict(seq_length=96, micro_batch_size=2, seed=0, progress=False)
+    inproc = _take(build_train_loader(cfg, num_workers=0, **kw), 4)
+    loader = build_train_loader(cfg, num_workers=1, **kw)
+    it = iter(loader)
+    got = [next(it) for _ in range(2)]
+    state = loader.state_dict()
+    resumed = build_train_loader(cfg, num_workers=1, **kw)
+    resumed.load_state_dict(state)
+    got += _take(resumed, 2)
+    for a, b in zip(inproc, got, strict=True):
+        assert list(a) == list(b)
+        for k in a:
+            if isinstance(a[k], torch.Tensor):
+                assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+            else:
+                assert a[k] == b[k], k
 
 
 def test_pixels_in_token_order(env):

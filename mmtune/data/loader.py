@@ -19,9 +19,11 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch.utils.data import Dataset, IterableDataset, Sampler, get_worker_info
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from mmtune.data.collate import Sample, TokenIds, collate, materialise
 from mmtune.data.config import DataConfig, load_data_config
@@ -237,11 +239,68 @@ def preview_rows(cfg: DataConfig, prepared: PreparedData, tokenizer_dir, seq_len
 
 
 class _Collate:
-    def __init__(self, pad_id: int, pad_to: int | None):
-        self.pad_id, self.pad_to = pad_id, pad_to
+    def __init__(self, pad_id: int, pad_to: int | None, one_buffer: bool = False):
+        self.pad_id, self.pad_to, self.one_buffer = pad_id, pad_to, one_buffer
 
     def __call__(self, rows: list[list[Sample]]) -> dict:
-        return collate(rows, pad_id=self.pad_id, pad_to=self.pad_to)
+        batch = collate(rows, pad_id=self.pad_id, pad_to=self.pad_to)
+        return to_one_buffer(batch) if self.one_buffer else batch
+
+
+# A batch from a loader worker reaches the training process through shared memory, one handle per tensor,
+# and each handle costs a socket connection with an authentication round trip (about 0.5 ms on the CPU
+# machine: 6-8 tensors made the loader's wait per step ~4 ms, 3-5% of a demo step; docs/PERFORMANCE.md
+# "Data wait"). So the worker copies the batch's tensors into one byte buffer, which travels as one handle,
+# and the loader hands out views of it.
+_BUFFER = "_one_buffer"
+_ALIGN = 64  # bytes: each tensor starts aligned (vectorised kernels; torch's grouped matmul wants 16)
+
+
+class _Slice(NamedTuple):
+    """Where one tensor of a batch lies in its one buffer."""
+
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    offset: int
+    nbytes: int
+
+
+def to_one_buffer(batch: dict) -> dict:
+    """The batch with its tensors copied into one uint8 buffer (under key `_BUFFER`), each replaced by its
+    `_Slice`; other values unchanged."""
+    out, size = {}, 0
+    for key, value in batch.items():
+        if isinstance(value, torch.Tensor):
+            nbytes = value.numel() * value.element_size()
+            value = _Slice(value.dtype, tuple(value.shape), size, nbytes)
+            size += -(-nbytes // _ALIGN) * _ALIGN
+        out[key] = value
+    buffer = torch.empty(size, dtype=torch.uint8)
+    for key, where in out.items():
+        if isinstance(where, _Slice):
+            _view(buffer, where).copy_(batch[key])
+    out[_BUFFER] = buffer
+    return out
+
+
+def from_one_buffer(batch: dict) -> dict:
+    """The inverse of `to_one_buffer` (the tensors as views of the buffer); other batches unchanged."""
+    if _BUFFER not in batch:
+        return batch
+    buffer = batch[_BUFFER]
+    return {k: _view(buffer, v) if isinstance(v, _Slice) else v for k, v in batch.items() if k != _BUFFER}
+
+
+def _view(buffer: torch.Tensor, where: _Slice) -> torch.Tensor:
+    return buffer[where.offset:where.offset + where.nbytes].view(where.dtype).view(where.shape)
+
+
+class TrainLoader(StatefulDataLoader):
+    """A StatefulDataLoader whose workers may send each batch as one buffer (`to_one_buffer`); iterating
+    yields the ordinary batch dicts."""
+
+    def __iter__(self):
+        return map(from_one_buffer, super().__iter__())
 
 
 def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
@@ -262,12 +321,10 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
         consumed_samples: rows already consumed by all ranks together (global_batch_size * steps); the
             loader starts after them. For exact resume prefer `loader.load_state_dict(saved)`.
 
-    Returns a `torchdata.stateful_dataloader.StatefulDataLoader`, endless, yielding the batch dicts of
+    Returns a `TrainLoader` (a torchdata `StatefulDataLoader`), endless, yielding the batch dicts of
     docs/INTERNALS.md ("A training batch"); `loader.state_dict()` goes into checkpoints. Its
     `.pack_stats` (cached path) holds packing efficiency and too-long counts, `.prepared` the samples.
     """
-    from torchdata.stateful_dataloader import StatefulDataLoader
-
     cfg = data_cfg if isinstance(data_cfg, DataConfig) else load_data_config(data_cfg)
     tokenizer_dir = tokenizer_dir or cfg.preprocess.model_name_or_path
     if not tokenizer_dir:
@@ -285,11 +342,11 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
     if pin_memory is None:
         pin_memory = cfg.dataloader_param.pin_memory and torch.cuda.is_available()
     common = dict(batch_size=micro_batch_size, num_workers=workers, pin_memory=pin_memory,
-                  collate_fn=_Collate(mat.ids.pad, pad_to))
+                  collate_fn=_Collate(mat.ids.pad, pad_to, one_buffer=workers > 0))
     start = consumed_samples // dp_size
     if cfg.basic.streaming:
         ds = StreamingRows(cfg, mat, rank=dp_rank, world=dp_size, micro_batch_size=micro_batch_size, start=start)
-        loader = StatefulDataLoader(ds, **common)
+        loader = TrainLoader(ds, **common)
         loader.pack_stats, loader.prepared = ds.stats, None
         return loader
     prepared = build_dataset(cfg, tokenizer_dir, progress=progress)
@@ -297,6 +354,6 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
     log.info("data: %s", stats.summary())
     sampler = DistributedRowSampler(len(rows), rank=dp_rank, world=dp_size, shuffle=cfg.dataloader_param.shuffle,
                                     seed=seed, start=start)
-    loader = StatefulDataLoader(RowDataset(prepared, rows, mat), sampler=sampler, drop_last=True, **common)
+    loader = TrainLoader(RowDataset(prepared, rows, mat), sampler=sampler, drop_last=True, **common)
     loader.pack_stats, loader.prepared = stats, prepared
     return loader
