@@ -224,7 +224,7 @@ def main(argv=None) -> int:
               c.num_experts_per_tok)
         # GLM-4.5V's expert count and aspect (128 experts top-8), widths scaled down 8x for the CPU (fewer steps:
         # each is ~10 s on 2 cores)
-        part2(max(2, args.steps // 2), args.rank, 128, 512, 176, 4096, 8)
+        part2(args.steps, args.rank, 128, 512, 176, 4096, 8)
     return 0
 
 

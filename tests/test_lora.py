@@ -90,47 +90,72 @@ def _dense_delta(x_TH, weights_TK, experts_TK, experts: LoRAGroupedExperts):
     return plain(x_TH, weights_TK, experts_TK)
 
 
+@pytest.mark.parametrize("path", ["per_expert", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_expert_lora_grouped_equals_loop_and_dense_delta(dtype):
+def test_expert_lora_equals_loop_and_dense_delta(dtype, path, monkeypatch):
+    """Both CPU paths of the experts' adapters (ops/lora: per expert, the eager CPU default; grouped, what
+    CUDA and torch.compile run) against a token-by-token loop and the merged-weight form, outputs and the
+    gradients of the input and of every adapter (the base frozen, as LoRA trains it)."""
+    from mmtune.ops import lora as lora_ops
+
+    monkeypatch.setattr(lora_ops, "PER_EXPERT_ON_CPU", path == "per_expert")
     g = torch.Generator().manual_seed(0)
     E, H, I, T, K, r = 5, 16, 8, 23, 2, 4
     base = GroupedExperts(E, H, I).to(dtype)
     with torch.no_grad():
         for p in base.parameters():
             p.copy_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.3)
+    base.requires_grad_(False)
     experts = wrap_experts(base, r=r, alpha=2.0 * r)
-    with torch.no_grad():
-        for n, p in experts.named_parameters():
-            if "lora_" in n:
-                p.data = torch.randn(p.shape, generator=g, dtype=dtype) * 0.3
-    x = torch.randn(T, H, generator=g, dtype=dtype)
+    for n, p in experts.named_parameters():
+        if "lora_" in n:  # adapters are made in fp32: in the base's dtype here
+            p.data = torch.randn(p.shape, generator=g, dtype=dtype) * 0.3
+    x = torch.randn(T, H, generator=g, dtype=dtype, requires_grad=True)
     experts_TK = torch.stack([torch.randperm(E, generator=g)[:K] for _ in range(T)])
     experts_TK[:, :] = experts_TK.clamp(max=E - 2)  # expert E-1 gets no rows: empty groups are handled
     experts_TK[:, 1] = (experts_TK[:, 0] + 1) % (E - 1)
     w = torch.rand(T, K, generator=g, dtype=dtype)
-    if dtype == torch.float32:  # the grouped matmul runs (torch has no fp64 grouped_mm on the CPU)
+    proj = experts.projection("gate_up_proj")
+    assert lora_ops._per_expert_ok(x, proj) == (path == "per_expert")
+    if dtype == torch.float32 and path == "grouped":  # torch's grouped matmul runs (it has no fp64 kernel on the CPU)
         assert moe._grouped_mm_ok(x, experts.gate_up_proj) and moe._grouped_mm_ok(torch.zeros(3, r), experts.down_proj_lora_B)
     got = experts(x, w, experts_TK)
-    ref = _reference_loop(x.double(), w.double(), experts_TK, experts.double())
-    dense = _dense_delta(x.double(), w.double(), experts_TK, experts.double())
-    tol = 1e-12 if dtype == torch.float64 else 2e-5
-    torch.testing.assert_close(got.double(), ref, rtol=0, atol=tol)
-    torch.testing.assert_close(dense, ref, rtol=0, atol=1e-12)
-    # gradients of the grouped path too (fp64: against the dense formulation by autograd)
-    if dtype == torch.float64:
-        got.pow(2).sum().backward()
-        ga = experts.gate_up_proj_lora_A.grad.clone()
-        experts.zero_grad()
-        A = experts.gate_up_proj_lora_A.detach().requires_grad_()
-        plain = GroupedExperts(E, H, I).double()
-        with torch.no_grad():
-            plain.down_proj.copy_(experts.down_proj + lora_delta(experts.down_proj_lora_A, experts.down_proj_lora_B,
-                                                                 experts.scale))
-        gu = experts.gate_up_proj.detach() + lora_delta(A, experts.gate_up_proj_lora_B.detach(), experts.scale)
-        del plain.gate_up_proj
-        plain.gate_up_proj = gu
-        plain(x, w, experts_TK).pow(2).sum().backward()
-        torch.testing.assert_close(ga, A.grad, rtol=1e-10, atol=1e-12)
+    got.pow(2).sum().backward()
+    adapters = {n: p for n, p in experts.named_parameters() if "lora_" in n}
+    grads = {"x": x.grad, **{n: p.grad for n, p in adapters.items()}}
+
+    x64 = x.detach().double().requires_grad_()
+    ref64 = {n: p.detach().double().requires_grad_() for n, p in adapters.items()}
+    with torch.no_grad():
+        ref = _reference_loop(x64, w.double(), experts_TK, _with(experts, ref64))
+    plain = GroupedExperts(E, H, I).double()
+    for p in ("gate_up_proj", "down_proj"):  # W + s B A with A, B leaves: autograd gives their gradients
+        delattr(plain, p)
+        setattr(plain, p, getattr(experts, p).detach().double()
+                + lora_delta(ref64[f"{p}_lora_A"], ref64[f"{p}_lora_B"], experts.scale))
+    dense = plain(x64, w.double(), experts_TK)
+    dense.pow(2).sum().backward()
+    tol = dict(rtol=0, atol=1e-12) if dtype == torch.float64 else dict(rtol=1e-4, atol=2e-5)
+    torch.testing.assert_close(dense.detach(), ref, rtol=0, atol=1e-12)
+    torch.testing.assert_close(got.detach().double(), ref, **tol)
+    want = {"x": x64.grad, **{n: t.grad for n, t in ref64.items()}}
+    grad_tol = dict(rtol=1e-10, atol=1e-12) if dtype == torch.float64 else tol  # gradients reach ~1e3
+    for n in want:
+        torch.testing.assert_close(grads[n].double(), want[n], **grad_tol, msg=lambda m, n=n: f"{n}: {m}")
+    assert grads["down_proj_lora_A"][E - 1].abs().sum() == 0  # the expert without rows
+
+
+def _with(experts: LoRAGroupedExperts, adapters: dict) -> LoRAGroupedExperts:
+    """A float64 copy of `experts` with the given adapter tensors."""
+    copy = wrap_experts(GroupedExperts(experts.num_experts, experts.gate_up_proj.shape[2],
+                                       experts.down_proj.shape[2]).double(), r=experts.r, alpha=experts.scale * experts.r)
+    with torch.no_grad():
+        copy.gate_up_proj.copy_(experts.gate_up_proj)
+        copy.down_proj.copy_(experts.down_proj)
+    for n, t in adapters.items():
+        delattr(copy, n)
+        setattr(copy, n, t)
+    return copy
 
 
 def test_merged_state_dict_gives_the_lora_logits():
