@@ -258,12 +258,35 @@ def main(argv=None) -> int:
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
 
+        shared = {}
         for name in ("ours", best, *(["ours-compiled"] if args.compile else [])):
+            for m in [ours, *hf.values(), *([compiled["model"]] if compiled else [])]:
+                m.zero_grad(set_to_none=True)
             with profile(activities=[ProfilerActivity.CPU]) as prof:
                 runs[name]()
+            events = prof.key_averages()
             print(f"--- profile: {name}")
-            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=18))
+            print(events.table(sort_by="self_cpu_time_total", row_limit=18))
+            total = sum(e.self_cpu_time_total for e in events if not e.key.startswith(WAITS))
+            shared[name] = (sum(e.self_cpu_time_total for e in events if e.key in SHARED_KERNELS), total)
+        # the matmul / attention / convolution kernels both models call on the same shapes: a step cannot
+        # be faster than its time in them, so hf's step / ours's kernel time bounds the ratio any change
+        # outside those kernels can reach (docs/PERFORMANCE.md "Speed")
+        hf_total = shared[best][1]
+        for name, (kern, total) in shared.items():
+            print(f"profile {name}: {total / 1e6:.3f} s of operators, {kern / 1e6:.3f} s ({100 * kern / total:.0f}%) in "
+                  f"matmul/attention/convolution kernels"
+                  + ("" if name == best else f"; ceiling with nothing else left: {hf_total / kern:.2f}x {best}"))
     return 0
+
+
+# operators whose time is the matmul, attention and convolution kernels themselves (the same in both models)
+SHARED_KERNELS = {
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::mkldnn_convolution", "aten::convolution_backward",
+}
+WAITS = ("threading.py", "<built-in method acquire")  # the profiler's own waits on the autograd thread
 
 
 if __name__ == "__main__":
