@@ -222,8 +222,7 @@ def main(argv=None) -> int:
         c = bench_config().text
         part2(args.steps, args.rank, c.n_routed_experts, c.hidden_size, c.moe_intermediate_size, 4 * 512,
               c.num_experts_per_tok)
-        # GLM-4.5V's expert count and aspect (128 experts top-8), widths scaled down 8x for the CPU (fewer steps:
-        # each is ~10 s on 2 cores)
+        # GLM-4.5V's expert count and aspect (128 experts top-8), widths scaled down 8x for the CPU
         part2(args.steps, args.rank, 128, 512, 176, 4096, 8)
     return 0
 
