@@ -186,10 +186,11 @@ class _PerExpertLoRA(torch.autograd.Function):
 
     The same products as the grouped path (base grouped matmul + `grouped_lowrank`), taken one expert at a
     time so that the expert's rows are still in cache for the narrow adapter products, and accumulated in
-    place (`addmm_`) instead of adding [R, Out] / [R, In] tensors: on the CPU bench config this cut the
-    adapters' overhead over the base experts 3x (docs/PERFORMANCE.md "LoRA"). The base W is frozen (no
-    gradient); x, A and B get theirs. Under torch.compile and on CUDA the grouped path runs instead (a loop
-    over the counts' values would break the graph; on a GPU the grouped matmuls are the fast form)."""
+    place (`addmm_`) instead of adding [R, Out] / [R, In] tensors: on the CPU this took the adapters' overhead
+    over the base experts from PEFT's to 1.7x (16 experts) / 3.1x (128) below it (docs/PERFORMANCE.md "LoRA").
+    The base W is frozen (no gradient); x, A and B get theirs. Under torch.compile and on CUDA the grouped
+    path runs instead (a loop over the counts' values would break the graph; on a GPU the grouped matmuls
+    are the fast form)."""
 
     @staticmethod
     def forward(ctx, x_RIn, W_EOutIn, A_ErIn, B_EOutr, counts_E, scale):
