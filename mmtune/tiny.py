@@ -24,8 +24,7 @@ from pathlib import Path
 import torch
 
 from mmtune.models import ARCHITECTURES, DEFAULT_ARCH, architecture_for_config, get_architecture
-from mmtune.weights.hf_files import INDEX_FILE
-from mmtune.weights.safetensors_io import write_file
+from mmtune.weights.hf_files import write_weight_files
 
 NUM_SHARDS = 3
 PREPROCESSOR = {
@@ -125,13 +124,9 @@ def _write_weights(out: Path, tensors: list[tuple[str, torch.Tensor]]) -> None:
             size = 0
         shards[-1].append(item)
         size += item[1].nbytes
-    weight_map = {}
-    for i, shard in enumerate(shards):
-        file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        write_file(out / file, [(n, t.dtype, tuple(t.shape)) for n, t in shard], iter(shard))
-        weight_map.update((n, file) for n, _ in shard)
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+    files = ((f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors", [(n, t.dtype, tuple(t.shape)) for n, t in shard],
+              iter(shard)) for i, shard in enumerate(shards))
+    write_weight_files(out, files, index=True)
 
 
 def main(argv: list[str] | None = None) -> int:

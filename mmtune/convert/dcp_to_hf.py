@@ -9,7 +9,6 @@ extras, e.g. after training, which never sees them) are copied from the original
 
 from __future__ import annotations
 
-import json
 from concurrent.futures import ThreadPoolExecutor
 import re
 import shutil
@@ -22,8 +21,9 @@ from tqdm import tqdm
 
 from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata, resolve_dcp_dir
 from mmtune.convert.lora_export import lora_info, merged_export
-from mmtune.weights.hf_files import INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir
-from mmtune.weights.safetensors_io import TensorEntry, iter_tensors, write_file
+from mmtune.weights.hf_files import (INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir,
+                                     write_weight_files)
+from mmtune.weights.safetensors_io import TensorEntry, iter_tensors
 from mmtune.models import load_config
 
 DEFAULT_PIECE_BYTES = 256 * 2**20
@@ -119,13 +119,7 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
             [SINGLE_FILE] if len(shards) == 1
             else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
         )
-        weight_map = {}
-        for file, shard in zip(names, shards):
-            write_file(tmp / file, shard, stream)
-            weight_map.update((n, file) for n, _, _ in shard)
-        if len(shards) > 1:
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_weight_files(tmp, ((file, shard, stream) for file, shard in zip(names, shards)), index=len(shards) > 1)
         bar.close()
         copy_non_weight_files(hf_dir, tmp)
         return publish(tmp, save_dir)

@@ -44,8 +44,9 @@ from tqdm import tqdm
 from mmtune.convert.dcp_io import LORA_KEY, load_blob, load_tensors, model_tensors, read_metadata
 from mmtune.models import architecture_of, load_config
 from mmtune.ops.lora import is_adapter_name as _is_adapter
-from mmtune.weights.hf_files import INDEX_FILE, copy_non_weight_files, list_shards, publish, staging_dir
-from mmtune.weights.safetensors_io import iter_tensors, write_file
+from mmtune.weights.hf_files import (INDEX_FILE, copy_non_weight_files, list_shards, publish, staging_dir,
+                                     write_weight_files)
+from mmtune.weights.safetensors_io import iter_tensors
 
 PEFT_CONFIG_FILE = "adapter_config.json"
 PEFT_WEIGHTS_FILE = "adapter_model.safetensors"
@@ -175,13 +176,8 @@ def merged_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, dtype
                 bar.update(tensor.nbytes)
                 yield name, tensor
 
-        weight_map = {}
-        for shard, plan in zip(shards, plans):
-            write_file(tmp / shard.path.name, plan, stream(shard, plan))
-            weight_map.update((n, shard.path.name) for n, _, _ in plan)
-        if (hf_dir / INDEX_FILE).is_file():
-            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-            (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        write_weight_files(tmp, ((shard.path.name, plan, stream(shard, plan)) for shard, plan in zip(shards, plans)),
+                           index=(hf_dir / INDEX_FILE).is_file())
         bar.close()
         copy_non_weight_files(hf_dir, tmp)
         return publish(tmp, save_dir)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from mmtune.weights.safetensors_io import TensorEntry, read_header
+from mmtune.weights.safetensors_io import TensorEntry, read_header, write_file
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
@@ -57,6 +58,18 @@ def list_shards(hf_dir: str | Path) -> list[Shard]:
     if not hf_dir.is_dir():
         raise FileNotFoundError(f"{hf_dir}: no such HF model dir")
     raise FileNotFoundError(f"{hf_dir}: no {INDEX_FILE} or {SINGLE_FILE} (mmtune reads safetensors weights only)")
+
+
+def write_weight_files(out: Path, files: Iterable[tuple[str, list, Iterator]], index: bool) -> None:
+    """Write safetensors files into `out`, each given as (file name, plan, tensors) as `write_file` takes
+    them, and with `index` the model.safetensors.index.json that maps every tensor to its file."""
+    weight_map, total = {}, 0
+    for file, plan, tensors in files:
+        total += write_file(out / file, plan, tensors)
+        weight_map.update((name, file) for name, _, _ in plan)
+    if index:
+        body = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / INDEX_FILE).write_text(json.dumps(body, indent=2) + "\n")
 
 
 def is_weight_file(name: str) -> bool:
