@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lr", type=float, default=None,
                     help=f"peak learning rate (default {DemoSettings.lr}; with --lora {LORA_LR})")
     ap.add_argument("--lora", action="store_true",
-                    help=f"train LoRA adapters (all-linear, rank --lora-r, alpha 2r) on the frozen base instead of "
+                    help="train LoRA adapters (all-linear, rank --lora-r, alpha 2r) on the frozen base instead of "
                          "all weights; the export merges them")
     ap.add_argument("--lora-r", type=int, default=LORA_R, help="adapter rank with --lora (default %(default)s)")
     ap.add_argument("--warmup-fraction", type=float, default=DemoSettings.warmup_fraction,

@@ -13,7 +13,6 @@ import os
 import re
 from pathlib import Path
 
-import pytest
 import yaml
 from pydantic import BaseModel
 
