@@ -14,12 +14,10 @@ legacy `rope_scaling` + `rope_theta` + `partial_rotary_factor`; and the text key
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from mmtune.models.glm4v_moe.config import ConfigFile, VisionConfig, _dataclass_from_dict, read_rope
+from mmtune.models.glm4v_moe.config import ConfigFile, VisionConfig, _dataclass_from_dict, check_mrope, read_rope
 
 # transformers' Glm4vVisionConfig default, GLM-4.1V's value (GLM-4.5V's vision merger is 10944 wide)
 DENSE_VISION_INTERMEDIATE = 13696
@@ -80,31 +78,19 @@ class Glm4vConfig(ConfigFile):
     architecture = "Glm4vForConditionalGeneration"
     text_model_type = "glm4v_text"
     vision_model_type = "glm4v_vision"
+    family_name = "dense GLM-4.1V model"
 
-    # ---- reading (from_pretrained, to_dict, save_pretrained: ConfigFile) -------------------------
+    # ---- reading (from_pretrained, from_dict, to_dict, save_pretrained: ConfigFile) --------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Glm4vConfig":
-        data = copy.deepcopy(data)
-        model_type = data.get("model_type")
-        if model_type != cls.model_type:
-            raise ValueError(
-                f"{source}: model_type is {model_type!r}; mmtune's dense GLM-4.1V model reads model_type 'glm4v'"
-            )
-        data.pop("model_type")
-        data.pop("architectures", None)  # always written by to_dict()
-        own = {f.name for f in dataclasses.fields(cls)} - {"text", "vision", "extra"}
+    def _text_and_vision(cls, data: dict[str, Any], own: set[str], source: str):
         if "text_config" in data:
             text_dict = data.pop("text_config") or {}
         else:  # legacy: the text keys at the top level, beside the multimodal ones
             text_dict = {k: data.pop(k) for k in list(data) if k not in own and k != "vision_config"}
-        text = _text_from_dict(text_dict, source)
         vision_dict = dict(data.pop("vision_config", {}) or {})
         vision_dict.setdefault("intermediate_size", DENSE_VISION_INTERMEDIATE)
-        vision = _dataclass_from_dict(VisionConfig, vision_dict, source, "vision_config")
-        kwargs = {k: data.pop(k) for k in own if k in data}
-        if not kwargs.get("tie_word_embeddings") and text.tie_word_embeddings:
-            kwargs["tie_word_embeddings"] = True  # a pre-v5 save keeps it inside text_config
-        return cls(text=text, vision=vision, extra=data, **kwargs)
+        return (_text_from_dict(text_dict, source),
+                _dataclass_from_dict(VisionConfig, vision_dict, source, "vision_config"))
 
 
 def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
@@ -123,13 +109,7 @@ def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
             f"{source}: text_config hidden_size {cfg.hidden_size} must be a multiple of num_attention_heads "
             f"{cfg.num_attention_heads}, which must be a multiple of num_key_value_heads {cfg.num_key_value_heads}"
         )
-    if sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
-        raise ValueError(
-            f"{source}: text_config mrope_section {cfg.mrope_section} sums to {sum(cfg.mrope_section)}, but "
-            f"head_dim * partial_rotary_factor / 2 = {cfg.rotary_dim // 2} (head_dim {cfg.head_dim}, "
-            f"partial_rotary_factor {cfg.partial_rotary_factor})"
-        )
-    return cfg
+    return check_mrope(cfg, source)
 
 
 # ---- presets (docs/GLM45V.md section 8) -------------------------------------------------

@@ -89,12 +89,37 @@ class ConfigFile:
     """config.json reading and writing shared by the family's configs (Glm4vMoeConfig, models/glm4v's
     Glm4vConfig): a dataclass with `text`, `vision`, `extra` and the multimodal token ids, whose class
     names its `model_type`, `architecture` and the model types of its two sub-configs. `from_dict` is
-    each config's own (what it accepts differs)."""
+    shared; what differs between the configs (how the text and vision sections are found and read) is each
+    one's `_text_and_vision`."""
 
     model_type: str
     architecture: str
     text_model_type: str
     vision_model_type: str
+    family_name: str  # in errors: "mmtune's <family_name> reads model_type ..."
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config"):
+        """The config of an HF config.json dict; unknown keys go to `extra`."""
+        data = copy.deepcopy(data)
+        model_type = data.get("model_type")
+        if model_type != cls.model_type:
+            raise ValueError(f"{source}: model_type is {model_type!r}; mmtune's {cls.family_name} reads model_type "
+                             f"{cls.model_type!r}")
+        data.pop("model_type")
+        data.pop("architectures", None)  # always written by to_dict()
+        own = {f.name for f in dataclasses.fields(cls)} - {"text", "vision", "extra"}
+        text, vision = cls._text_and_vision(data, own, source)
+        kwargs = {k: data.pop(k) for k in own if k in data}
+        if not kwargs.get("tie_word_embeddings") and text.tie_word_embeddings:
+            kwargs["tie_word_embeddings"] = True  # a pre-v5 save keeps it inside text_config
+        return cls(text=text, vision=vision, extra=data, **kwargs)
+
+    @classmethod
+    def _text_and_vision(cls, data: dict[str, Any], own: set[str], source: str):
+        """(text config, vision config) read from `data`, whose keys for them are popped; `own` are the
+        config's multimodal keys."""
+        raise NotImplementedError
 
     @classmethod
     def from_pretrained(cls, path: str | Path):
@@ -159,28 +184,13 @@ class Glm4vMoeConfig(ConfigFile):
     text_model_type = "glm4v_moe_text"
     vision_model_type = "glm4v_moe_vision"
 
-    # ---- reading (from_pretrained: ConfigFile) ------------------------------------------------
+    family_name = "GLM-4.5V model"
+
+    # ---- reading (from_pretrained, from_dict: ConfigFile) -------------------------------------
     @classmethod
-    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "Glm4vMoeConfig":
-        data = copy.deepcopy(data)
-        model_type = data.get("model_type")
-        if model_type != cls.model_type:
-            raise ValueError(
-                f"{source}: model_type is {model_type!r}; mmtune's GLM-4.5V model reads model_type 'glm4v_moe'"
-            )
+    def _text_and_vision(cls, data: dict[str, Any], own: set[str], source: str):
         text = _text_from_dict(data.pop("text_config", {}) or {}, source)
-        vision = _dataclass_from_dict(VisionConfig, data.pop("vision_config", {}) or {}, source, "vision_config")
-        data.pop("model_type")
-        data.pop("architectures", None)  # always written by to_dict()
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name in ("text", "vision", "extra") or f.name not in data:
-                continue
-            kwargs[f.name] = data.pop(f.name)
-        # a pre-v5 save keeps tie_word_embeddings inside text_config
-        if not kwargs.get("tie_word_embeddings") and text.tie_word_embeddings:
-            kwargs["tie_word_embeddings"] = True
-        return cls(text=text, vision=vision, extra=data, **kwargs)
+        return text, _dataclass_from_dict(VisionConfig, data.pop("vision_config", {}) or {}, source, "vision_config")
 
 
 def read_rope(d: dict[str, Any], source: str) -> dict[str, Any]:
@@ -207,13 +217,18 @@ def _text_from_dict(d: dict[str, Any], source: str) -> TextConfig:
         d["head_dim"] = d.get("hidden_size", TextConfig.hidden_size) // d.get(
             "num_attention_heads", TextConfig.num_attention_heads
         )
-    cfg = _dataclass_from_dict(TextConfig, d, source, "text_config")
-    if sum(cfg.mrope_section) * 2 != cfg.rotary_dim:
+    return check_mrope(_dataclass_from_dict(TextConfig, d, source, "text_config"), source)
+
+
+def check_mrope(text, source: str):
+    """`text` (a text config), after checking that its mrope sections cover the rotary half-dims."""
+    if sum(text.mrope_section) * 2 != text.rotary_dim:
         raise ValueError(
-            f"{source}: text_config mrope_section {cfg.mrope_section} sums to {sum(cfg.mrope_section)}, "
-            f"but head_dim * partial_rotary_factor / 2 = {cfg.rotary_dim // 2}"
+            f"{source}: text_config mrope_section {text.mrope_section} sums to {sum(text.mrope_section)}, but "
+            f"head_dim * partial_rotary_factor / 2 = {text.rotary_dim // 2} (head_dim {text.head_dim}, "
+            f"partial_rotary_factor {text.partial_rotary_factor})"
         )
-    return cfg
+    return text
 
 
 def _dataclass_from_dict(cls, d: dict[str, Any], source: str, section: str):
