@@ -46,21 +46,25 @@ def lora_trainer(env, batches, opts=None, sgd=True):
     return Trainer(s, env, model, opt, sched, ListLoader(batches))
 
 
-def _worker(out_path: str) -> None:
+def three_steps(trainer) -> dict:
+    """The losses of 3 steps and the trained adapters (full tensors, as lists: JSON for the test)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    for _ in range(3):
+        trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
+    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
+                                                                     ignore_frozen_params=True))
+    return {"losses": trainer.losses, "adapters": {k: v.tolist() for k, v in sd.items() if "lora_" in k}}
+
+
+def _worker(out_path: str) -> None:
     from mmtune.distributed import FSDPOptions, init_distributed
     from test_train_helpers import windows_for
 
     env = init_distributed("cpu")
     result = {}
     batches = [b for step in steps() for b in windows_for(step, 2, env.rank, 2)]
-    trainer = lora_trainer(env, batches)
-    for _ in range(3):
-        trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
-    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                     ignore_frozen_params=True))
-    result["fsdp"] = {"losses": trainer.losses, "adapters": {k: v.tolist() for k, v in sd.items() if "lora_" in k}}
+    result["fsdp"] = three_steps(lora_trainer(env, batches))
 
     # (1b) expert parallelism: the routed experts' adapters split with their experts over the ep ranks
     from dataclasses import replace
@@ -68,12 +72,7 @@ def _worker(out_path: str) -> None:
     from mmtune.distributed.parallel_dims import ParallelDims
 
     ep_env = replace(env, dims=ParallelDims.from_config(env.world_size, None, ep=2).build_meshes("cpu"))
-    trainer = lora_trainer(ep_env, batches)
-    for _ in range(3):
-        trainer.losses.append(trainer.train_step([trainer._next_batch()]).loss)
-    sd = get_model_state_dict(trainer.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True,
-                                                                     ignore_frozen_params=True))
-    result["ep2"] = {"losses": trainer.losses, "adapters": {k: v.tolist() for k, v in sd.items() if "lora_" in k}}
+    result["ep2"] = three_steps(lora_trainer(ep_env, batches))
 
     # (2) bf16 compute: what is stored, in which dtype, and what the optimizer holds
     from mmtune.train.optim import build_optimizer

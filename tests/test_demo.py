@@ -93,15 +93,21 @@ def assert_export_answers_like_transformers(export: Path, hf_class) -> None:
     hf = hf_class.from_pretrained(str(export), dtype=torch.float32).eval()
     stop = sorted(eos_ids(ours.config))
     for (img, q, _), g in zip(questions, gens):
-        ids = torch.tensor([g.prompt_ids])
-        pv, grid = improc.process([img])
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          mm_token_type_ids=(ids == hf.config.image_token_id).long(),
-                          pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
-                          max_new_tokens=6, do_sample=False, eos_token_id=stop, pad_token_id=0)
-        theirs = out[0, ids.shape[1]:].tolist()
+        theirs = hf_greedy(hf, improc, g.prompt_ids, img, 6, stop)
         assert theirs == g.token_ids, (q, theirs, g.token_ids)
         assert tok.decode(theirs, skip_special_tokens=True).strip() == g.text
+
+
+def hf_greedy(hf, improc, prompt_ids: list[int], image, max_new_tokens: int, stop: list[int]) -> list[int]:
+    """The new token ids of transformers' greedy generate() for one prompt with one image (also used by the
+    dense model's tests)."""
+    ids = torch.tensor([prompt_ids])
+    pv, grid = improc.process([image])
+    out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
+                      mm_token_type_ids=(ids == hf.config.image_token_id).long(),
+                      pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
+                      max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop, pad_token_id=0)
+    return out[0, ids.shape[1]:].tolist()
 
 
 def test_demo_refuses_to_overwrite_foreign_dirs(tmp_path):

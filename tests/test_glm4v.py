@@ -98,14 +98,10 @@ def test_logits_and_every_gradient_equal_transformers(cfg_name):
     w = torch.randn(ids.shape[0], cfg.text.vocab_size, generator=torch.Generator().manual_seed(3))
     (ours(ids[None], pixel_values=px, image_grid_thw=grid).logits[0] * w).sum().backward()
     (hf_forward(hf, cfg, ids[None], px, grid).logits[0] * w).sum().backward()
-    ref_params = dict(hf.named_parameters())
-    assert set(ref_params) == {n for n, _ in ours.named_parameters()}
-    for name, p in ours.named_parameters():
-        ref = ref_params[name].grad
-        assert p.grad is not None and ref is not None, name
-        scale = ref.abs().max().item() + 1e-6
-        err = (p.grad - ref).abs().max().item()
-        assert err <= 1e-4 * max(1.0, scale), f"{name}: grad differs by {err} (max |grad| {scale})"
+    from test_model import assert_grads_close
+
+    assert {n for n, _ in hf.named_parameters()} == {n for n, _ in ours.named_parameters()}
+    assert_grads_close(ours, hf, unused_ok=False)
 
 
 def test_video_logits_equal_transformers():

@@ -16,7 +16,7 @@ from mmtune.models.glm4v import Glm4vForConditionalGeneration
 from mmtune.train.checkpoint import Checkpointer
 from mmtune.train.freeze import FreezeSpec
 from mmtune.train.lora import LoRAConfig, apply_lora, init_adapters, lora_modules, metadata
-from test_model import hf_kwargs, image_sample
+from test_model import image_sample
 
 ALL = FreezeSpec(vision_encoder=False, vision_projector=False, text_decoder=False)
 
@@ -88,8 +88,9 @@ def test_merged_export_equals_the_lora_model(dense_lora, tiny_dense_hf_dir):
 
 def test_peft_adapter_loads_in_transformers_with_the_merged_logits(dense_lora, tiny_dense_hf_dir):
     pytest.importorskip("peft")
-    from peft import PeftModel
     from transformers import Glm4vForConditionalGeneration as HF
+
+    from test_lora_export import assert_peft_equals_merged
 
     out = dense_lora["root"] / "peft"
     assert convert_main(["dcp-to-hf", "--adapter-only", "--hf-dir", str(tiny_dense_hf_dir), "--dcp-dir",
@@ -102,17 +103,9 @@ def test_peft_adapter_loads_in_transformers_with_the_merged_logits(dense_lora, t
     merged_dir = dense_lora.get("merged")
     if merged_dir is None:
         pytest.skip("needs test_merged_export_equals_the_lora_model first")
-    kw = dict(dtype=torch.float32, attn_implementation="eager")
-    merged = HF.from_pretrained(merged_dir, **kw).eval()
-    peft_model = PeftModel.from_pretrained(HF.from_pretrained(tiny_dense_hf_dir, **kw).eval(), out).eval()
-    assert sum("lora_A" in n for n, _ in peft_model.named_parameters()) == len(config["target_modules"])
-    ids, pix, grid = _sample(dense_lora["model"].config)
-    kwargs = hf_kwargs(dense_lora["model"].config, ids, pix, grid)
-    with torch.no_grad():
-        want, got = merged(**kwargs).logits, peft_model(**kwargs).logits
-        ours = dense_lora["model"](ids, pix, grid).logits
-    torch.testing.assert_close(want, ours, rtol=0, atol=1e-4)  # transformers reads the merged export the same
-    torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    n_lora = assert_peft_equals_merged(HF, tiny_dense_hf_dir, merged_dir, out, dense_lora["model"],
+                                       _sample(dense_lora["model"].config))
+    assert n_lora == len(config["target_modules"])
 
 
 def test_generate_from_a_dense_lora_checkpoint(dense_lora, tiny_dense_hf_dir):

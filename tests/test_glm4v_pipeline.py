@@ -66,6 +66,7 @@ def test_generate_greedy_equals_transformers_generate(tiny_dense_hf_dir):
     from mmtune import generate as G
     from mmtune.data.images import ImageProcessor
     from mmtune.data.shapes import eval_questions
+    from test_demo import hf_greedy
 
     model, hf_dir = G.load_model(tiny_dense_hf_dir)
     assert isinstance(model, Glm4vForConditionalGeneration)
@@ -76,13 +77,7 @@ def test_generate_greedy_equals_transformers_generate(tiny_dense_hf_dir):
     stop = sorted(G.eos_ids(model.config))
     for img, q, _ in eval_questions(2, seed=5):
         gen = G.generate(model, tok, q, [img], image_processor=improc, max_new_tokens=8)
-        ids = torch.tensor([gen.prompt_ids])
-        pv, grid = improc.process([img])
-        out = hf.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
-                          mm_token_type_ids=(ids == hf.config.image_token_id).long(),
-                          pixel_values=torch.from_numpy(pv), image_grid_thw=torch.from_numpy(grid),
-                          max_new_tokens=8, do_sample=False, eos_token_id=stop, pad_token_id=0)
-        assert out[0, ids.shape[1]:].tolist() == gen.token_ids
+        assert hf_greedy(hf, improc, gen.prompt_ids, img, 8, stop) == gen.token_ids
 
 
 # ---- training ------------------------------------------------------------------------------------

@@ -91,7 +91,6 @@ def test_merged_export_equals_the_lora_model(lora_ckpt, tiny_hf_dir):
 
 def test_peft_adapter_loads_in_transformers_with_the_merged_logits(lora_ckpt, tiny_hf_dir):
     pytest.importorskip("peft")
-    from peft import PeftModel
     from transformers import Glm4vMoeForConditionalGeneration as HF
 
     out = lora_ckpt["root"] / "peft"
@@ -108,19 +107,29 @@ def test_peft_adapter_loads_in_transformers_with_the_merged_logits(lora_ckpt, ti
     merged_dir = lora_ckpt.get("merged")
     if merged_dir is None:
         pytest.skip("needs test_merged_export_equals_the_lora_model first")
-    kw = dict(dtype=torch.float32, attn_implementation="eager", experts_implementation="eager")
-    merged = HF.from_pretrained(merged_dir, **kw).eval()
-    peft_model = PeftModel.from_pretrained(HF.from_pretrained(tiny_hf_dir, **kw).eval(), out).eval()
-    n_lora = sum("lora_A" in n for n, _ in peft_model.named_parameters())
+    n_lora = assert_peft_equals_merged(HF, tiny_hf_dir, merged_dir, out, lora_ckpt["model"], _sample(lora_ckpt["model"]),
+                                       experts_implementation="eager")
     assert n_lora == len(json.loads((out / "adapter_config.json").read_text())["target_modules"]) + len(
         config["target_parameters"])
-    ids, pix, grid = _sample(lora_ckpt["model"])
-    kwargs = hf_kwargs(lora_ckpt["model"].config, ids, pix, grid)
+
+
+def assert_peft_equals_merged(HF, base_dir, merged_dir, peft_dir, model, sample, **load_kw) -> int:
+    """transformers' `HF` loads the merged export and, with peft, base + the adapter dir; both give the LoRA
+    model's logits on `sample` (ids, pixels, grid) within 1e-4 (also used by the dense LoRA tests). Returns
+    the number of adapted modules PEFT made (its lora_A parameters)."""
+    from peft import PeftModel
+
+    kw = dict(dtype=torch.float32, attn_implementation="eager", **load_kw)
+    merged = HF.from_pretrained(merged_dir, **kw).eval()
+    peft_model = PeftModel.from_pretrained(HF.from_pretrained(base_dir, **kw).eval(), peft_dir).eval()
+    ids, pix, grid = sample
+    kwargs = hf_kwargs(model.config, ids, pix, grid)
     with torch.no_grad():
         want, got = merged(**kwargs).logits, peft_model(**kwargs).logits
-        ours = lora_ckpt["model"](ids, pix, grid).logits
+        ours = model(ids, pix, grid).logits
     torch.testing.assert_close(want, ours, rtol=0, atol=1e-4)  # transformers reads the merged export the same
     torch.testing.assert_close(got, want, rtol=0, atol=1e-4)
+    return sum("lora_A" in n for n, _ in peft_model.named_parameters())
 
 
 def test_adapter_only_of_a_full_checkpoint_is_an_error(tmp_path, tiny_hf_dir, capsys):
