@@ -38,6 +38,15 @@ from mmtune.models.glm4v_moe import tiny_config  # noqa: E402
 from mmtune.models.glm4v_moe.rope import get_rope_index, mm_token_types  # noqa: E402
 
 
+# operators whose time is the matmul, attention and convolution kernels themselves (the same in both models)
+SHARED_KERNELS = {
+    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_",
+    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
+    "aten::mkldnn_convolution", "aten::convolution_backward",
+}
+WAITS = ("threading.py", "<built-in method acquire")  # the profiler's own waits on the autograd thread
+
+
 def dense_bench_config():
     """The dense counterpart of bench_config(): text 256 wide, 4 layers, MLP 1024, GQA 4/2; vision 2 blocks."""
     from mmtune.models.glm4v import tiny_config as dense_tiny
@@ -278,15 +287,6 @@ def main(argv=None) -> int:
                   f"matmul/attention/convolution kernels"
                   + ("" if name == best else f"; ceiling with nothing else left: {hf_total / kern:.2f}x {best}"))
     return 0
-
-
-# operators whose time is the matmul, attention and convolution kernels themselves (the same in both models)
-SHARED_KERNELS = {
-    "aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::addmm_",
-    "aten::_scaled_dot_product_flash_attention_for_cpu", "aten::_scaled_dot_product_flash_attention_for_cpu_backward",
-    "aten::mkldnn_convolution", "aten::convolution_backward",
-}
-WAITS = ("threading.py", "<built-in method acquire")  # the profiler's own waits on the autograd thread
 
 
 if __name__ == "__main__":
