@@ -11,7 +11,6 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 import re
-import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +20,7 @@ from tqdm import tqdm
 
 from mmtune.convert.dcp_io import load_tensors, model_tensors, read_metadata, resolve_dcp_dir
 from mmtune.convert.lora_export import lora_info, merged_export
-from mmtune.weights.hf_files import (INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, publish, staging_dir,
+from mmtune.weights.hf_files import (INDEX_FILE, SINGLE_FILE, copy_non_weight_files, list_shards, staged_output,
                                      write_weight_files)
 from mmtune.weights.safetensors_io import TensorEntry, iter_tensors
 from mmtune.models import load_config
@@ -111,8 +110,7 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
         size += n
 
     total = sum(t[1].itemsize * _numel(t[2]) for t in plan)
-    tmp = staging_dir(save_dir, force, protect=[hf_dir, ckpt])
-    try:
+    with staged_output(save_dir, force, protect=[hf_dir, ckpt]) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="dcp-to-hf", disable=not progress)
         stream = _hub_stream(ckpt, sources, adapter, dict((n, d) for n, d, _ in plan), piece_bytes, bar, len(plan))
         names = (
@@ -122,10 +120,7 @@ def dcp_to_hf(hf_dir: str | Path, dcp_dir: str | Path, save_dir: str | Path, *, 
         write_weight_files(tmp, ((file, shard, stream) for file, shard in zip(names, shards)), index=len(shards) > 1)
         bar.close()
         copy_non_weight_files(hf_dir, tmp)
-        return publish(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return save_dir
 
 
 def _hub_stream(ckpt: Path, sources: list[_Source], adapter, dtypes: dict[str, torch.dtype],

@@ -8,13 +8,12 @@ stacked expert tensors of the layers in flight.
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 from tqdm import tqdm
 
 from mmtune.convert.dcp_io import PieceWriter
-from mmtune.weights.hf_files import INDEX_FILE, list_shards, publish, staging_dir
+from mmtune.weights.hf_files import INDEX_FILE, list_shards, staged_output
 from mmtune.weights.safetensors_io import iter_tensors
 from mmtune.models import load_config
 
@@ -29,10 +28,15 @@ def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
     hf_dir, save_dir = Path(hf_dir), Path(save_dir)
     arch, config = load_config(hf_dir)
     shards = list_shards(hf_dir)  # every header checked before anything is written
+    with staged_output(save_dir, force, protect=[hf_dir]) as tmp:
+        _write_pieces(PieceWriter(tmp), arch, config, shards, hf_dir, piece_bytes, progress)
+    return save_dir
+
+
+def _write_pieces(writer, arch, config, shards, hf_dir: Path, piece_bytes: int, progress: bool) -> None:
+    """The hub tensors of `shards` in native names through `writer`, in pieces of about `piece_bytes`."""
     total = sum(s.nbytes for s in shards)
     n_tensors = sum(len(s.entries) for s in shards)
-    tmp = staging_dir(save_dir, force, protect=[hf_dir])
-    writer = PieceWriter(tmp)
     try:
         where = [hf_dir / INDEX_FILE]
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="hf-to-dcp", disable=not progress)
@@ -61,8 +65,6 @@ def hf_to_dcp(hf_dir: str | Path, save_dir: str | Path, *, force: bool = False,
         writer.write(piece)
         writer.finish()
         bar.close()
-        return publish(tmp, save_dir)
     except BaseException:
         writer.close()
-        shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -35,7 +35,6 @@ ignored; vLLM pull requests #41384, #52194, #52198), so for vLLM export the merg
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import torch
@@ -44,8 +43,7 @@ from tqdm import tqdm
 from mmtune.convert.dcp_io import LORA_KEY, load_blob, load_tensors, model_tensors, read_metadata
 from mmtune.models import architecture_of, load_config
 from mmtune.ops.lora import is_adapter_name as _is_adapter
-from mmtune.weights.hf_files import (INDEX_FILE, copy_non_weight_files, list_shards, publish, staging_dir,
-                                     write_weight_files)
+from mmtune.weights.hf_files import INDEX_FILE, copy_non_weight_files, list_shards, staged_output, write_weight_files
 from mmtune.weights.safetensors_io import iter_tensors
 
 PEFT_CONFIG_FILE = "adapter_config.json"
@@ -153,9 +151,8 @@ def merged_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, dtype
 
     plans = [[(e.name, out_dtype(e.name, e.dtype), e.shape) for e in s.entries] for s in shards]
     total = sum(d.itemsize * _numel(shape) for plan in plans for _, d, shape in plan)
-    tmp = staging_dir(save_dir, force, protect=[hf_dir, ckpt])
     cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    try:
+    with staged_output(save_dir, force, protect=[hf_dir, ckpt]) as tmp:
         bar = tqdm(total=total, unit="B", unit_scale=True, desc="merge LoRA", disable=not progress)
 
         def stream(shard, plan):
@@ -180,10 +177,7 @@ def merged_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, dtype
                            index=(hf_dir / INDEX_FILE).is_file())
         bar.close()
         copy_non_weight_files(hf_dir, tmp)
-        return publish(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return save_dir
 
 
 # ------------------------------------------------------------------------------------------- PEFT
@@ -235,14 +229,10 @@ def peft_export(hf_dir: Path, ckpt: Path, save_dir: Path, info: dict, *, force: 
         "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
         "auto_mapping": {"base_model_class": arch[0], "parent_library": "transformers"} if arch[0] else None,
     }
-    tmp = staging_dir(save_dir, force, protect=[hf_dir, ckpt])
-    try:
+    with staged_output(save_dir, force, protect=[hf_dir, ckpt]) as tmp:
         save_file(sd, str(tmp / PEFT_WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / PEFT_CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
-        return publish(tmp, save_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return save_dir
 
 
 def _check_buffers_unchanged(hf_dir: Path, ckpt: Path, info: dict) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -89,8 +90,22 @@ def copy_non_weight_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def staging_dir(out: Path, force: bool, protect: list[Path]) -> Path:
-    """Check the output dir and return a fresh temporary sibling to write into (see `publish`)."""
+@contextlib.contextmanager
+def staged_output(out: str | Path, force: bool, protect: list[Path]) -> Iterator[Path]:
+    """An output dir written whole or not at all: checks `out` (not one of the inputs `protect`; empty,
+    or `force`), yields a fresh temporary sibling to write into, and when the block completes moves it to
+    `out` (replacing what `force` allowed to replace); when the block raises, the sibling is removed."""
+    tmp = _staging_dir(Path(out), force, protect)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _publish(tmp, Path(out))
+
+
+def _staging_dir(out: Path, force: bool, protect: list[Path]) -> Path:
+    """Check the output dir and return a fresh temporary sibling to write into."""
     out = Path(out)
     for p in protect:
         p_r, out_r = Path(p).resolve(), out.resolve()
@@ -123,10 +138,8 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def publish(tmp: Path, out: Path) -> Path:
+def _publish(tmp: Path, out: Path) -> None:
     """Move a completed staging dir to its final name (replacing what --force allowed to replace)."""
-    out = Path(out)
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
-    return out
