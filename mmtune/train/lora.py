@@ -167,14 +167,6 @@ def apply_lora(model: nn.Module, cfg: LoRAConfig, freeze: FreezeSpec | None = No
     return info
 
 
-def adapter_names(model: nn.Module) -> list[str]:
-    return [n for n, _ in model.named_parameters() if is_adapter_name(n)]
-
-
-def has_lora(model: nn.Module) -> bool:
-    return any(isinstance(m, (LoRALinear, LoRAGroupedExperts)) for m in model.modules())
-
-
 @torch.no_grad()
 def init_adapters(model: nn.Module, seed: int) -> None:
     """A ~ kaiming-uniform, B = 0 (ops/lora.init_lora_) for every adapter, each from its own generator
