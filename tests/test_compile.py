@@ -68,17 +68,55 @@ def eager_model():
     return model
 
 
+@pytest.fixture(scope="module")
+def dense_model():
+    from mmtune.models.glm4v import Glm4vForConditionalGeneration
+    from mmtune.models.glm4v import tiny_config as dense_tiny_config
+
+    torch.manual_seed(0)
+    model = Glm4vForConditionalGeneration(dense_tiny_config())  # the MoE tiny config's token ids and vision
+    model.init_weights(0)
+    return model
+
+
+def _aot_eager_keeping_graphs(graphs: list):
+    """The `aot_eager` backend, keeping each graph dynamo hands it (what inductor would get)."""
+    from torch._dynamo.backends.registry import lookup_backend
+
+    def backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    return backend
+
+
+def _assert_aot_cacheable(graphs: list) -> None:
+    """Each graph passes AOTAutograd's own cacheability check (the one inductor's compile runs), so a
+    later process loads its forward and backward from the cache instead of tracing them again (an
+    autograd.Function in the graph fails it: ops/fused.py)."""
+    from torch._functorch._aot_autograd.autograd_cache import check_cacheable
+
+    assert graphs
+    for gm in graphs:
+        check_cacheable(gm)
+
+
 def _delta(after: dict, before: dict) -> dict:
     return {k: after[k] - before[k] for k in after}
 
 
-def test_compiled_blocks_have_no_graph_break_and_compile_once_for_all_shapes(eager_model):
+@pytest.mark.parametrize("arch", ["glm4v_moe", "glm4v"])
+def test_compiled_blocks_have_no_graph_break_and_compile_once_for_all_shapes(arch, request):
     """torchtitan's order (activation checkpointing, then compile) on every block; aot_eager traces exactly
-    what inductor gets, so graph breaks, recompiles and the autograd graph are those of inductor."""
+    what inductor gets, so graph breaks, recompiles and the autograd graph are those of inductor. Every
+    graph can be kept in AOTAutograd's cache."""
+    eager_model = request.getfixturevalue("eager_model" if arch == "glm4v_moe" else "dense_model")
     model = copy.deepcopy(eager_model)
     apply_activation_checkpointing(model)
     start = compile_counters()
-    assert apply_compile(model, backend="aot_eager") == 3 + 2  # decoder layers + vision blocks
+    graphs = []
+    n_text = len(model.model.language_model.layers)
+    assert apply_compile(model, backend=_aot_eager_keeping_graphs(graphs)) == n_text + 2  # + the vision blocks
     frames = []
     for b in BATCHES:
         loss_c, grads_c = _loss_and_grads(model, b)
@@ -88,10 +126,13 @@ def test_compiled_blocks_have_no_graph_break_and_compile_once_for_all_shapes(eag
         assert grads_c.keys() == grads_e.keys()
         for name in grads_e:
             torch.testing.assert_close(grads_c[name], grads_e[name], rtol=1e-5, atol=1e-6, msg=name)
-    # one graph per block kind (vision block, dense layer, MoE layer), each traced whole, on the first
-    # batch; the later batches (other lengths, segment counts, images, a text-only batch) reuse them
-    assert frames[0] == {"graphs": 3, "frames_compiled": 3, "graph_breaks": 0}, frames
+    # one graph per block kind (vision block, dense layer, MoE layer; the dense model: vision block, decoder
+    # layer), each traced whole, on the first batch; the later batches (other lengths, segment counts,
+    # images, a text-only batch) reuse them
+    kinds = 3 if arch == "glm4v_moe" else 2
+    assert frames[0] == {"graphs": kinds, "frames_compiled": kinds, "graph_breaks": 0}, frames
     assert frames[-1] == frames[0], frames
+    _assert_aot_cacheable(graphs)
 
 
 def test_compiled_moe_layer_equals_eager_with_inductor(eager_model):
@@ -175,12 +216,14 @@ def test_lora_model_compiles_without_graph_break(eager_model):
     start = compile_counters()
     # one MoE layer (LoRALinear in attention and the shared experts, LoRA on the routed experts): tracing a
     # block costs ~20 s here, and the other layers are the same code
-    compile_block(compiled.model.language_model.layers[1], backend="aot_eager")
+    graphs = []
+    compile_block(compiled.model.language_model.layers[1], backend=_aot_eager_keeping_graphs(graphs))
     b = BATCHES[0]
     loss_c, grads_c = _loss_and_grads(compiled, b)
     loss_e, grads_e = _loss_and_grads(eager, b)
     compiled_now = _delta(compile_counters(), start)
     assert compiled_now["graph_breaks"] == 0 and compiled_now["graphs"] == 1, compiled_now  # traced whole
+    _assert_aot_cacheable(graphs)
     torch.testing.assert_close(loss_c, loss_e, rtol=1e-6, atol=1e-6)
     adapters = [n for n in grads_e if "lora_" in n]
     assert grads_c.keys() == grads_e.keys() and set(grads_e) == set(adapters)

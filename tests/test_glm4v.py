@@ -165,8 +165,8 @@ def test_kv_cache_decoding_equals_full_recompute():
 
 def test_eager_fast_paths_equal_their_plain_forms(monkeypatch):
     """The dense decoder's eager shortcuts (docs/PERFORMANCE.md "Dense glm4v train step") against the plain
-    forms that bf16 and compiled code take: the complex-number pair rotation, and swiglu's backward that
-    writes both halves into one buffer."""
+    forms that bf16 and compiled code take: the complex-number pair rotation, and swiglu's eager backward
+    that writes both halves into one buffer (under compile swiglu is the plain formula, autograd's)."""
     import torch.nn.functional as F
 
     from mmtune.models.glm4v import text as T
@@ -187,11 +187,11 @@ def test_eager_fast_paths_equal_their_plain_forms(monkeypatch):
     gate, up = gu.chunk(2, dim=-1)
     (want,) = torch.autograd.grad(F.silu(gate) * up, gu, grad)
     for compiling in (False, True):
-        out = swiglu(gu)
-        torch.testing.assert_close(out, F.silu(gate) * up, atol=0, rtol=0)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: compiling)
+        out = swiglu(gu)
         (got,) = torch.autograd.grad(out, gu, grad)
         monkeypatch.undo()
+        torch.testing.assert_close(out, F.silu(gate) * up, atol=0, rtol=0)
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=f"compiling={compiling}")
 
 

@@ -2,7 +2,11 @@
 
 Eagerly each torch op is one pass over memory; on the CPU these passes (norms, the MoE's row permutes)
 are a third of a train step next to the same matmuls transformers runs (docs/PERFORMANCE.md). Under
-torch.compile inductor fuses them itself; these functions make the eager path cheaper and trace the same.
+torch.compile inductor fuses them itself, so there each function is its plain formula (`_traced`), which
+autograd differentiates and inductor fuses with its neighbours: a graph holding an autograd.Function cannot be
+stored in AOTAutograd's cache, and every process (every restart, every rank) would trace the joint forward and
+backward again — the demo's compile with a warm cache took 15.9 s with the Functions traced, 5.9 s without,
+and the compiled step is as fast (docs/PERFORMANCE.md "Speed").
 
 - `rms_norm(x, weight, eps)`: weight * (x / rms(x)), normalised in fp32 and scaled in x's dtype (as
   transformers). Saves x and the [.., 1] inverse rms, not the fp32 intermediates autograd keeps, and its
@@ -23,13 +27,24 @@ from __future__ import annotations
 import torch
 
 
+def _traced() -> bool:
+    """Under torch.compile: run the plain formula (see the module docstring)."""
+    return torch.compiler.is_compiling()
+
+
+def _rms_norm(x, weight, eps: float):
+    """(weight * x / rms(x), the [.., 1] fp32 inverse rms)"""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * (xf * rstd).to(x.dtype), rstd
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        xf = x.float()
-        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        out, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
-        return weight * (xf * rstd).to(x.dtype)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
@@ -44,14 +59,20 @@ class _RMSNorm(torch.autograd.Function):
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    if _traced():
+        return _rms_norm(x, weight, eps)[0]
     return _RMSNorm.apply(x, weight, eps)
+
+
+def _unpermute_sum(y_RH, inverse_R, k: int):
+    return y_RH.index_select(0, inverse_R).view(-1, k, y_RH.shape[-1]).sum(1)
 
 
 class _UnpermuteSum(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y_RH, inverse_R, token_R, k: int):
         ctx.save_for_backward(token_R)
-        return y_RH.index_select(0, inverse_R).view(-1, k, y_RH.shape[-1]).sum(1)
+        return _unpermute_sum(y_RH, inverse_R, k)
 
     @staticmethod
     def backward(ctx, grad_TH):
@@ -63,6 +84,8 @@ def unpermute_sum(y_RH: torch.Tensor, inverse_R: torch.Tensor, token_R: torch.Te
     """out[t] = sum over t's k slots of y: the rows of y_RH (R = T*k, in expert order) go back to (token,
     slot) order through the permutation `inverse_R` and each token's k rows are summed; `token_R` is the
     token of each row of y_RH. [T, H]."""
+    if _traced():
+        return _unpermute_sum(y_RH, inverse_R, k)
     return _UnpermuteSum.apply(y_RH, inverse_R, token_R, k)
 
 
@@ -82,22 +105,28 @@ class _Rope(torch.autograd.Function):
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, rotate) -> torch.Tensor:
     """`rotate(x, cos, sin)` (a rotary embedding: pairs of dims turned by angles) whose backward is the
     rotation by the opposite angles, rotate(grad, cos, -sin)."""
+    if _traced():
+        return rotate(x, cos, sin)
     return _Rope.apply(x, cos, sin, rotate)
+
+
+def _swiglu(gate_up):
+    """(silu(gate) * up, (gate, up, silu(gate)))"""
+    gate, up = gate_up.chunk(2, dim=-1)
+    act = torch.nn.functional.silu(gate)
+    return act * up, (gate, up, act)
 
 
 class _SwiGLU(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate_up):
-        gate, up = gate_up.chunk(2, dim=-1)
-        act = torch.nn.functional.silu(gate)
-        ctx.save_for_backward(gate, up, act)
-        return act * up
+        out, saved = _swiglu(gate_up)
+        ctx.save_for_backward(*saved)
+        return out
 
     @staticmethod
     def backward(ctx, grad):
         gate, up, act = ctx.saved_tensors
-        if torch.compiler.is_compiling():  # traced: inductor fuses the concatenation itself
-            return torch.cat([torch.ops.aten.silu_backward(grad * up, gate), grad * act], dim=-1)
         out = grad.new_empty(*grad.shape[:-1], 2 * grad.shape[-1])
         d_gate, d_up = out.chunk(2, dim=-1)
         torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=d_gate)
@@ -107,4 +136,6 @@ class _SwiGLU(torch.autograd.Function):
 
 def swiglu(gate_up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up where gate, up = gate_up.chunk(2, -1): [.., I]."""
+    if _traced():
+        return _swiglu(gate_up)[0]
     return _SwiGLU.apply(gate_up)
