@@ -187,7 +187,7 @@ class _PerExpertLoRA(torch.autograd.Function):
     The same products as the grouped path (base grouped matmul + `grouped_lowrank`), taken one expert at a
     time so that the expert's rows are still in cache for the narrow adapter products, and accumulated in
     place (`addmm_`) instead of adding [R, Out] / [R, In] tensors: on the CPU this took the adapters' overhead
-    over the base experts 1.4-1.9x (16 experts) / 3.1-4.0x (128) below PEFT's (docs/PERFORMANCE.md "LoRA").
+    over the base experts from PEFT's to 1.7x (16 experts) / 3.1x (128) below it (docs/PERFORMANCE.md "LoRA").
     The base W is frozen (no gradient); x, A and B get theirs. Under torch.compile and on CUDA the grouped
     path runs instead (a loop over the counts' values would break the graph; on a GPU the grouped matmuls
     are the fast form)."""
@@ -196,42 +196,38 @@ class _PerExpertLoRA(torch.autograd.Function):
     def forward(ctx, x_RIn, W_EOutIn, A_ErIn, B_EOutr, counts_E, scale):
         counts = counts_E.tolist()
         y_ROut = x_RIn.new_empty(x_RIn.shape[0], W_EOutIn.shape[1])
-        # (x A_e^T)^T, kept for B's gradient. The adapters' products are taken with the rank r as the rows of
-        # their output ([r, n] = A x^T, not [n, r] = x A^T): this CPU's GEMMs with a narrow output are ~2x
-        # faster with the r rows than with r columns (docs/PERFORMANCE.md "LoRA")
-        h_rR = x_RIn.new_empty(A_ErIn.shape[1], x_RIn.shape[0])
+        h_Rr = x_RIn.new_empty(x_RIn.shape[0], A_ErIn.shape[1])  # x A_e^T, kept for B's gradient
         # per-expert views made by one call each (the loop's Python cost is what this path is short of)
-        for x, y, hT, Wt, A, Bt in zip(x_RIn.split(counts), y_ROut.split(counts), h_rR.split(counts, dim=1),
-                                      W_EOutIn.transpose(1, 2).unbind(), A_ErIn.unbind(),
+        for x, y, h, Wt, At, Bt in zip(x_RIn.split(counts), y_ROut.split(counts), h_Rr.split(counts),
+                                      W_EOutIn.transpose(1, 2).unbind(), A_ErIn.transpose(1, 2).unbind(),
                                       B_EOutr.transpose(1, 2).unbind()):
             if x.shape[0]:
                 torch.mm(x, Wt, out=y)
-                torch.mm(A, x.t(), out=hT)
-                y.addmm_(hT.t(), Bt, alpha=scale)  # s scales the narrow product, as in the grouped path
-        ctx.save_for_backward(x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_rR)
+                torch.mm(x, At, out=h)
+                y.addmm_(h, Bt, alpha=scale)  # s scales the narrow product, as in the grouped path
+        ctx.save_for_backward(x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr)
         ctx.counts, ctx.scale = counts, scale
         return y_ROut
 
     @staticmethod
     def backward(ctx, grad_ROut):
-        x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_rR = ctx.saved_tensors
+        x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr = ctx.saved_tensors
         counts, s = ctx.counts, ctx.scale
         grad_ROut = grad_ROut.contiguous()
         grad_x = torch.empty_like(x_RIn)
-        # an expert without rows: 0. B's gradient is taken transposed ([r, Out] per expert, see forward)
-        grad_A, grad_Bt = torch.zeros_like(A_ErIn), B_EOutr.new_zeros(B_EOutr.shape[0], B_EOutr.shape[2], B_EOutr.shape[1])
-        dh_rR = x_RIn.new_empty(h_rR.shape)  # (d(loss)/d(x A_e^T))^T / s
-        for g, dx, dhT, x, hT, W, A, B, gA, gBt in zip(
-                grad_ROut.split(counts), grad_x.split(counts), dh_rR.split(counts, dim=1), x_RIn.split(counts),
-                h_rR.split(counts, dim=1), W_EOutIn.unbind(), A_ErIn.unbind(), B_EOutr.unbind(), grad_A.unbind(),
-                grad_Bt.unbind()):
+        grad_A, grad_B = torch.zeros_like(A_ErIn), torch.zeros_like(B_EOutr)  # an expert without rows: 0
+        dh_Rr = x_RIn.new_empty(h_Rr.shape)  # d(loss)/d(x A_e^T) / s
+        for g, dx, dh, x, h, W, A, B, gA, gB in zip(
+                grad_ROut.split(counts), grad_x.split(counts), dh_Rr.split(counts), x_RIn.split(counts),
+                h_Rr.split(counts), W_EOutIn.unbind(), A_ErIn.unbind(), B_EOutr.unbind(), grad_A.unbind(),
+                grad_B.unbind()):
             if x.shape[0]:
                 torch.mm(g, W, out=dx)
-                torch.mm(B.t(), g.t(), out=dhT)
-                dx.addmm_(dhT.t(), A, alpha=s)
-                gBt.addmm_(hT, g, beta=0, alpha=s)
-                gA.addmm_(dhT, x, beta=0, alpha=s)
-        return grad_x, None, grad_A, grad_Bt.transpose(1, 2).contiguous(), None, None
+                torch.mm(g, B, out=dh)
+                dx.addmm_(dh, A, alpha=s)
+                gB.addmm_(g.t(), h, beta=0, alpha=s)
+                gA.addmm_(dh.t(), x, beta=0, alpha=s)
+        return grad_x, None, grad_A, grad_B, None, None
 
 
 def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
