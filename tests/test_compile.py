@@ -74,7 +74,8 @@ def dense_model():
     from mmtune.models.glm4v import tiny_config as dense_tiny_config
 
     torch.manual_seed(0)
-    model = Glm4vForConditionalGeneration(dense_tiny_config())  # the MoE tiny config's token ids and vision
+    # its token ids and vision patch size are the MoE tiny config's, so BATCHES fit it too
+    model = Glm4vForConditionalGeneration(dense_tiny_config())
     model.init_weights(0)
     return model
 

@@ -4,9 +4,8 @@ Eagerly each torch op is one pass over memory; on the CPU these passes (norms, t
 are a third of a train step next to the same matmuls transformers runs (docs/PERFORMANCE.md). Under
 torch.compile inductor fuses them itself, so there each function is its plain formula (`_traced`), which
 autograd differentiates and inductor fuses with its neighbours: a graph holding an autograd.Function cannot be
-stored in AOTAutograd's cache, and every process (every restart, every rank) would trace the joint forward and
-backward again — the demo's compile with a warm cache took 15.9 s with the Functions traced, 5.9 s without,
-and the compiled step is as fast (docs/PERFORMANCE.md "Speed").
+stored in AOTAutograd's cache, and every process would trace the joint forward and backward again
+(distributed/compile.py; the measurements in docs/PERFORMANCE.md "Speed").
 
 - `rms_norm(x, weight, eps)`: weight * (x / rms(x)), normalised in fp32 and scaled in x's dtype (as
   transformers). Saves x and the [.., 1] inverse rms, not the fp32 intermediates autograd keeps, and its
