@@ -60,12 +60,16 @@ def _loss_and_grads(model, b):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.fixture(scope="module")
-def eager_model():
+def _initialised(model_class, config):
     torch.manual_seed(0)
-    model = Glm4vMoeForConditionalGeneration(tiny_config())
+    model = model_class(config)
     model.init_weights(0)
     return model
+
+
+@pytest.fixture(scope="module")
+def eager_model():
+    return _initialised(Glm4vMoeForConditionalGeneration, tiny_config())
 
 
 @pytest.fixture(scope="module")
@@ -73,11 +77,8 @@ def dense_model():
     from mmtune.models.glm4v import Glm4vForConditionalGeneration
     from mmtune.models.glm4v import tiny_config as dense_tiny_config
 
-    torch.manual_seed(0)
     # its token ids and vision patch size are the MoE tiny config's, so BATCHES fit it too
-    model = Glm4vForConditionalGeneration(dense_tiny_config())
-    model.init_weights(0)
-    return model
+    return _initialised(Glm4vForConditionalGeneration, dense_tiny_config())
 
 
 def _aot_eager_keeping_graphs(graphs: list):
