@@ -186,8 +186,9 @@ class _PerExpertLoRA(torch.autograd.Function):
 
     The same products as the grouped path (base grouped matmul + `grouped_lowrank`), taken one expert at a
     time so that the expert's rows are still in cache for the narrow adapter products, and accumulated in
-    place (`addmm_`) instead of adding [R, Out] / [R, In] tensors: on the CPU this took the adapters' overhead
-    over the base experts from PEFT's to 1.7x (16 experts) / 3.1x (128) below it (docs/PERFORMANCE.md "LoRA").
+    place (`addmm_`, the base matmul last) instead of adding [R, Out] / [R, In] tensors: on the CPU this took
+    the adapters' overhead over the base experts from PEFT's to 1.6-2.0x (16 experts) / 3.5-4.2x (128) below
+    it (docs/PERFORMANCE.md "LoRA").
     The base W is frozen (no gradient); x, A and B get theirs. Under torch.compile and on CUDA the grouped
     path runs instead (a loop over the counts' values would break the graph; on a GPU the grouped matmuls
     are the fast form)."""
@@ -202,9 +203,9 @@ class _PerExpertLoRA(torch.autograd.Function):
                                       W_EOutIn.transpose(1, 2).unbind(), A_ErIn.transpose(1, 2).unbind(),
                                       B_EOutr.transpose(1, 2).unbind()):
             if x.shape[0]:
-                torch.mm(x, Wt, out=y)
                 torch.mm(x, At, out=h)
-                y.addmm_(h, Bt, alpha=scale)  # s scales the narrow product, as in the grouped path
+                y.addmm_(h, Bt, beta=0, alpha=scale)  # s scales the narrow product, as in the grouped path
+                y.addmm_(x, Wt)  # the base last: its matmul adds into y while y is in cache
         ctx.save_for_backward(x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr)
         ctx.counts, ctx.scale = counts, scale
         return y_ROut
@@ -215,19 +216,22 @@ class _PerExpertLoRA(torch.autograd.Function):
         counts, s = ctx.counts, ctx.scale
         grad_ROut = grad_ROut.contiguous()
         grad_x = torch.empty_like(x_RIn)
-        grad_A, grad_B = torch.zeros_like(A_ErIn), torch.zeros_like(B_EOutr)  # an expert without rows: 0
+        grad_A = torch.zeros_like(A_ErIn)  # an expert without rows: 0
+        # B's gradient is made as its transpose [E, r, Out]: this CPU's matmuls with 16 output rows run about
+        # twice as fast as with 16 output columns (docs/PERFORMANCE.md "LoRA")
+        grad_Bt = B_EOutr.new_zeros(B_EOutr.shape[0], B_EOutr.shape[2], B_EOutr.shape[1])
         dh_Rr = x_RIn.new_empty(h_Rr.shape)  # d(loss)/d(x A_e^T) / s
-        for g, dx, dh, x, h, W, A, B, gA, gB in zip(
+        for g, dx, dh, x, h, W, A, B, gA, gBt in zip(
                 grad_ROut.split(counts), grad_x.split(counts), dh_Rr.split(counts), x_RIn.split(counts),
                 h_Rr.split(counts), W_EOutIn.unbind(), A_ErIn.unbind(), B_EOutr.unbind(), grad_A.unbind(),
-                grad_B.unbind()):
+                grad_Bt.unbind()):
             if x.shape[0]:
-                torch.mm(g, W, out=dx)
                 torch.mm(g, B, out=dh)
-                dx.addmm_(dh, A, alpha=s)
-                gB.addmm_(g.t(), h, beta=0, alpha=s)
+                dx.addmm_(dh, A, beta=0, alpha=s)
+                dx.addmm_(g, W)  # the base last, as in the forward
+                gBt.addmm_(h.t(), g, beta=0, alpha=s)
                 gA.addmm_(dh.t(), x, beta=0, alpha=s)
-        return grad_x, None, grad_A, grad_B, None, None
+        return grad_x, None, grad_A, grad_Bt.transpose(1, 2), None, None
 
 
 def adapter_pairs(module: nn.Module) -> list[tuple[str, torch.Tensor, torch.Tensor]]:
