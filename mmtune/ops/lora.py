@@ -187,11 +187,10 @@ class _PerExpertLoRA(torch.autograd.Function):
     The same products as the grouped path (base grouped matmul + `grouped_lowrank`), taken one expert at a
     time so that the expert's rows are still in cache for the narrow adapter products, and accumulated in
     place (`addmm_`, the base matmul last) instead of adding [R, Out] / [R, In] tensors: on the CPU this took
-    the adapters' overhead over the base experts from PEFT's to 1.6-2.0x (16 experts) / 3.5-4.2x (128) below
-    it (docs/PERFORMANCE.md "LoRA").
-    The base W is frozen (no gradient); x, A and B get theirs. Under torch.compile and on CUDA the grouped
-    path runs instead (a loop over the counts' values would break the graph; on a GPU the grouped matmuls
-    are the fast form)."""
+    the adapters' overhead over the base experts from PEFT's to 1.6-2.0x (16 experts) / 3.5-4.3x (128) below
+    it (docs/PERFORMANCE.md "LoRA"). The base W is frozen (no gradient); x, A and B get theirs. Under
+    torch.compile and on CUDA the grouped path runs instead (a loop over the counts' values would break the
+    graph; on a GPU the grouped matmuls are the fast form)."""
 
     @staticmethod
     def forward(ctx, x_RIn, W_EOutIn, A_ErIn, B_EOutr, counts_E, scale):
