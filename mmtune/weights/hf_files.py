@@ -95,18 +95,18 @@ def staged_output(out: str | Path, force: bool, protect: list[Path]) -> Iterator
     """An output dir written whole or not at all: checks `out` (not one of the inputs `protect`; empty,
     or `force`), yields a fresh temporary sibling to write into, and when the block completes moves it to
     `out` (replacing what `force` allowed to replace); when the block raises, the sibling is removed."""
-    tmp = _staging_dir(Path(out), force, protect)
+    out = Path(out)
+    tmp = _staging_dir(out, force, protect)
     try:
         yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _publish(tmp, Path(out))
+    _publish(tmp, out)
 
 
 def _staging_dir(out: Path, force: bool, protect: list[Path]) -> Path:
     """Check the output dir and return a fresh temporary sibling to write into."""
-    out = Path(out)
     for p in protect:
         p_r, out_r = Path(p).resolve(), out.resolve()
         if p_r == out_r or out_r in p_r.parents or p_r in out_r.parents:
