@@ -13,7 +13,8 @@ calls `attention(q, k, v, mask)`. Three cases:
 
 Backends (`backend=`, chosen per tower from model.json's attn_implementation, train/model_options.py):
 - "flash" (flash_attention_2/3, the default): the varlen flash kernel where it can run (CUDA, bf16/fp16,
-  SM80+), else SDPA as below;
+  SM80+); on the CPU in training, plain causal rows of 256+ tokens in fp32 go to ops/chunked_attention.py
+  (faster than SDPA's flash kernel there); else SDPA as below;
 - "sdpa": always SDPA (torch picks its fused kernel; packed rows: one flash call per segment on the CPU);
 - "eager": SDPA restricted to its plain math kernel (the reference numerics, slowest).
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from mmtune.ops import chunked_attention
 from mmtune.ops.segment_attention import segment_attention, segment_attention_ok
 
 BACKENDS = ("flash", "sdpa", "eager")
@@ -117,7 +119,17 @@ def attention(
     """Scaled dot-product attention `[B, H, S, D]` with grouped key/value heads (H a multiple of G)."""
     if mask.cu_seqlens is not None and backend == "flash" and _varlen_ok(q_BHSD):
         return _varlen(q_BHSD, k_BGKD, v_BGKD, mask, scale)
+    if backend == "flash" and _chunked_ok(q_BHSD, k_BGKD, mask):
+        return chunked_attention.chunked_causal_attention(q_BHSD, k_BGKD, v_BGKD, scale)
     return _with_backend(backend, _sdpa, q_BHSD, k_BGKD, v_BGKD, mask, scale)
+
+
+def _chunked_ok(q_BHSD, k_BGKD, mask: AttentionMask) -> bool:
+    """Plain causal self-attention of one sample per row, in training (the kernel keeps the probabilities
+    for a backward), where ops/chunked_attention.py runs: the CPU in fp32, rows neither too short nor
+    too long."""
+    return (mask.causal and mask.cu_seqlens is None and mask.mask_B1SK is None and torch.is_grad_enabled()
+            and q_BHSD.requires_grad and chunked_attention.fits(q_BHSD, k_BGKD))
 
 
 def _sdpa(q_BHSD, k_BGKD, v_BGKD, mask: AttentionMask, scale) -> torch.Tensor:

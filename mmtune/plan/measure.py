@@ -59,8 +59,8 @@ class LiveTensorBytes:
 def measure_training_step(config, *, micro_batch_size: int, seq_length: int,
                           recompute: str = "none", frozen: tuple[str, ...] = (), images_per_sample: int = 1,
                           seed: int = 0, warmup_steps: int = 0) -> dict[str, int]:
-    """Measured peak bytes of one fp32 training step on the CPU: forward, cross-entropy over all logits,
-    backward, AdamW step. Returns {"params", "optimizer_state", "peak_step", "peak"} where peak = parameter
+    """Measured peak bytes of one fp32 training step on the CPU (SDPA attention): forward, cross-entropy over
+    all logits, backward, AdamW step. Returns {"params", "optimizer_state", "peak_step", "peak"} where peak = parameter
     bytes + AdamW state bytes from before the step + the peak of everything the step allocates (see
     `LiveTensorBytes`). One process, no sharding (the FSDP2 layout over one rank holds the same tensors,
     less the all-gather buffers).
@@ -70,9 +70,14 @@ def measure_training_step(config, *, micro_batch_size: int, seq_length: int,
     hold none; with 1 or more the state exists throughout, as in every later step (what `estimate` plans)."""
     from mmtune.distributed.parallelize import apply_activation_checkpointing
 
+    from mmtune.train.model_options import apply_model_options
+
     torch.manual_seed(seed)
     model = architecture_for_config(config).model_class(config)
     model.init_weights(seed=seed)
+    # SDPA's flash kernel, which keeps a log-sum-exp per query as the GPU's flash kernels do (what the
+    # activation model plans); the CPU's default causal kernel keeps its probabilities (ops/chunked_attention.py)
+    apply_model_options(model, vision_attn="sdpa", text_attn="sdpa", grouped_mm=True)
     for name, p in model.named_parameters():
         p.requires_grad_(module_of(name) not in frozen)
     if recompute == "full":
