@@ -70,8 +70,8 @@ def main(argv=None) -> int:
                 for t in (q, k, v):
                     t.grad = None
         flash_ms, ours_ms = (1e3 * statistics.median(times[n]) for n in kernels)
-        print(f"{str((B, H, G, S, D)):>22} | {flash_ms:9.2f} | {ours_ms:10.2f} | {flash_ms / ours_ms:4.2f}x | {diff:.1e}",
-              flush=True)
+        shape = str((B, H, G, S, D))
+        print(f"{shape:>22} | {flash_ms:9.2f} | {ours_ms:10.2f} | {flash_ms / ours_ms:4.2f}x | {diff:.1e}", flush=True)
     return 0
 
 

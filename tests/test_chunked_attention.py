@@ -55,7 +55,8 @@ def test_equals_math_attention_in_fp64(B, H, G, S, layout):
     out = chunked_attention.chunked_causal_attention(q, k, v, scale)
     out.backward(grad_out)
     ref_out, ref_dq, ref_dk, ref_dv = _reference(q, k, v, grad_out, scale)
-    for name, got, want in [("out", out, ref_out), ("dq", q.grad, ref_dq), ("dk", k.grad, ref_dk), ("dv", v.grad, ref_dv)]:
+    pairs = [("out", out, ref_out), ("dq", q.grad, ref_dq), ("dk", k.grad, ref_dk), ("dv", v.grad, ref_dv)]
+    for name, got, want in pairs:
         assert got.shape == want.shape, name
         torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=2e-6, msg=name)
     # the output is [B, H, S, D] over [B, S, H, D] memory: the model's transpose + reshape is free

@@ -60,8 +60,8 @@ def measure_training_step(config, *, micro_batch_size: int, seq_length: int,
                           recompute: str = "none", frozen: tuple[str, ...] = (), images_per_sample: int = 1,
                           seed: int = 0, warmup_steps: int = 0) -> dict[str, int]:
     """Measured peak bytes of one fp32 training step on the CPU (SDPA attention): forward, cross-entropy over
-    all logits, backward, AdamW step. Returns {"params", "optimizer_state", "peak_step", "peak"} where peak = parameter
-    bytes + AdamW state bytes from before the step + the peak of everything the step allocates (see
+    all logits, backward, AdamW step. Returns {"params", "optimizer_state", "peak_step", "peak"} where peak =
+    parameter bytes + AdamW state bytes from before the step + the peak of everything the step allocates (see
     `LiveTensorBytes`). One process, no sharding (the FSDP2 layout over one rank holds the same tensors,
     less the all-gather buffers).
 
@@ -69,7 +69,6 @@ def measure_training_step(config, *, micro_batch_size: int, seq_length: int,
     the measured step is the first: AdamW creates its state in its step(), so its forward and backward
     hold none; with 1 or more the state exists throughout, as in every later step (what `estimate` plans)."""
     from mmtune.distributed.parallelize import apply_activation_checkpointing
-
     from mmtune.train.model_options import apply_model_options
 
     torch.manual_seed(seed)
