@@ -96,9 +96,9 @@ def test_attention_uses_it_only_in_cpu_fp32_training_on_plain_causal_rows(monkey
     real = chunked_attention.chunked_causal_attention
     monkeypatch.setattr(chunked_attention, "chunked_causal_attention", lambda *a: calls.append(1) or real(*a))
 
-    def run(S=256, backend="flash", grad=True, dtype=torch.float32, **mask_kw):
-        q, k, v = _inputs(1, 4, 2, S, 8, "bshd", dtype=dtype)
-        mask = build_mask(1, S, device=torch.device("cpu"), **mask_kw)
+    def run(S=256, backend="flash", grad=True, dtype=torch.float32, B=4, D=64, **mask_kw):
+        q, k, v = _inputs(B, 4, 2, S, D, "bshd", dtype=dtype)  # 4 x 4 heads x 256^2 x 64: MIN_WORK exactly
+        mask = build_mask(B, S, device=torch.device("cpu"), **mask_kw)
         with torch.set_grad_enabled(grad):
             out = attention_mod.attention(q, k, v, mask, backend=backend)
         if mask.cu_seqlens is None and mask.mask_B1SK is None:  # whichever kernel ran, the same attention
@@ -110,16 +110,17 @@ def test_attention_uses_it_only_in_cpu_fp32_training_on_plain_causal_rows(monkey
         return used
 
     assert run()
-    assert not run(S=chunked_attention.MIN_SEQ - 1)  # short rows: flash
+    assert not run(S=chunked_attention.MIN_SEQ - 1, B=5)  # short rows: flash
+    assert not run(D=32) and not run(B=1)  # too little work: flash
     assert not run(backend="sdpa") and not run(backend="eager")
     assert not run(grad=False)  # inference keeps no probabilities
     assert not run(dtype=torch.float64)
     assert not run(causal=False)  # the vision tower's full attention
-    assert not run(cu_seqlens=torch.tensor([0, 100, 256], dtype=torch.int32))  # packed rows: per segment
-    padded = torch.ones(1, 256, dtype=torch.long)
+    assert not run(cu_seqlens=torch.tensor([0, 100, 256, 512, 768, 1024], dtype=torch.int32))  # packed: per segment
+    padded = torch.ones(4, 256, dtype=torch.long)
     padded[0, :3] = 0
     assert not run(attention_mask_BK=padded)
-    monkeypatch.setattr(chunked_attention, "MAX_SAVED_BYTES", 4 * chunked_attention._probs_numel(1, 4, 256) - 1)
+    monkeypatch.setattr(chunked_attention, "MAX_SAVED_BYTES", 4 * chunked_attention._probs_numel(4, 4, 256) - 1)
     assert not run()  # over the memory bound: flash, which keeps none
 
 
@@ -143,17 +144,22 @@ def test_dynamic_lengths_compile_once_and_probabilities_size_matches_the_chunks(
         loop = sum(4 * 3 * (b - a) * b for a, b in chunked_attention._chunks(S))
         assert chunked_attention._probs_numel(4, 3, S) == loop
     torch._dynamo.reset()
-    counter = torch._dynamo.testing.CompileCounter()
-    mask_of = lambda S: build_mask(1, S, device=torch.device("cpu"))  # noqa: E731
+    graphs = []
+
+    def backend(gm, example_inputs):  # records each compiled graph, runs it as traced
+        graphs.append(gm.code)
+        return gm.forward
+
+    mask_of = lambda S: build_mask(4, S, device=torch.device("cpu"))  # noqa: E731
 
     def block(q, k, v, mask):
         return attention_mod.attention(q, k, v, mask).square().sum()
 
-    compiled = torch.compile(block, backend=counter, dynamic=True, fullgraph=True)
+    compiled = torch.compile(block, backend=backend, dynamic=True, fullgraph=True)
     for S in (256, 320, 384):
-        q, k, v = _inputs(1, 4, 2, S, 8, "bshd")
+        q, k, v = _inputs(4, 4, 2, S, 64, "bshd")  # past MIN_WORK: the chunked kernel
         compiled(q, k, v, mask_of(S)).backward()
         eager_q, eager_k, eager_v = (t.detach().requires_grad_() for t in (q, k, v))
         block(eager_q, eager_k, eager_v, mask_of(S)).backward()
         torch.testing.assert_close(q.grad, eager_q.grad)
-    assert counter.frame_count == 1
+    assert len(graphs) == 1 and "chunked_causal_attention" in graphs[0]

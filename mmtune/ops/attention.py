@@ -13,8 +13,8 @@ calls `attention(q, k, v, mask)`. Three cases:
 
 Backends (`backend=`, chosen per tower from model.json's attn_implementation, train/model_options.py):
 - "flash" (flash_attention_2/3, the default): the varlen flash kernel where it can run (CUDA, bf16/fp16,
-  SM80+); on the CPU in training, plain causal rows of 256+ tokens in fp32 go to ops/chunked_attention.py
-  (faster than SDPA's flash kernel there); else SDPA as below;
+  SM80+); on the CPU in fp32 training, plain causal rows big enough (256+ tokens, `chunked_attention.fits`)
+  go to ops/chunked_attention.py (faster than SDPA's flash kernel there); else SDPA as below;
 - "sdpa": always SDPA (torch picks its fused kernel; packed rows: one flash call per segment on the CPU);
 - "eager": SDPA restricted to its plain math kernel (the reference numerics, slowest).
 
@@ -126,7 +126,7 @@ def attention(
 
 def _chunked_ok(q_BHSD, k_BGKD, mask: AttentionMask) -> bool:
     """Plain causal self-attention of one sample per row, in training (the kernel keeps the probabilities
-    for a backward), where ops/chunked_attention.py runs: the CPU in fp32, rows neither too short nor
+    for a backward), where ops/chunked_attention.py runs: the CPU in fp32, problems neither too small nor
     too long."""
     return (mask.causal and mask.cu_seqlens is None and mask.mask_B1SK is None and torch.is_grad_enabled()
             and q_BHSD.requires_grad and chunked_attention.fits(q_BHSD, k_BGKD))

@@ -1,7 +1,8 @@
 """Causal self-attention on the CPU in query chunks, the probabilities kept for the backward.
 
-For the rows CPU training sees (hundreds to a few thousand tokens) this is faster than torch's CPU
-flash-attention kernel, forward and backward together (docs/PERFORMANCE.md "Attention on the CPU"):
+On batches of rows of a few hundred to a few thousand tokens this is as fast as torch's CPU flash-attention
+kernel or faster (1.3x at the bench models' 4 x 512 tokens), forward and backward together; on small problems
+flash's lower fixed costs win (docs/PERFORMANCE.md "Attention on the CPU"). How:
 
 - each key/value head's group of query heads is laid out as one matrix whose rows are (position,
   head in group), so one batched matmul per chunk of CHUNK positions covers every head of the group
@@ -13,7 +14,8 @@ flash-attention kernel, forward and backward together (docs/PERFORMANCE.md "Atte
 - the softmax scale is folded into the laid-out queries, so dK comes out scaled as well.
 
 The price is memory: the kept probabilities are B*H*S*(S+CHUNK)/2 floats per layer. `fits` allows
-at most MAX_SAVED_BYTES; longer rows stay on flash attention (ops/attention.py chooses).
+at most MAX_SAVED_BYTES and at least MIN_SEQ / MIN_WORK; the rest stays on flash attention
+(ops/attention.py chooses).
 
 Forward and backward are custom ops (`mmtune::chunked_causal_attention[_backward]`), so a compiled
 block sees each as one opaque kernel, as with ops/segment_attention.py.
@@ -28,7 +30,10 @@ import torch
 
 CHUNK = 64  # positions per chunk: best or tied at 256-512 tokens of 16/32/64/128 (docs/PERFORMANCE.md)
 MAX_SAVED_BYTES = 64 * 2**20  # kept probabilities per call (and layer); past this, flash (which keeps none)
-MIN_SEQ = 256  # shorter rows: flash is as fast or faster (its fixed costs are lower)
+# smaller problems: flash is as fast or faster, its fixed costs being lower (docs/PERFORMANCE.md): rows
+# under MIN_SEQ positions, or under MIN_WORK = B*H*S*S*D (the 4 x 512-token, 4-head, D 64 bench is 2**28)
+MIN_SEQ = 256
+MIN_WORK = 2**26
 
 _SOFTMAX = torch.ops.aten._softmax.out
 _SOFTMAX_BACKWARD = torch.ops.aten._softmax_backward_data.out
@@ -48,10 +53,12 @@ def _probs_numel(B: int, H: int, S: int) -> int:
 
 def fits(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor) -> bool:
     """Whether this kernel runs for these inputs: CPU fp32, self-attention (as many keys as queries) over at
-    least MIN_SEQ positions, grouped key/value heads, the kept probabilities within MAX_SAVED_BYTES."""
-    B, H, S, _ = q_BHSD.shape
+    least MIN_SEQ positions and MIN_WORK, grouped key/value heads, the kept probabilities within
+    MAX_SAVED_BYTES."""
+    B, H, S, D = q_BHSD.shape
     return (q_BHSD.device.type == "cpu" and q_BHSD.dtype == torch.float32 and k_BGSD.shape[2] == S and S >= MIN_SEQ
-            and H % k_BGSD.shape[1] == 0 and 4 * _probs_numel(B, H, S) <= MAX_SAVED_BYTES)
+            and B * H * S * S * D >= MIN_WORK and H % k_BGSD.shape[1] == 0
+            and 4 * _probs_numel(B, H, S) <= MAX_SAVED_BYTES)
 
 
 def _grouped_rows(x_BHSD: torch.Tensor, G: int, scale: float | None = None) -> torch.Tensor:
