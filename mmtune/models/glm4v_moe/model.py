@@ -146,7 +146,10 @@ class GlmVForConditionalGeneration(nn.Module):
                         f"input_ids hold {n_tokens} <|image|> tokens (id {c.image_token_id}) {where} video spans but "
                         f"the {what} (grids {grid.tolist()}) give {feats_mH.shape[0]} features"
                     )
-                embeds_BSH = embeds_BSH.masked_scatter(mask_BS[..., None], feats_mH)
+                # the features into their token rows, in order: index_copy's backward is one gather of those
+                # rows, where masked_scatter's masks and selects every element of the [B, S, H] gradient
+                rows = mask_BS.flatten().nonzero().squeeze(1)
+                embeds_BSH = embeds_BSH.flatten(0, 1).index_copy(0, rows, feats_mH).view_as(embeds_BSH)
         elif run_vision_without_images:
             # every rank must run the vision tower (FSDP all-gathers its weights), so run a dummy image
             m = c.vision.spatial_merge_size
