@@ -78,6 +78,20 @@ def _causal_bias(R: int, like: torch.Tensor) -> torch.Tensor:
     return torch.full((CHUNK, CHUNK), float("-inf"), dtype=like.dtype).triu(1).repeat_interleave(R, dim=0)
 
 
+def _chunk_probs(probs: torch.Tensor, B: int, G: int, R: int, S: int) -> list[tuple[int, int, torch.Tensor]]:
+    """(start, end, the chunk's [B*G, n*R, end] probabilities) of each chunk, viewed in the flat buffer."""
+    chunks = _chunks(S)
+    pieces = probs.split([B * G * R * (b - a) * b for a, b in chunks])
+    return [(a, b, p.view(B * G, (b - a) * R, b)) for (a, b), p in zip(chunks, pieces)]
+
+
+def _rows_to_heads(dst_GRB: torch.Tensor, a: int, b: int, rows_NrD: torch.Tensor) -> None:
+    """Positions a..b of `dst` ([B, G, R, S, D] view) from their (position, head in group) rows [B*G, n*R, D]:
+    the inverse of `_grouped_rows` for one chunk."""
+    B, G, R, _, D = dst_GRB.shape
+    dst_GRB[:, :, :, a:b].copy_(rows_NrD.view(B, G, b - a, R, D).transpose(2, 3))
+
+
 def _new_out(B: int, H: int, S: int, D: int, like: torch.Tensor) -> torch.Tensor:
     """[B, H, S, D] stored as [B, S, H, D]: the caller's transpose + reshape to [B, S, H*D] is then a view."""
     return like.new_empty(B, S, H, D).transpose(1, 2)
@@ -96,16 +110,12 @@ def _attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     out_BHSD = _new_out(B, H, S, D, q)
     out_GRB = out_BHSD.unflatten(1, (G, R))  # [B, G, R, S, D] view of the [B, S, H, D] memory
     probs = q.new_empty(_probs_numel(B, H, S))
-    offset = 0
-    for a, b in _chunks(S):
+    for a, b, p_NrL in _chunk_probs(probs, B, G, R, S):  # p: this chunk's scores, then probabilities
         n = b - a
-        p_NrL = probs[offset : offset + B * H * n * b].view(B * G, n * R, b)  # this chunk's scores
-        offset += p_NrL.numel()
         torch.bmm(q_NRD[:, a * R : b * R], k_NSD[:, :b].transpose(1, 2), out=p_NrL)
         p_NrL[:, :, a:b] += bias[: n * R, :n]
         _SOFTMAX(p_NrL, -1, False, out=p_NrL)
-        o_NrD = torch.bmm(p_NrL, v_NSD[:, :b])
-        out_GRB[:, :, :, a:b].copy_(o_NrD.view(B, G, n, R, D).transpose(2, 3))
+        _rows_to_heads(out_GRB, a, b, torch.bmm(p_NrL, v_NSD[:, :b]))
     return out_BHSD, probs, q_NRD
 
 
@@ -127,12 +137,9 @@ def _attention_backward(grad_out: torch.Tensor, q_NRD: torch.Tensor, k: torch.Te
     dk_NSD, dv_NSD = k_NSD.new_empty(B * G, S, D), v_NSD.new_empty(B * G, S, D)
     dq_BHSD = _new_out(B, H, S, D, k)
     dq_GRB = dq_BHSD.unflatten(1, (G, R))
-    chunks = _chunks(S)
-    probs_chunks = probs.split([B * H * (b - a) * b for a, b in chunks])
     # last chunk first: it sees every key, so its dK, dV products initialise the buffers (no zero fill)
-    for (a, b), p in zip(reversed(chunks), reversed(probs_chunks)):
+    for a, b, p_NrL in reversed(_chunk_probs(probs, B, G, R, S)):
         n = b - a
-        p_NrL = p.view(B * G, n * R, b)
         do_NrD, q_NrD = do_NRD[:, a * R : b * R], q_NRD[:, a * R : b * R]
         ds_NrL = torch.bmm(do_NrD, v_NSD[:, :b].transpose(1, 2))  # dP, turned into dS in place below
         if b == S:
@@ -142,7 +149,7 @@ def _attention_backward(grad_out: torch.Tensor, q_NRD: torch.Tensor, k: torch.Te
         _SOFTMAX_BACKWARD(ds_NrL, p_NrL, -1, k.dtype, grad_input=ds_NrL)  # row-wise: each row read before written
         dq_NrD = q_NRD.new_empty(B * G, n * R, D)
         torch.baddbmm(dq_NrD, ds_NrL, k_NSD[:, :b], beta=0, alpha=scale, out=dq_NrD)  # dQ = scale dS K
-        dq_GRB[:, :, :, a:b].copy_(dq_NrD.view(B, G, n, R, D).transpose(2, 3))
+        _rows_to_heads(dq_GRB, a, b, dq_NrD)
         if b == S:  # q was scaled: so is dK
             torch.bmm(ds_NrL.transpose(1, 2), q_NrD, out=dk_NSD)
         else:
