@@ -138,17 +138,16 @@ class GlmVForConditionalGeneration(nn.Module):
             merge = c.vision.spatial_merge_size**2
             sizes = [int(g.prod(-1).sum()) // merge for g in grids]
             for kind, feats_mH, grid in zip(kinds, feats_MH.split(sizes), grids):
-                mask_BS = types_BS == kind
-                n_tokens = int(mask_BS.sum())
+                # the token rows the features go into, in order (index_copy's backward is one gather of
+                # them, where masked_scatter's masks and selects every element of the [B, S, H] gradient)
+                rows = (types_BS == kind).flatten().nonzero().squeeze(1)
+                n_tokens = rows.numel()
                 if n_tokens != feats_mH.shape[0]:
                     where, what = ("outside", "images") if kind == 1 else ("inside", "video steps")
                     raise ValueError(
                         f"input_ids hold {n_tokens} <|image|> tokens (id {c.image_token_id}) {where} video spans but "
                         f"the {what} (grids {grid.tolist()}) give {feats_mH.shape[0]} features"
                     )
-                # the features into their token rows, in order: index_copy's backward is one gather of those
-                # rows, where masked_scatter's masks and selects every element of the [B, S, H] gradient
-                rows = mask_BS.flatten().nonzero().squeeze(1)
                 embeds_BSH = embeds_BSH.flatten(0, 1).index_copy(0, rows, feats_mH).view_as(embeds_BSH)
         elif run_vision_without_images:
             # every rank must run the vision tower (FSDP all-gathers its weights), so run a dummy image
