@@ -9,7 +9,10 @@ stored in AOTAutograd's cache, and every process would trace the joint forward a
 
 - `rms_norm(x, weight, eps)`: weight * (x / rms(x)), normalised in fp32 and scaled in x's dtype (as
   transformers). Saves x and the [.., 1] inverse rms, not the fp32 intermediates autograd keeps, and its
-  backward is one expression instead of the composite's chain of pow/mean/rsqrt/mul backwards.
+  backward is one expression instead of the composite's chain of pow/mean/rsqrt/mul backwards. In fp32
+  and fp64 (x, weight and gradient of one dtype) both directions take fewer passes over [T, H]: the sum of
+  squares is a norm (a read, no [T, H] temporary), and the backward's two reductions are matrix-vector
+  products of one shared P = grad * x (see `_RMSNorm.backward`).
 - `unpermute_sum(y_R, inverse_R, token_R, k)`: the MoE's combine, the expert outputs back to (token, slot)
   order and each token's k slots summed; the backward is one gather of the token gradients (autograd
   materialises the broadcast [T, k, H] gradient, zero-fills and scatter-adds it). (The dispatch x[order //
@@ -38,20 +41,41 @@ def _rms_norm(x, weight, eps: float):
     return weight * (xf * rstd).to(x.dtype), rstd
 
 
+def _full_precision(*tensors) -> bool:
+    """fp32 or fp64 throughout: no casts, so `_RMSNorm`'s fewer-pass forms apply."""
+    return tensors[0].dtype in (torch.float32, torch.float64) and all(t.dtype == tensors[0].dtype for t in tensors)
+
+
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
-        out, rstd = _rms_norm(x, weight, eps)
+        if _full_precision(x, weight):  # mean(x^2) = |x|^2 / H: one read instead of a pow pass and a mean
+            rstd = torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+            out = (x * rstd).mul_(weight)
+        else:
+            out, rstd = _rms_norm(x, weight, eps)
         ctx.save_for_backward(x, rstd, weight)
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         x, rstd, weight = ctx.saved_tensors
+        grad_w = None
+        if _full_precision(x, weight, grad_out):
+            # y = x r, r = rsqrt(mean(x^2) + eps), out = w y. With P = g x (row t, column h):
+            #   grad_x = r (g w) - x r^3 / H * sum_h (g w x) = r (g w) - x r^3 / H * (P @ w)
+            #   grad_w = sum_t g y = P^T @ r
+            H = x.shape[-1]
+            g_TH, x_TH, r_T = grad_out.reshape(-1, H), x.reshape(-1, H), rstd.reshape(-1)
+            p_TH = g_TH * x_TH
+            if ctx.needs_input_grad[1]:
+                grad_w = p_TH.t().mv(r_T)
+            coef_T1 = (p_TH.mv(weight) * r_T.pow(3)).div_(H).unsqueeze(-1)
+            grad_x = (g_TH * weight).mul_(r_T.unsqueeze(-1)).addcmul_(x_TH, coef_T1, value=-1)
+            return grad_x.view_as(x), grad_w, None
         y = x.float() * rstd
         gy = (grad_out * weight).float()
         grad_x = (gy - y * (gy * y).mean(-1, keepdim=True)) * rstd
-        grad_w = None
         if ctx.needs_input_grad[1]:
             grad_w = (grad_out * y.to(grad_out.dtype)).reshape(-1, y.shape[-1]).sum(0)
         return grad_x.to(x.dtype), grad_w, None
