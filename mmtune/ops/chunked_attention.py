@@ -185,4 +185,7 @@ def chunked_causal_attention(q_BHSD: torch.Tensor, k_BGSD: torch.Tensor, v_BGSD:
     """Causal attention, `[B, H, S, D]` out (stored as [B, S, H, D]); `fits(q, k)` must hold."""
     if scale is None:
         scale = q_BHSD.shape[-1] ** -0.5
-    return _attention(q_BHSD, k_BGSD, v_BGSD, float(scale))[0]
+    # k and v are kept for the backward: contiguous copies (the [B*G, S, D] batches the products read) rather
+    # than views into the q/k/v projection's output, which would keep all of it alive and be copied again
+    # in the backward. Under torch.compile the copy fuses into the kernel that makes k (the rotary).
+    return _attention(q_BHSD, k_BGSD.contiguous(), v_BGSD.contiguous(), float(scale))[0]
