@@ -139,6 +139,7 @@ def _pick(logits_V: torch.Tensor, temperature: float, top_p: float, generator: t
     if top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
         keep = sorted_p.cumsum(0) - sorted_p < top_p  # the smallest set whose mass reaches top_p
+        keep[0] = True  # and never empty (top_p <= 0 from a caller keeps the most likely token)
         probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_p[keep])
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
@@ -331,9 +332,7 @@ def load_model(model_path: str | Path, *, hf_dir: str | Path | None = None, devi
     if lora is not None:  # adapters only: the base from the HF dir, the adapters merged in
         model = architecture_of(hf).model_class.from_pretrained(hf, dtype=torch.float32, device="cpu")
         _merge_lora(ckpt, lora, model)
-        for name, module in model.named_modules():
-            if not name.endswith("mlp.gate"):  # the router stays fp32, as from_pretrained keeps it
-                module.to(dtype)
+        _cast(model, dtype)
         return model.to(device).eval(), hf
     arch, config = load_config(hf)
     devices = cuda_devices(config, dtype) if device == "cuda" else [device]
@@ -396,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=128, help="stop after this many new tokens (default 128)")
     ap.add_argument("--temperature", type=float, default=0.0,
                     help="0 (default): greedy; > 0: sample from softmax(logits / temperature)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass with --temperature > 0 (default 1)")
+    ap.add_argument("--top-p", type=float, default=1.0,
+                    help="nucleus sampling mass with --temperature > 0, in (0, 1] (default 1)")
     ap.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     ap.add_argument("--enable-thinking", action="store_true",
                     help="render the prompt with thinking on (the model writes <think>...); default off, as the "
@@ -421,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.max_new_tokens < 1:
         ap.error("--max-new-tokens must be >= 1")
+    if not 0 < args.top_p <= 1:
+        ap.error(f"--top-p must be in (0, 1] (1: no nucleus cut; greedy is --temperature 0); got {args.top_p}")
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device (install a CUDA build of torch, or use --device cpu)")

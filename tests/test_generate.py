@@ -80,6 +80,17 @@ def test_sampling_is_seeded(tiny):
         G.generate(model, tok, "x", [eval_questions(1)[0][0]])
 
 
+def test_top_p_keeps_at_least_the_most_likely_token(tiny_hf_dir, capsys):
+    logits = torch.tensor([0.0, 3.0, 1.0, 2.0])
+    gen = torch.Generator().manual_seed(0)
+    assert {G._pick(logits, 1.0, top_p, gen) for top_p in (0.0, 1e-9) for _ in range(20)} == {1}
+    assert {G._pick(logits, 1.0, 0.9, gen) for _ in range(200)} == {1, 2, 3}  # the cut drops only id 0 (3%)
+    for bad in ("0", "-0.5", "1.5"):
+        with pytest.raises(SystemExit):
+            G.main(["--model", str(tiny_hf_dir), "--prompt", "x", "--temperature", "1", "--top-p", bad])
+        assert "--top-p must be in (0, 1]" in capsys.readouterr().err
+
+
 def test_generate_from_converted_dcp_and_training_checkpoint(tiny, tiny_hf_dir, tmp_path, capsys):
     import torch.distributed.checkpoint as dcp
 

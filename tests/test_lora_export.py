@@ -150,3 +150,9 @@ def test_generate_loads_a_lora_checkpoint_with_the_merged_logits(lora_ckpt, tiny
         torch.testing.assert_close(model(ids, pix, grid).logits, lora_ckpt["model"](ids, pix, grid).logits,
                                    rtol=0, atol=1e-5)
     assert hf == tiny_hf_dir
+    # in bf16 every tensor has the dtype loading the HF dir gives it: the router (mlp.gate) stays fp32
+    dtypes = lambda m: {n: t.dtype for n, t in [*m.named_parameters(), *m.named_buffers()]}  # noqa: E731
+    want = dtypes(load_model(tiny_hf_dir, dtype=torch.bfloat16)[0])
+    assert torch.float32 in want.values() and torch.bfloat16 in want.values()
+    got = dtypes(load_model(lora_ckpt["save"], hf_dir=tiny_hf_dir, dtype=torch.bfloat16)[0])
+    assert got == want, {n: (got.get(n), want[n]) for n in want if got.get(n) != want[n]}
