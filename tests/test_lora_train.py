@@ -64,6 +64,16 @@ def test_lora_run_resumes_exactly_and_saves_only_adapters(work):
     assert size < base / 2, (size, base)  # adapters + their AdamW state, not the model
 
 
+def test_resume_with_lora_dropout_is_exact(work):
+    """Dropout draws from the generator the checkpoint restores: the resumed run draws the same masks."""
+    flags = (*LORA_FLAGS, "--lora-dropout", "0.2")
+    straight, resumed = work / "dropout_straight", work / "dropout_resumed"
+    assert main(train_argv(work, straight, 3, *flags)) == 0
+    assert main(train_argv(work, resumed, 3, "--exit-interval", "2", *flags)) == 0
+    assert main(train_argv(work, resumed, 3, *flags)) == 0
+    assert _losses(straight) == _losses(resumed)
+
+
 def test_lora_load_continues_a_run(work):
     straight = work / "straight"
     if not (straight / "iter_0000003").is_dir():
@@ -76,6 +86,13 @@ def test_lora_load_continues_a_run(work):
     assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in loaded)
     # the same first batch as the fresh run, with trained adapters: a lower loss
     assert _losses(cont)[0] < _losses(straight)[0]
+    # the same command again after the run saved (a relaunch after a failure): it resumes the run's own
+    # checkpoint, --lora-load having only started it; the losses are those of the uninterrupted run
+    relaunched = work / "continued_relaunched"
+    argv = train_argv(work, relaunched, 2, "--lora-load", str(straight))
+    assert main([*argv, "--exit-interval", "1"]) == 0 and main(argv) == 0
+    assert main(train_argv(work, work / "continued_2", 2, "--lora-load", str(straight))) == 0
+    assert _losses(relaunched) == _losses(work / "continued_2")
 
 
 def test_user_errors(work, tmp_path, capsys, tiny_hf_dir):
@@ -107,6 +124,13 @@ def test_user_errors(work, tmp_path, capsys, tiny_hf_dir):
 
     hf_to_dcp(tiny_hf_dir, tmp_path / "dcp", progress=False)
     assert "not a LoRA checkpoint" in err("--lora-load", str(tmp_path / "dcp"))
+    # an adapter with more than this run has places for: trained with the vision tower unfrozen, loaded into
+    # a run whose model.json freezes it (its vision adapters would be dropped: another model)
+    vision = Glm4vMoeForConditionalGeneration.from_pretrained(tiny_hf_dir)
+    apply_lora(vision, cfg, FreezeSpec(vision_encoder=False, vision_projector=False, text_decoder=False))
+    Checkpointer(tmp_path / "vision", lora=metadata(cfg, lora_modules(vision))).save(1, vision)
+    e = err("--lora-load", str(tmp_path / "vision"))
+    assert "adapter tensors this run has no place for" in e and "visual.blocks" in e, e
 
 
 # --------------------------------------------------------------------------------------- 2 ranks

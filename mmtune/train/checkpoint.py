@@ -358,6 +358,14 @@ class Checkpointer:
         if missing:
             raise ValueError(f"--lora-load {path}: the adapter lacks {len(missing)} of this run's adapter tensors, "
                              f"e.g. {missing[:2]} — it was trained with other --lora-target-modules or for another model")
+        # ... and every adapter it holds has its place here: one left behind would make this run's model
+        # another than the adapter's (e.g. vision adapters loaded into a run that freezes the vision tower)
+        extra = sorted(k[len(MODEL_PREFIX):] for k in keys
+                       if k.startswith(MODEL_PREFIX) and is_adapter_name(k) and k[len(MODEL_PREFIX):] not in sd)
+        if extra:
+            raise ValueError(f"--lora-load {path}: the adapter has {len(extra)} adapter tensors this run has no "
+                             f"place for, e.g. {extra[:2]} — it was trained with other --lora-target-modules or "
+                             "freeze flags (model.json), or for another model; loading the rest would not give its model")
         _check_shapes(path, sd, prefix=MODEL_PREFIX, what="--lora-load: the adapter")
         with _quiet():
             dcp.load({_MODEL_KEY: sd}, storage_reader=dcp.FileSystemReader(str(path)))

@@ -84,13 +84,18 @@ def run(cfg, *, print_fn=print) -> dict:
         check_model_json(cfg, arch, hf_path)
         env.dims.check_model(num_experts=arch.num_experts(mcfg), num_heads=mcfg.text.num_attention_heads)
         source = resolve_load_path(cfg.load) if cfg.load else None
+        source_name, lora_load = f"--load {cfg.load}", cfg.lora_load
         resume = None if cfg.no_auto_resume else latest_checkpoint(cfg.save)
         if resume is not None:  # automatic resume: --save holds a complete checkpoint, continue from it
             source = LoadSource("training", resume, int(resume.name.split("_")[-1]))
+            # what --load / --lora-load started from lives on in the checkpoint (a relaunch with the same
+            # command, e.g. after a failure, continues the run)
+            source_name, lora_load = f"the auto-resume checkpoint {resume}", None
             say(f"{PROG}: auto-resume from {resume} (the latest checkpoint in --save"
-                + (f"; --load {cfg.load} only starts fresh runs" if cfg.load else "")
+                + "".join(f"; {flag} {value} only starts fresh runs"
+                          for flag, value in (("--load", cfg.load), ("--lora-load", cfg.lora_load)) if value)
                 + "; --no-auto-resume to start over)", flush=True)
-        lora, lora_source, weights_dcp, base_hf = _resolve_lora(cfg, source)
+        lora, lora_source, weights_dcp, base_hf = _resolve_lora(cfg, source, source_name, lora_load)
         vision_attn, text_attn = attention_backends(cfg.model, cfg.use_flash_attn)
         on_cuda = env.device.type == "cuda"
         line = format_line([*cfg.no_effect, *runtime_items(
@@ -102,15 +107,27 @@ def run(cfg, *, print_fn=print) -> dict:
         # data before the model: the cache is built (one process) or read now
         from mmtune.data.loader import build_train_loader
 
-        consumed_for_loader = 0
+        # how the data is laid out over ranks and loader workers: the loader's saved per-rank states count each
+        # rank's (and worker's) own batches, so they resume exactly only on the same layout
+        layout = {"world_size": env.world_size, "dp_size": env.dp_size, "micro_batch_size": cfg.micro_batch_size,
+                  "global_batch_size": cfg.global_batch_size, "num_workers": cores.workers}
+        consumed_for_loader, layout_changed = 0, {}
         if source and source.kind == "training":
             from mmtune.train.checkpoint import peek_train_state
 
             saved = peek_train_state(source.path)
-            if saved.get("world_size", env.world_size) != env.world_size:
-                # the loader counts rows taken by all ranks together (global batch rows per step); the
-                # checkpoint's consumed_samples counts real (packed) samples, so derive rows from the step
-                consumed_for_loader = int(saved.get("step", 0)) * cfg.global_batch_size
+            # (a checkpoint from before the layout was recorded knows only its world size)
+            saved_layout = ((saved.get("extra") or {}).get("data_layout")
+                            or {"world_size": saved.get("world_size", env.world_size)})
+            layout_changed = {k: (v, layout[k]) for k, v in saved_layout.items() if k in layout and v != layout[k]}
+            if layout_changed:  # the loader starts after what the saved run consumed, counted over all ranks
+                if data_cfg.basic.streaming:
+                    # a stream is read sample by sample, round-robin over the ranks: after the samples trained
+                    # (the few read into rows not yet trained at the save are read again; none is skipped)
+                    consumed_for_loader = int(saved.get("consumed_samples", 0))
+                else:  # the cached rows: the saved run took its global batch of rows per step
+                    consumed_for_loader = int(saved.get("step", 0)) * int(
+                        saved_layout.get("global_batch_size", cfg.global_batch_size))
                 consumed_for_loader -= consumed_for_loader % env.dp_size
         loader = build_train_loader(data_cfg, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
                                     dp_rank=env.dp_rank, dp_size=env.dp_size, seed=cfg.seed,
@@ -162,12 +179,15 @@ def run(cfg, *, print_fn=print) -> dict:
 
         state = TrainState()
         if source and source.kind == "training":
-            state = Checkpointer.load(source.path, model, optimizer, scheduler, loader,
+            state = Checkpointer.load(source.path, model, optimizer, scheduler, None if layout_changed else loader,
                                       load_optim=not cfg.no_load_optim, load_rng=not cfg.no_load_rng)
             note = ""
-            if state.extra.get("saved_world_size") != env.world_size:
-                note = (f" (saved on {state.extra.get('saved_world_size')} ranks: model and optimizer resharded; "
-                        f"data restarts after {consumed_for_loader} consumed samples; RNG not restored)")
+            if layout_changed:
+                unit = "samples" if data_cfg.basic.streaming else "rows"
+                note = (f" (saved with {', '.join(f'{k} {a}' for k, (a, _) in layout_changed.items())}: the data "
+                        f"restarts after the {consumed_for_loader} {unit} consumed"
+                        + ("; model and optimizer resharded; RNG not restored" if "world_size" in layout_changed
+                           else "") + ")")
             say(f"{PROG}: resumed from {source.path} at step {state.step}{note}", flush=True)
         if cfg.save and env.is_main:
             cfg.save_to(cfg.save)
@@ -185,6 +205,7 @@ def run(cfg, *, print_fn=print) -> dict:
         trainer = Trainer(LoopSettings.from_config(cfg, mcfg), env, model, optimizer, scheduler, loader,
                           checkpointer=checkpointer, metrics=metrics, profiler=profiler, print_fn=print_fn)
         trainer.epoch = int(state.extra.get("epoch", 0))
+        trainer.data_layout = layout  # saved with each checkpoint (see above)
         try:
             summary = trainer.fit(state)
         except BaseException:
@@ -212,10 +233,12 @@ def run(cfg, *, print_fn=print) -> dict:
         shutdown_distributed()
 
 
-def _resolve_lora(cfg, source):
+def _resolve_lora(cfg, source, source_name: str, lora_load: str | None):
     """(LoRAConfig or None, the --lora-load checkpoint dir or None, the weights-only DCP the base loads from or
-    None, the HF dir the base loads from when a resumed LoRA run started from one, or None). A LoRA checkpoint given to --load resumes with its own settings and base; --lora-load takes
-    another run's adapters (and their settings, unless flags say otherwise) onto this run's base."""
+    None, the HF dir the base loads from when a resumed LoRA run started from one, or None). A LoRA checkpoint
+    to resume (`source`, named `source_name` in errors: --load or the auto-resume one) continues with its own
+    settings and base; `lora_load` (--lora-load, None on auto-resume) takes another run's adapters (and their
+    settings, unless flags say otherwise) onto this run's base."""
     from mmtune.train.checkpoint import peek_lora, resolve_load_path
     from mmtune.train.lora import read_metadata
 
@@ -225,35 +248,35 @@ def _resolve_lora(cfg, source):
     resume_blob = peek_lora(source.path) if source and source.kind == "training" else None
     if resume_blob is not None:
         saved = read_metadata(resume_blob)
-        if cfg.lora_load:
-            raise ValueError(f"{PROG}: --load {cfg.load} resumes a LoRA run and --lora-load {cfg.lora_load} starts "
+        if lora_load:
+            raise ValueError(f"{PROG}: {source_name} resumes a LoRA run and --lora-load {lora_load} starts "
                              "from other adapters: give one of them")
         base = saved.get("base") or {}
         if base.get("weights_dcp"):
             weights_dcp = Path(base["weights_dcp"])
             if not (weights_dcp / ".metadata").is_file():
-                raise FileNotFoundError(f"--load {cfg.load}: the LoRA run's base weights {weights_dcp} (a converted "
+                raise FileNotFoundError(f"{source_name}: the LoRA run's base weights {weights_dcp} (a converted "
                                         "DCP) are gone; the adapters only make sense on top of them")
         elif base.get("hf"):
             base_hf = base["hf"]
             if not (Path(base_hf) / "config.json").is_file():
-                raise FileNotFoundError(f"--load {cfg.load}: the LoRA run's base HF dir {base_hf} is gone; the "
+                raise FileNotFoundError(f"{source_name}: the LoRA run's base HF dir {base_hf} is gone; the "
                                         "adapters only make sense on top of it")
     lora_source = None
-    if cfg.lora_load:
+    if lora_load:
         try:
-            found = resolve_load_path(cfg.lora_load)
+            found = resolve_load_path(lora_load)
         except FileNotFoundError as e:
-            raise FileNotFoundError(f"--lora-load {cfg.lora_load}: not a LoRA checkpoint (a LoRA run's save dir or "
+            raise FileNotFoundError(f"--lora-load {lora_load}: not a LoRA checkpoint (a LoRA run's save dir or "
                                     f"iter_XXXXXXX; a PEFT adapter dir cannot be continued yet): {e}") from None
         blob = peek_lora(found.path) if found.kind == "training" else None
         if blob is None:
-            raise ValueError(f"--lora-load {cfg.lora_load}: not a LoRA checkpoint (it has no adapters); pass the save "
+            raise ValueError(f"--lora-load {lora_load}: not a LoRA checkpoint (it has no adapters); pass the save "
                              "dir or an iter_XXXXXXX of a run trained with --lora-r")
         saved, lora_source = read_metadata(blob), found.path
     lora = cfg.lora_config(saved)
     if lora is not None and source is not None and source.kind == "training" and resume_blob is None:
-        raise ValueError(f"{PROG}: --load {cfg.load} is a full-finetuning checkpoint; LoRA starts from base weights: "
+        raise ValueError(f"{PROG}: {source_name} is a full-finetuning checkpoint; LoRA starts from base weights: "
                          "export it (mmtune convert dcp-to-hf) and point init_from_hf_path at it, or pass a "
                          "converted weights-only DCP to --load")
     return lora, lora_source, weights_dcp, base_hf

@@ -123,6 +123,9 @@ class Trainer:
         self.gates = routers(model)
         self._it = None
         self.epoch = 0
+        # ranks, batch sizes and loader workers (train/cli.py): a resume on another layout cannot use the
+        # loader's per-rank states and restarts the data after what was consumed instead
+        self.data_layout: dict[str, int] | None = None
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.losses: list[float] = []  # every step's global loss (tests compare runs with it)
@@ -131,7 +134,11 @@ class Trainer:
 
     def _next_batch(self) -> dict[str, Any]:
         if self._it is None:
-            self._it = iter(self.loader)
+            # a DataLoader's iter() draws its base seed from the global generator; a resumed run has just
+            # restored that generator's state, so the draw would shift every later random number (dropout)
+            # against the uninterrupted run. Outside the stream, the two runs draw alike.
+            with torch.random.fork_rng(devices=[]):
+                self._it = iter(self.loader)
         try:
             return next(self._it)
         except StopIteration:
@@ -276,6 +283,8 @@ class Trainer:
     def save(self, step: int, consumed: int) -> None:
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
                  "epoch": self.epoch}
+        if self.data_layout is not None:
+            extra["data_layout"] = self.data_layout
         ck = self.checkpointer
         path = ck.save(step, self.model, self.optimizer, self.scheduler, self.loader,
                        TrainState(step=step, consumed_samples=consumed, extra=extra))
