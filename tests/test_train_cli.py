@@ -115,6 +115,24 @@ def test_resume_with_other_loader_workers_continues_the_data_exactly(work, strai
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * x["loss"] for x, y in zip(a, b)), (a, b)
 
 
+def test_resume_takes_the_flags_optimizer_settings(work, straight, capsys):
+    """Moments and the schedule's position from the checkpoint, the settings from the flags: a run resumed
+    with a lower --lr (what a non-finite loss's message advises) continues on the new rate's schedule."""
+    flags = ("--lr", "1e-3", "--weight-decay", "0.05")
+    lowered = work / "lowered_lr"
+    shutil.copytree(straight / "iter_0000002", lowered / "iter_0000002")
+    (lowered / POINTER_FILE).write_text("2")
+    capsys.readouterr()
+    assert main(_argv(work, lowered, 4, *flags)) == 0
+    out = capsys.readouterr().out
+    assert "--lr 0.002 -> 0.001, --weight-decay 0.01 -> 0.05 (the schedule continues at its step)" in out, out
+    fresh = work / "fresh_lr"
+    assert main(_argv(work, fresh, 4, *flags)) == 0
+    got = {r["step"]: r["lr"] for r in _metrics(lowered)}
+    assert [got[k] for k in (3, 4)] == [r["lr"] for r in _metrics(fresh)][2:]
+    assert [got[k] for k in (3, 4)] != [r["lr"] for r in _metrics(straight)][2:]
+
+
 def test_hf_dir_and_converted_dcp_start_the_same(work, tiny_hf_dir, straight, tmp_path, capsys):
     """--load of the converted DCP, of a merged-layout HF dir and of the hub-layout one (straight): the same
     3 losses, bit for bit."""

@@ -365,7 +365,7 @@ class Checkpointer:
         if extra:
             raise ValueError(f"--lora-load {path}: the adapter has {len(extra)} adapter tensors this run has no "
                              f"place for, e.g. {extra[:2]} — it was trained with other --lora-target-modules or "
-                             "freeze flags (model.json), or for another model; loading the rest would not give its model")
+                             "freeze flags (model.json), or for another model; the rest alone is not its model")
         _check_shapes(path, sd, prefix=MODEL_PREFIX, what="--lora-load: the adapter")
         with _quiet():
             dcp.load({_MODEL_KEY: sd}, storage_reader=dcp.FileSystemReader(str(path)))
@@ -399,14 +399,28 @@ class Checkpointer:
         with _quiet():
             dcp.load(sd, storage_reader=dcp.FileSystemReader(str(path)))
         set_model_state_dict(model, sd[_MODEL_KEY], options=_ADAPTERS if lora else None)
+        # the optimizer's moments and the schedule's position come from the checkpoint, its settings from this
+        # run's flags (the fresh optimizer and scheduler hold them): a resume with a lower --lr uses it
+        changed: dict[str, tuple[Any, Any]] = {}
         if want_optim:
+            fresh = [{k: g[k] for k in _OPTIM_SETTINGS} for g in optimizer.param_groups]
             set_optimizer_state_dict(model, optimizer, sd[_OPTIM_KEY])
+            for group, settings in zip(optimizer.param_groups, fresh):
+                for k, v in settings.items():
+                    if _setting(group[k]) != _setting(v):
+                        changed[k] = (_setting(group[k]), _setting(v))
+                    group[k] = v
         step = int(train["step"])
         if scheduler is not None:
+            base_lrs = list(scheduler.base_lrs)
             if want_optim and train.get("scheduler") is not None:
                 scheduler.load_state_dict(train["scheduler"])
-            else:
-                fast_forward_scheduler(scheduler, step)
+                if list(scheduler.base_lrs) != base_lrs:
+                    changed["lr"] = (max(scheduler.base_lrs), max(base_lrs))
+                scheduler.base_lrs = base_lrs
+                for group, lr in zip(optimizer.param_groups, base_lrs):
+                    group["initial_lr"] = lr
+            fast_forward_scheduler(scheduler, step)  # the rate at `step` from this run's schedule
         same_world = int(train.get("world_size", 1)) == world
         rank_key = f"rank_state.{rank}"
         per_rank = _from_bytes(_load_bytes(path, rank_key)) if same_world and rank_key in keys else {}
@@ -418,6 +432,7 @@ class Checkpointer:
             restored_loader = True
         extra = dict(train.get("extra") or {})
         extra["restored_loader"] = restored_loader
+        extra["settings_changed"] = changed  # {optimizer setting: (checkpoint's, this run's)}
         extra["saved_world_size"] = int(train.get("world_size", 1))
         return TrainState(step=step, consumed_samples=int(train.get("consumed_samples", 0)), extra=extra)
 
@@ -448,6 +463,13 @@ def _check_shapes(path: Path, model_sd: dict[str, Any], prefix: str, what: str =
             raise ValueError(f"{what or path}: tensor {prefix + name} has shape {tuple(size)}, the model expects "
                              f"{tuple(tensor.shape)} — the checkpoint belongs to another model config"
                              + (f" ({path})" if what else ""))
+
+
+_OPTIM_SETTINGS = ("weight_decay", "betas", "eps")  # AdamW's, besides the learning rate (the scheduler's)
+
+
+def _setting(value):
+    return tuple(value) if isinstance(value, (list, tuple)) else value
 
 
 def fast_forward_scheduler(scheduler, step: int) -> None:

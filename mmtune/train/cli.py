@@ -189,6 +189,13 @@ def run(cfg, *, print_fn=print) -> dict:
                         + ("; model and optimizer resharded; RNG not restored" if "world_size" in layout_changed
                            else "") + ")")
             say(f"{PROG}: resumed from {source.path} at step {state.step}{note}", flush=True)
+            changed = state.extra.pop("settings_changed", {})
+            if changed:
+                flags = {"lr": "--lr", "weight_decay": "--weight-decay", "betas": "--adam-beta1/2", "eps": "--adam-eps"}
+                say(f"{PROG}: the flags' optimizer settings replace the checkpoint's: "
+                    + ", ".join(f"{flag} {changed[k][0]} -> {changed[k][1]}"
+                                for k, flag in flags.items() if k in changed)
+                    + " (the schedule continues at its step)", flush=True)
         if cfg.save and env.is_main:
             cfg.save_to(cfg.save)
         env.barrier()
