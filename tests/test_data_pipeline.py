@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import copy
+import io
 import json
+import logging
 import random
 from pathlib import Path
 
 import pytest
 import torch
 
+from mmtune.data.check import check_data
 from mmtune.data.cli import main as data_main
 from mmtune.data.config import load_data_config, parse_data_config
-from mmtune.data.dataset import build_dataset
+from mmtune.data.dataset import SamplePreprocessor, build_dataset
 from mmtune.data.images import ImageProcessor
 from mmtune.data.llava import llava_to_mllm
 from mmtune.data.loader import DistributedRowSampler, StreamingRows, build_train_loader, from_one_buffer, to_one_buffer
 from mmtune.data.packing import plan_rows, truncation_point
 from mmtune.data.shapes import make_shapes
+from mmtune.data.template import NOT_UTF8
 from mmtune.data.tokenizer_tiny import save_tiny_tokenizer
 from mmtune.models.glm4v_moe.rope import get_rope_index
 from mmtune.tokens import TINY_SPECIAL_BASE, special_token_ids
@@ -432,3 +436,98 @@ def test_streaming_resume_rebuilds_open_rows(env):
                 break
         assert sum(len(s.input_ids) for s in expected) <= 96
     assert checked == 4
+
+
+def _red_sample(*images, user="<image>\nWhat color?"):
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": "red"}], "images": list(images)}
+
+
+def test_symlinked_images_and_image_dirs_load_and_dotdot_still_escapes(env, tmp_path):
+    """A Hugging Face snapshot (its files link into ../../blobs) with data/COCO2017 -> shared storage in it:
+    llava-to-mllm and training take the links where they sit; a `..` that climbs out is still refused,
+    through a linked folder too."""
+    from PIL import Image
+
+    blobs, snap = tmp_path / "hub" / "blobs", tmp_path / "hub" / "snapshots" / "abc123"
+    blobs.mkdir(parents=True)
+    (snap / "images").mkdir(parents=True)
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(blobs / "deadbeef", format="PNG")
+    (snap / "images" / "0.png").symlink_to("../../../blobs/deadbeef")
+    shared = tmp_path / "shared" / "coco" / "train2017"
+    shared.mkdir(parents=True)
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(shared / "1.png")
+    (snap / "COCO2017").symlink_to(tmp_path / "shared" / "coco", target_is_directory=True)
+    (snap.parent / "secret.png").write_bytes((blobs / "deadbeef").read_bytes())  # where the `..`s lead lexically
+    conv = [{"from": "human", "value": "<image>\nWhat color?"}, {"from": "gpt", "value": "red"}]
+    llava = [{"id": "file", "image": "images/0.png", "conversations": conv},
+             {"id": "dir", "image": "COCO2017/train2017/1.png", "conversations": conv},
+             {"id": "up", "image": "../secret.png", "conversations": conv},
+             {"id": "link-up", "image": "COCO2017/../../secret.png", "conversations": conv}]
+    (snap / "llava.json").write_text(json.dumps(llava))
+    report = llava_to_mllm(snap / "llava.json", snap / "mllm.json")
+    assert report.kept == 2 and [n for n, _ in report.skipped] == ["id up", "id link-up"]
+    assert all("escapes the image dir" in why for _, why in report.skipped)
+    converted = json.loads((snap / "mllm.json").read_text())
+    assert [s["images"] for s in converted] == [["images/0.png"], ["COCO2017/train2017/1.png"]]  # the links, kept
+    samples = converted + [_red_sample("../secret.png"), _red_sample("COCO2017/../../secret.png")]
+    (snap / "train.json").write_text(json.dumps(samples))
+    cfg = _cfg(env, dataset_dir=str(snap), dataset="train.json", cache_dir=str(tmp_path / "cache"))
+    for built in (True, False):  # built, then reused
+        prepared = build_dataset(cfg, env / "tok", progress=False)
+        assert prepared.from_cache is not built and prepared.good == [0, 1]
+        assert [i for i in range(4) if "outside dataset_dir" in prepared.ds[i]["error"]] == [2, 3]
+        root = snap.resolve()
+        assert prepared.ds["images"][:2] == [[str(root / "images" / "0.png")], [str(root / "COCO2017" / "train2017" / "1.png")]]
+    pre = SamplePreprocessor(cfg, env / "tok")  # the streaming / data check path
+    assert [pre(s, f"x:{i}")["error"] for i, s in enumerate(samples[:2])] == ["", ""]
+    assert "outside dataset_dir" in pre(samples[3], "x:3")["error"]
+
+
+def test_a_lone_surrogate_is_one_bad_sample(env, tmp_path):
+    """A json string with half an emoji ("\\ud83d") loads in Python but cannot be UTF-8 encoded: that sample
+    is bad (named), the others go through, in the cached build, the streaming preprocessor and data check."""
+    bad_text = '{"messages": [{"role": "user", "content": "hi \\ud83d"}, {"role": "assistant", "content": "ok"}]}'
+    bad_image = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "ok"}], "images": ["a\\udc00.png"]}'
+    good = _red_sample(user="Name the color in: a red circle. 日本 🙂")
+    (tmp_path / "mllm.json").write_text(f"[{json.dumps(good)}, {bad_text}, {json.dumps(good)}, {bad_image}]")
+    src = (tmp_path / "mllm.json").resolve()
+    expected = [(f"{src}:1", f"{NOT_UTF8} in message 0"), (f"{src}:3", f"{NOT_UTF8} in the 'images' column")]
+    cfg = _cfg(env, dataset_dir=str(tmp_path), dataset="mllm.json", cache_dir=str(tmp_path / "cache"))
+    for built in (True, False):  # built, then reused
+        prepared = build_dataset(cfg, env / "tok", progress=False)
+        assert prepared.from_cache is not built and prepared.good == [0, 2] and prepared.bad == expected
+    pre = SamplePreprocessor(cfg, env / "tok")
+    assert pre(json.loads(bad_text), "x:1")["error"] == expected[0][1] and not pre(good, "x:0")["error"]
+    raw = _raw_cfg(env, dataset_dir=str(tmp_path), dataset="mllm.json")
+    (tmp_path / "data.json").write_text(json.dumps(raw))
+    bad = check_data(str(tmp_path / "data.json"), out=io.StringIO())
+    assert bad == expected
+
+
+def test_a_cache_that_recorded_a_missing_image_is_rebuilt_once_the_image_exists(env, tmp_path, caplog):
+    """The fingerprint does not cover image files: a reused cache re-checks the files it recorded missing
+    and is rebuilt (once) when one exists now; other bad samples read from a cache name overwrite_cache."""
+    from PIL import Image
+
+    (tmp_path / "img").mkdir()
+    Image.new("RGB", (56, 56), (200, 0, 0)).save(tmp_path / "img" / "a.png")
+    (tmp_path / "img" / "garbage.png").write_bytes(b"this is not an image")
+    samples = [_red_sample("img/a.png"), _red_sample("img/b.png"), _red_sample("img/garbage.png")]
+    (tmp_path / "mllm.json").write_text(json.dumps(samples))
+    cfg = _cfg(env, dataset_dir=str(tmp_path), dataset="mllm.json", cache_dir=str(tmp_path / "cache"))
+    log_name = "mmtune.data.dataset"
+    first = build_dataset(cfg, env / "tok", progress=False)
+    assert first.good == [0] and "missing image file" in first.bad[0][1] and not first.from_cache
+    with caplog.at_level(logging.INFO, logger=log_name):
+        again = build_dataset(cfg, env / "tok", progress=False)  # nothing changed: reused as it is
+    assert again.from_cache and again.good == [0] and again.cache_path == first.cache_path
+    assert "rebuilding" not in caplog.text and "overwrite_cache: true" in caplog.text
+    caplog.clear()
+    Image.new("RGB", (56, 56), (0, 0, 200)).save(tmp_path / "img" / "b.png")  # the user supplies it
+    with caplog.at_level(logging.INFO, logger=log_name):
+        fresh = build_dataset(cfg, env / "tok", progress=False)
+    assert not fresh.from_cache and fresh.good == [0, 1] and [s for s, _ in fresh.bad] == [first.bad[1][0]]
+    assert "rebuilding: 1 image/video files recorded missing now exist" in caplog.text and "rebuilding" in fresh.note
+    assert len(list((tmp_path / "cache").glob("mmtune-*.old-*"))) == 1  # the stale one, set aside (not deleted)
+    later = build_dataset(cfg, env / "tok", progress=False)  # the rebuilt cache is reused, not rebuilt again
+    assert later.from_cache and later.good == [0, 1]

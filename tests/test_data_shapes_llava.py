@@ -10,6 +10,7 @@ from PIL import Image
 from mmtune.data.cli import main as data_main
 from mmtune.data.llava import llava_to_mllm
 from mmtune.data.shapes import COLORS, SHAPES, eval_questions, make_shapes
+from mmtune.data.template import NOT_UTF8
 
 
 def _digest(d):
@@ -82,6 +83,21 @@ def test_llava_to_mllm(tmp_path, capsys):
     assert rc == 1 and not (tmp_path / "s.json").exists()
     report = llava_to_mllm(src, tmp_path / "r.json", image_dir=imgs)
     assert report.kept == 3 and len(report.skipped) == 4
+
+
+def test_llava_to_mllm_skips_a_lone_surrogate(tmp_path):
+    """Half an emoji ("\\ud83d") in a turn or the id cannot be written as UTF-8: that sample is skipped
+    and named, the others are written."""
+    (tmp_path / "llava.json").write_text(
+        '[{"id": "a", "conversations": [{"from": "human", "value": "ok \U0001f642"}, {"from": "gpt", "value": "fine"}]},'
+        ' {"id": "b", "conversations": [{"from": "human", "value": "hi \\ud83d"}, {"from": "gpt", "value": "x"}]},'
+        ' {"id": "c\\udc00", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "x"}]}]',
+        encoding="utf-8")
+    report = llava_to_mllm(tmp_path / "llava.json", tmp_path / "out.json")
+    assert report.kept == 1
+    assert report.skipped == [("id b", f"{NOT_UTF8} in turn 0"), ("index 2", f"{NOT_UTF8} in 'id'")]
+    out = json.loads((tmp_path / "out.json").read_text(encoding="utf-8"))
+    assert [s["id"] for s in out] == ["a"] and out[0]["messages"][0]["content"] == "ok \U0001f642"
 
 
 def test_video_task_answer_needs_the_motion(tmp_path):

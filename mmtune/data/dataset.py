@@ -11,8 +11,10 @@ The cached path (`streaming: false`) runs this through `datasets.Dataset.map` (n
 progress bar) and saves the result under `cache_dir/mmtune-<fingerprint>`; the fingerprint covers the
 data files' bytes, every config key that changes preprocessing, the tokenizer and preprocessor files,
 and a format version, so a second run reuses it and any change rebuilds it (`overwrite_cache: true`
-forces a rebuild). On many processes and nodes one of them builds the cache and the others wait for it
-(data/cache.py). Without `cache_dir` the result stays in memory.
+forces a rebuild). Image and video files are not in it (hashing them would read them all); a reused
+cache that recorded samples bad for a missing file that exists now is rebuilt. On many processes and
+nodes one of them builds the cache and the others wait for it (data/cache.py). Without `cache_dir` the
+result stays in memory.
 """
 
 from __future__ import annotations
@@ -21,17 +23,18 @@ import hashlib
 import json
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 from mmtune.data.config import DataConfig
 from mmtune.data.images import ImageProcessor, open_image
-from mmtune.data.template import BadSample, GlmTemplate, VideoTokens
+from mmtune.data.template import NOT_UTF8, BadSample, GlmTemplate, VideoTokens, has_lone_surrogate
 from mmtune.data.video import VideoProcessor
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2
+CACHE_VERSION = 3  # 3: symlinked images are inside dataset_dir, lone surrogates are bad samples
 _BAD_SHOWN = 10
 
 
@@ -94,19 +97,25 @@ def _iter_json_array(f, p: Path, start: int) -> Iterator[tuple[int, object]]:
 # ---------------------------------------------------------------- one sample
 
 
+_MISSING_FILE = re.compile(r"missing (image|video) file (.+)")  # resolve_image's message, read back by _files_back
+
+
 def resolve_image(name: object, dataset_dir: Path, allow_outside: bool, what: str = "image") -> Path:
-    """The file of an image (or video) entry, under dataset_dir unless allow_outside."""
+    """The file of an image (or video) entry, under dataset_dir unless allow_outside.
+
+    The containment check is on the path as written (normalised lexically, links not followed): images
+    and image folders that are symlinks (a Hugging Face snapshot's files link into ../../blobs,
+    data/COCO2017 -> shared storage) are inside dataset_dir where they sit; a `..` that climbs out is
+    not. The returned path keeps the links; only the existence check follows them."""
     if not isinstance(name, str) or not name:
         raise BadSample(f"bad {what} entry {name!r}")
     rel = Path(name)
-    full = (dataset_dir / rel).resolve()
     if not allow_outside:
         if rel.is_absolute():
             raise BadSample(f"absolute {what} path {name!r} (set allow_absolute_image_paths to accept)")
-        try:
-            full.relative_to(dataset_dir)
-        except ValueError:
-            raise BadSample(f"{what} path {name!r} is outside dataset_dir {dataset_dir}") from None
+        if os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+            raise BadSample(f"{what} path {name!r} is outside dataset_dir {dataset_dir}")
+    full = Path(os.path.normpath(dataset_dir / rel))  # what was checked is what is opened
     if not full.is_file():
         raise BadSample(f"missing {what} file {full}")
     return full
@@ -159,10 +168,14 @@ def normalise_record(raw: object, cfg: DataConfig) -> Record:
     come as LLaMA-Factory `function_tag` messages (content: a call {"name", "arguments"} or a list, with an
     optional `<think>...</think>` in front) or OpenAI assistant `tool_calls`; tool results as
     `observation_tag` or OpenAI `tool` messages; tools from the `attr.tools` column (JSON text or a list).
-    Anything about tools needs basic_parameters.tool_format."""
+    Anything about tools needs basic_parameters.tool_format. Text that cannot be UTF-8 encoded (a lone
+    surrogate) makes the sample bad here, before the tokenizer or Arrow meets it."""
     a = cfg.attr
     if not isinstance(raw, dict):
         raise BadSample("sample is not a json object")
+    for col in (a.system, a.tools, a.images, a.videos):
+        if col and has_lone_surrogate(raw.get(col)):
+            raise BadSample(f"{NOT_UTF8} in the {col!r} column")
     msgs = raw.get(a.messages)
     if not isinstance(msgs, list) or not msgs:
         raise BadSample(f"no {a.messages!r} list (the attr.messages column)")
@@ -178,6 +191,8 @@ def normalise_record(raw: object, cfg: DataConfig) -> Record:
         out.append({"role": "system", "content": raw[a.system]})
     uses_tools = False
     for k, m in enumerate(msgs):
+        if has_lone_surrogate(m):
+            raise BadSample(f"{NOT_UTF8} in message {k}")
         if not isinstance(m, dict) or a.role_tag not in m or (a.content_tag not in m and "tool_calls" not in m):
             raise BadSample(f"message {k} lacks {a.role_tag!r} or {a.content_tag!r}")
         role = roles.get(m[a.role_tag])
@@ -325,6 +340,17 @@ def fingerprint(cfg: DataConfig, tokenizer_dir: Path, files: list[Path]) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:20]
 
 
+def _files_back(errors: list[str]) -> list[str]:
+    """The image and video files that samples were marked bad for as missing and that exist now, each once
+    (the fingerprint covers the data files, not the media they name, so a cache cannot see them arrive)."""
+    seen: dict[str, bool] = {}
+    for e in errors:
+        m = _MISSING_FILE.fullmatch(e) if e else None
+        if m and m[2] not in seen:
+            seen[m[2]] = os.path.isfile(m[2])
+    return [path for path, now in seen.items() if now]
+
+
 def _features():
     """The column types, fixed (a batch without videos would otherwise type their columns as null)."""
     from datasets import Features, Sequence, Value
@@ -358,7 +384,10 @@ def _preprocess(cfg: DataConfig, tokenizer_dir: Path, num_proc: int | None, prog
     b = cfg.basic
     raws, srcs = [], []
     for rec, src in raw_samples(cfg):
-        raws.append(json.dumps(rec, ensure_ascii=False))
+        text = json.dumps(rec, ensure_ascii=False)
+        if has_lone_surrogate(text):  # not UTF-8, so not an Arrow string: keep it \u-escaped, normalise_record names it
+            text = json.dumps(rec)
+        raws.append(text)
         srcs.append(src)
     raw_ds = datasets.Dataset.from_dict({"raw": raws, "src": srcs})
     del raws
@@ -400,7 +429,7 @@ def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc
     ValueError naming the first ones (file:index: reason), with skip they are counted and logged."""
     import datasets
 
-    from mmtune.data.cache import get_or_build, rebuild_token
+    from mmtune.data.cache import get_or_build, read_build_info, rebuild_token
 
     tokenizer_dir = Path(tokenizer_dir)
     files = cfg.dataset_files()
@@ -414,14 +443,26 @@ def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc
         def build(staging: Path, lock) -> None:
             _preprocess(cfg, tokenizer_dir, num_proc, progress, lock).save_to_disk(str(staging))
 
-        res = get_or_build(Path(b.cache_dir).resolve(), name, build, token=token if b.overwrite_cache else None,
-                           progress=progress)
-        cache_path, from_cache = res.path, not res.built
+        cache_dir = Path(b.cache_dir).resolve()
+        res = get_or_build(cache_dir, name, build, token=token if b.overwrite_cache else None, progress=progress)
         ds = datasets.load_from_disk(str(res.path))
+        back = [] if res.built else _files_back(ds["error"] if len(ds) else [])
+        refresh = ""
+        if back:
+            refresh = f"rebuilding: {len(back)} image/video files recorded missing now exist (e.g. {back[0]}); "
+            log.warning("data cache: %s: %s", res.path, refresh.rstrip("; "))
+            # The token names the cache read and the files back: every process that read that cache asks
+            # for the same one rebuild (and accepts it), with no collective call.
+            info = read_build_info(res.path)
+            key = json.dumps([res.path.name, info.get("built"), info.get("token"), back]).encode()
+            again = "files-back-" + hashlib.sha256(key).hexdigest()[:16]
+            res = get_or_build(cache_dir, name, build, token=again, progress=progress)
+            ds = datasets.load_from_disk(str(res.path))
+        cache_path, from_cache = res.path, not res.built
         if res.built:
-            note = f"data cache: built {res.path} ({len(ds)} samples)"
+            note = f"data cache: {refresh}built {res.path} ({len(ds)} samples)"
         elif res.waited_s:
-            note = f"data cache: waited {res.waited_s:.0f}s for {res.builder} to build it, then reused {res.path}"
+            note = f"data cache: {refresh}waited {res.waited_s:.0f}s for {res.builder} to build it, then reused {res.path}"
         else:
             note = f"data cache: reused {res.path} ({len(ds)} samples, built by {res.builder})"
         (log.info if res.built else log.debug)("%s", note)  # the one builder says so, whatever its rank
@@ -433,6 +474,9 @@ def build_dataset(cfg: DataConfig, tokenizer_dir: str | os.PathLike, *, num_proc
     if bad:
         listing = "\n".join(f"  {s}: {r}" for s, r in bad[:_BAD_SHOWN])
         more = f"\n  ... and {len(bad) - _BAD_SHOWN} more (mmtune data check lists all)" if len(bad) > _BAD_SHOWN else ""
+        if from_cache:  # files fixed since the build (other than missing ones appearing) do not change the fingerprint
+            more += (f"\n  (as recorded in the data cache {cache_path}; if you fixed image or video files since, "
+                     "set overwrite_cache: true to read them again)")
         if b.on_bad_sample == "error":
             raise ValueError(f"{len(bad)} bad samples (on_bad_sample: error):\n{listing}{more}")
         log.warning("skipping %d bad samples (on_bad_sample: skip):\n%s%s", len(bad), listing, more)

@@ -8,7 +8,9 @@ MLLM sample:  {"id", "messages": [{"role": "user"|"assistant"|"system", "content
 Text is kept byte for byte (non-ASCII too; the json is written with ensure_ascii=False). A sample without
 an image (no key, null or "") becomes text-only with images: []. Image paths are looked up under
 `image_dir` (default: the input file's folder) and written relative to the output file's folder, which is
-then the data set's `dataset_dir`. A sample that cannot be converted is skipped and named in the report.
+then the data set's `dataset_dir`; symlinks on the way (data/COCO2017 -> shared storage, a Hugging Face
+snapshot's files) are kept as written, not replaced by their targets. A sample that cannot be converted
+(also: text with a lone surrogate, which cannot be written as UTF-8) is skipped and named in the report.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from mmtune.data.template import NOT_UTF8, has_lone_surrogate
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 IMAGE_TAG = "<image>"
@@ -47,28 +51,22 @@ def read_records(path: str | os.PathLike) -> list:
         raise ValueError(f"{p}: not valid json or jsonl ({e}); expected a list of samples") from e
 
 
-def _inside(path: Path, root: Path) -> bool:
-    try:
-        path.relative_to(root)
-        return True
-    except ValueError:
-        return False
-
-
 def _media(value, what: str, image_dir: Path, out_dir: Path) -> list[str]:
-    """An "image"/"video" entry (absent, a path or a list) -> paths relative to out_dir."""
+    """An "image"/"video" entry (absent, a path or a list) -> paths relative to out_dir. Containment in
+    image_dir is judged on the path as written (lexically, as training judges dataset_dir), and the
+    written path keeps any symlinks: training reads the link where it sits."""
     names = [] if value in (None, "") else [value] if isinstance(value, str) else list(value)
     out = []
     for name in names:
         if not isinstance(name, str) or not name:
             raise ValueError(f"bad {what} entry {name!r}")
         rel = Path(name)
-        full = (image_dir / rel).resolve()
-        if rel.is_absolute() or not _inside(full, image_dir.resolve()):
+        if rel.is_absolute() or os.path.normpath(rel).split(os.sep)[0] == os.pardir:
             raise ValueError(f"{what} path {name!r} escapes the image dir {image_dir}")
-        if not full.is_file():
+        full = os.path.abspath(image_dir / rel)  # normalised, links not followed
+        if not os.path.isfile(full):
             raise ValueError(f"{what} file missing: {full}")
-        out.append(Path(os.path.relpath(full, out_dir.resolve())).as_posix())
+        out.append(Path(os.path.relpath(full, os.path.abspath(out_dir))).as_posix())
     return out
 
 
@@ -76,6 +74,9 @@ def convert_sample(sample: dict, image_dir: Path, out_dir: Path) -> dict:
     """One LLaVA sample -> MLLM; raises ValueError(reason) when it cannot be converted."""
     if not isinstance(sample, dict):
         raise ValueError("not a json object")
+    for key in ("id", "image", "video"):
+        if has_lone_surrogate(sample.get(key)):
+            raise ValueError(f"{NOT_UTF8} in {key!r}")
     convs = sample.get("conversations")
     if not convs:
         raise ValueError("empty conversation")
@@ -88,6 +89,8 @@ def convert_sample(sample: dict, image_dir: Path, out_dir: Path) -> dict:
             raise ValueError(f"turn {k}: unknown role {turn['from']!r} (known: {', '.join(ROLES)})")
         if not isinstance(turn["value"], str):
             raise ValueError(f"turn {k}: value is not a string")
+        if has_lone_surrogate(turn["value"]):
+            raise ValueError(f"{NOT_UTF8} in turn {k}")
         messages.append({"role": role, "content": turn["value"]})
     images = _media(sample.get("image"), "image", image_dir, out_dir)
     videos = _media(sample.get("video"), "video", image_dir, out_dir)
@@ -124,7 +127,8 @@ def llava_to_mllm(
         try:
             converted.append(convert_sample(sample, image_root, out_path.parent))
         except ValueError as e:
-            name = f"id {sample['id']}" if isinstance(sample, dict) and "id" in sample else f"index {i}"
+            named = isinstance(sample, dict) and "id" in sample and not has_lone_surrogate(sample["id"])
+            name = f"id {sample['id']}" if named else f"index {i}"
             report.skipped.append((name, str(e)))
     report.kept = len(converted)
     if strict and report.skipped:

@@ -36,6 +36,7 @@ format raises `BadSample(reason)`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 
 IGNORE = -100
@@ -56,6 +57,23 @@ _TOOLS_TAIL = ("</tools>\n\nFor each function call, output the function name and
 
 class BadSample(ValueError):
     """A sample that cannot be trained on; the message is the reason (file:index is added by callers)."""
+
+
+_SURROGATE = re.compile("[\ud800-\udfff]")
+NOT_UTF8 = "text is not valid UTF-8 (a lone surrogate, e.g. a broken emoji)"
+
+
+def has_lone_surrogate(value: object) -> bool:
+    """Whether a str, or any str (key or value) inside lists and dicts, holds a lone UTF-16 surrogate.
+    json.loads accepts "\\ud83d" (an emoji cut between its two halves), but such text cannot be UTF-8
+    encoded, so the tokenizer, Arrow and json writers all fail on it."""
+    if isinstance(value, str):
+        return _SURROGATE.search(value) is not None
+    if isinstance(value, dict):
+        return any(has_lone_surrogate(k) or has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return any(has_lone_surrogate(v) for v in value)
+    return False
 
 
 @dataclass
