@@ -4,6 +4,8 @@ formulation (fp64, and fp32 with torch's grouped_mm); target resolution and its 
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -90,17 +92,23 @@ def _dense_delta(x_TH, weights_TK, experts_TK, experts: LoRAGroupedExperts):
     return plain(x_TH, weights_TK, experts_TK)
 
 
-@pytest.mark.parametrize("path", ["per_expert", "grouped"])
+@pytest.mark.parametrize("path", ["per_expert", "per_expert_2I<H", "per_expert_merged", "per_expert_factored", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_expert_lora_equals_loop_and_dense_delta(dtype, path, monkeypatch):
     """Both CPU paths of the experts' adapters (ops/lora: per expert, the eager CPU default; grouped, what
     CUDA and torch.compile run) against a token-by-token loop and the merged-weight form, outputs and the
-    gradients of the input and of every adapter (the base frozen, as LoRA trains it)."""
+    gradients of the input and of every adapter (the base frozen, as LoRA trains it). The per-expert path
+    takes each expert through its merged weight or the factored products by its row count (more rows than
+    In: merged in the forward and kept for the backward; else more than Out: merged in the backward only):
+    by default here down_proj's forward merges some experts and factors one; with 2I < H gate_up_proj's
+    backward merges some experts alone and factors others; then all merged, then all factored."""
     from mmtune.ops import lora as lora_ops
 
-    monkeypatch.setattr(lora_ops, "PER_EXPERT_ON_CPU", path == "per_expert")
+    monkeypatch.setattr(lora_ops, "PER_EXPERT_ON_CPU", path.startswith("per_expert"))
+    monkeypatch.setattr(lora_ops, "MERGE_ROWS", {"per_expert_merged": 0.0, "per_expert_factored": math.inf}.get(
+        path, lora_ops.MERGE_ROWS))
     g = torch.Generator().manual_seed(0)
-    E, H, I, T, K, r = 5, 16, 8, 23, 2, 4
+    E, H, I, T, K, r = 5, 16, 5 if path == "per_expert_2I<H" else 8, 23, 2, 4
     base = GroupedExperts(E, H, I).to(dtype)
     with torch.no_grad():
         for p in base.parameters():
@@ -115,8 +123,13 @@ def test_expert_lora_equals_loop_and_dense_delta(dtype, path, monkeypatch):
     experts_TK[:, :] = experts_TK.clamp(max=E - 2)  # expert E-1 gets no rows: empty groups are handled
     experts_TK[:, 1] = (experts_TK[:, 0] + 1) % (E - 1)
     w = torch.rand(T, K, generator=g, dtype=dtype)
+    rows = torch.bincount(experts_TK.flatten(), minlength=E)[:-1]
+    if path == "per_expert":  # down_proj (In = I, Out = H): its forward merges some experts, not all
+        assert rows.min() <= I < rows.max() <= H
+    if path == "per_expert_2I<H":  # gate_up_proj (In = H, Out = 2I): some merged in the backward only, some not
+        assert rows.min() <= 2 * I < rows.max() <= H and rows.min() > I  # down_proj: all merged
     proj = experts.projection("gate_up_proj")
-    assert lora_ops._per_expert_ok(x, proj) == (path == "per_expert")
+    assert lora_ops._per_expert_ok(x, proj) == path.startswith("per_expert")
     if dtype == torch.float32 and path == "grouped":  # torch's grouped matmul runs (it has no fp64 kernel on the CPU)
         assert moe._grouped_mm_ok(x, experts.gate_up_proj) and moe._grouped_mm_ok(torch.zeros(3, r), experts.down_proj_lora_B)
     got = experts(x, w, experts_TK)

@@ -181,6 +181,18 @@ def _per_expert_ok(x_RIn: torch.Tensor, proj: LoRAProjection) -> bool:
             and not proj.weight.requires_grad and x_RIn.dtype == proj.weight.dtype == proj.A.dtype == proj.B.dtype)
 
 
+# An expert with more rows than MERGE_ROWS x the width the low-rank product would save runs through its
+# merged weight W_e + s B_e A_e, built for that expert alone in one reused [Out, In] buffer (see
+# _PerExpertLoRA); math.inf switches it off (tests check both forms).
+MERGE_ROWS = 1.0
+
+
+def _merge_above(width: int, dtype: torch.dtype) -> float:
+    """Row count above which an expert's product runs through its merged weight (fp32/fp64 only: in bf16
+    W + s B A would round the update to the base weight's precision)."""
+    return MERGE_ROWS * width if dtype in (torch.float32, torch.float64) else math.inf
+
+
 class _PerExpertLoRA(torch.autograd.Function):
     """y = x W_e^T + s (x A_e^T) B_e^T over each expert's block of the sorted rows, on the CPU.
 
@@ -188,30 +200,48 @@ class _PerExpertLoRA(torch.autograd.Function):
     time so that the expert's rows are still in cache for the narrow adapter products, and accumulated in
     place (`addmm_`, the base matmul last) instead of adding [R, Out] / [R, In] tensors: on the CPU this took
     the adapters' overhead over the base experts from PEFT's to 1.6-2.0x (16 experts) / 3.5-4.3x (128) below
-    it (docs/PERFORMANCE.md "LoRA"). The base W is frozen (no gradient); x, A and B get theirs. Under
+    it (docs/PERFORMANCE.md "LoRA"). An expert with more rows than the width a low-rank product would
+    save runs instead through its merged weight W_e + s B_e A_e: that costs Out*r*In, less than the
+    rows*r*Out (forward: s h B^T) or rows*r*In (backward: s dh A) product it replaces, so the work stays
+    O(rows * r * (In + Out)) on top of the base. Merged in the forward (rows > In), the weight is kept for the
+    backward: Out*In < rows*Out elements, less than the expert's output rows, so never the size of an
+    [E, Out, In] delta beyond the output it makes; merged in the backward alone (In >= rows > Out), it is
+    made in one reused buffer. A's and B's gradients come from the low-rank products either way. The base W
+    is frozen (no gradient); x, A and B get theirs. Under
     torch.compile and on CUDA the grouped path runs instead (a loop over the counts' values would break the
     graph; on a GPU the grouped matmuls are the fast form)."""
 
     @staticmethod
     def forward(ctx, x_RIn, W_EOutIn, A_ErIn, B_EOutr, counts_E, scale):
         counts = counts_E.tolist()
-        y_ROut = x_RIn.new_empty(x_RIn.shape[0], W_EOutIn.shape[1])
+        E, Out, In = W_EOutIn.shape
+        y_ROut = x_RIn.new_empty(x_RIn.shape[0], Out)
         h_Rr = x_RIn.new_empty(x_RIn.shape[0], A_ErIn.shape[1])  # x A_e^T, kept for B's gradient
+        merge = _merge_above(In, x_RIn.dtype)
+        merged = [e for e, n in enumerate(counts) if n > merge]
+        # the merged experts' weights, kept for the backward: each has Out*In < rows*Out elements, so all of
+        # them together hold fewer than y_ROut
+        Wm_MOutIn = W_EOutIn.new_empty(len(merged), Out, In)
+        slot = dict(zip(merged, Wm_MOutIn.unbind()))
         # per-expert views made by one call each (the loop's Python cost is what this path is short of)
-        for x, y, h, Wt, At, Bt in zip(x_RIn.split(counts), y_ROut.split(counts), h_Rr.split(counts),
-                                      W_EOutIn.transpose(1, 2).unbind(), A_ErIn.transpose(1, 2).unbind(),
-                                      B_EOutr.transpose(1, 2).unbind()):
-            if x.shape[0]:
-                torch.mm(x, At, out=h)
-                y.addmm_(h, Bt, beta=0, alpha=scale)  # s scales the narrow product, as in the grouped path
-                y.addmm_(x, Wt)  # the base last: its matmul adds into y while y is in cache
-        ctx.save_for_backward(x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr)
-        ctx.counts, ctx.scale = counts, scale
+        for e, (x, y, h, W, At, B) in enumerate(zip(x_RIn.split(counts), y_ROut.split(counts), h_Rr.split(counts),
+                                                    W_EOutIn.unbind(), A_ErIn.transpose(1, 2).unbind(),
+                                                    B_EOutr.unbind())):
+            if not x.shape[0]:
+                continue
+            torch.mm(x, At, out=h)
+            if e in slot:  # W + s B A costs less than s h B^T: y = x (W + s B A)^T
+                torch.mm(x, torch.addmm(W, B, At.t(), alpha=scale, out=slot[e]).t(), out=y)
+            else:
+                y.addmm_(h, B.t(), beta=0, alpha=scale)  # s scales the narrow product, as in the grouped path
+                y.addmm_(x, W.t())  # the base last: its matmul adds into y while y is in cache
+        ctx.save_for_backward(x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr, Wm_MOutIn)
+        ctx.counts, ctx.scale, ctx.merged = counts, scale, merged
         return y_ROut
 
     @staticmethod
     def backward(ctx, grad_ROut):
-        x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr = ctx.saved_tensors
+        x_RIn, W_EOutIn, A_ErIn, B_EOutr, h_Rr, Wm_MOutIn = ctx.saved_tensors
         counts, s = ctx.counts, ctx.scale
         grad_ROut = grad_ROut.contiguous()
         grad_x = torch.empty_like(x_RIn)
@@ -220,16 +250,26 @@ class _PerExpertLoRA(torch.autograd.Function):
         # twice as fast as with 16 output columns (docs/PERFORMANCE.md "LoRA")
         grad_Bt = B_EOutr.new_zeros(B_EOutr.shape[0], B_EOutr.shape[2], B_EOutr.shape[1])
         dh_Rr = x_RIn.new_empty(h_Rr.shape)  # d(loss)/d(x A_e^T) / s
-        for g, dx, dh, x, h, W, A, B, gA, gBt in zip(
+        E, Out, In = W_EOutIn.shape
+        merge = _merge_above(Out, x_RIn.dtype)
+        kept = dict(zip(ctx.merged, Wm_MOutIn.unbind()))
+        Wm = W_EOutIn.new_empty(Out, In) if any(n > merge for e, n in enumerate(counts) if e not in kept) else None
+        for e, (g, dx, dh, x, h, W, A, B, gA, gBt) in enumerate(zip(
                 grad_ROut.split(counts), grad_x.split(counts), dh_Rr.split(counts), x_RIn.split(counts),
                 h_Rr.split(counts), W_EOutIn.unbind(), A_ErIn.unbind(), B_EOutr.unbind(), grad_A.unbind(),
-                grad_Bt.unbind()):
-            if x.shape[0]:
-                torch.mm(g, B, out=dh)
+                grad_Bt.unbind())):
+            if not x.shape[0]:
+                continue
+            torch.mm(g, B, out=dh)
+            if e in kept:  # the forward's merged weight: dx = g (W + s B A)
+                torch.mm(g, kept[e], out=dx)
+            elif x.shape[0] > merge:  # merged here: cheaper than s dh A
+                torch.mm(g, torch.addmm(W, B, A, alpha=s, out=Wm), out=dx)
+            else:
                 dx.addmm_(dh, A, beta=0, alpha=s)
                 dx.addmm_(g, W)  # the base last, as in the forward
-                gBt.addmm_(h.t(), g, beta=0, alpha=s)
-                gA.addmm_(dh.t(), x, beta=0, alpha=s)
+            gBt.addmm_(h.t(), g, beta=0, alpha=s)
+            gA.addmm_(dh.t(), x, beta=0, alpha=s)
         return grad_x, None, grad_A, grad_Bt.transpose(1, 2), None, None
 
 
