@@ -466,6 +466,7 @@ def test_symlinked_images_and_image_dirs_load_and_dotdot_still_escapes(env, tmp_
     (snap / "llava.json").write_text(json.dumps(llava))
     report = llava_to_mllm(snap / "llava.json", snap / "mllm.json")
     assert report.kept == 2 and [n for n, _ in report.skipped] == ["id up", "id link-up"]
+    assert report.outside == 0 and report.outside_note(snap / "mllm.json") is None
     assert all("escapes the image dir" in why for _, why in report.skipped)
     converted = json.loads((snap / "mllm.json").read_text())
     assert [s["images"] for s in converted] == [["images/0.png"], ["COCO2017/train2017/1.png"]]  # the links, kept

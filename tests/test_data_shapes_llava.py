@@ -73,6 +73,9 @@ def test_llava_to_mllm(tmp_path, capsys):
     for name in ("id missing", "id role", "id empty", "id escape"):
         assert name in printed.err
     assert "image file missing" in printed.err and "unknown role" in printed.err and "escapes" in printed.err
+    # the images lie beside out/, not in it: the written "../coco/..." paths are what training refuses by default
+    assert f"note: 1 samples name images outside {out.parent} (written as ../...)" in printed.err
+    assert "allow_absolute_image_paths: true" in printed.err
     res = json.loads(out.read_text(encoding="utf-8"))
     assert res[0]["messages"][0]["content"] == llava[0]["conversations"][0]["value"]
     assert res[0]["messages"][1] == {"role": "assistant", "content": "rouge\u00a0!"}

@@ -6,7 +6,7 @@ Under `cache_dir`, for a cache fingerprint F (dataset.py says what it covers):
     mmtune-F.lock                  exists while one process builds it (who, since when)
     mmtune-F.status                the builder's progress (samples done / total), for the waiters
     mmtune-F.building-HOST-PID/    the builder's staging dir
-    mmtune-F.old-TIME/             a cache replaced by overwrite_cache (never deleted by mmtune)
+    mmtune-F.old-TIME/             a cache replaced by a rebuild (never deleted by mmtune)
 
 `get_or_build` is the protocol every process follows, whatever its rank or node:
 1. A published cache is read as it is: a published dir never changes afterwards.
@@ -17,7 +17,8 @@ Under `cache_dir`, for a cache fingerprint F (dataset.py says what it covers):
    away. There is no timeout on the build itself: a lock counts as abandoned only when its mtime has
    not moved for STALE_S seconds of the waiter's own clock (the builder died); a waiter then removes
    it and step 2 runs again.
-Publishing never deletes a cache: when `overwrite_cache` replaces one, the old dir is renamed to
+Publishing never deletes a cache: when a rebuild (`overwrite_cache`, or data/dataset.py's rebuild of a
+cache whose missing image files have appeared) replaces one, the old dir is renamed to
 `mmtune-F.old-TIME` (processes that opened it keep reading it) and left for the user to delete.
 Correctness never rests on the lock: if two processes ever build (a lock wrongly judged abandoned), the
 second finds the first one's cache published and drops its own.
@@ -223,8 +224,9 @@ def _publish(staging: Path, final: Path, token: str | None) -> bool:
     if final.exists():
         aside = final.with_name(f"{final.name}.old-{time.time_ns()}")
         os.rename(final, aside)
-        log.warning("data cache: overwrite_cache: the previous cache is now %s (not deleted: other runs may still "
-                    "read it; delete it when none does)", aside)
+        log.warning("data cache: replaced (overwrite_cache, or image/video files it recorded missing now exist): "
+                    "the previous cache is now %s (not deleted: other runs may still read it; delete it when none "
+                    "does)", aside)
     try:
         os.rename(staging, final)
     except OSError:

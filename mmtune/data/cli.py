@@ -101,6 +101,8 @@ def main(argv: list[str]) -> int:
             for name, reason in report.skipped:
                 print(f"skipped {name}: {reason}", file=sys.stderr)
             print(f"{report.summary()}; wrote {args.output}")
+            if note := report.outside_note(args.output):
+                print(f"note: {note}", file=sys.stderr)
             return 0
         if args.tool == "preprocess":
             if args.seq_length is not None and args.seq_length < 8:

@@ -31,9 +31,18 @@ VIDEO_TAG = "<video>"
 class ConversionReport:
     kept: int = 0
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (sample id or "index N", reason)
+    outside: int = 0  # kept samples whose image/video paths climb out of the output's folder ("../")
 
     def summary(self) -> str:
         return f"kept {self.kept} samples, skipped {len(self.skipped)}"
+
+    def outside_note(self, output: str | os.PathLike) -> str | None:
+        """What training will say about "../" paths, and the two ways out; None when there are none."""
+        if not self.outside:
+            return None
+        return (f"{self.outside} samples name images outside {Path(output).parent} (written as ../...): with "
+                f"dataset_dir = that folder, training skips them as outside dataset_dir unless the data config "
+                f"sets allow_absolute_image_paths: true; or write the output into a folder that holds the images")
 
 
 def read_records(path: str | os.PathLike) -> list:
@@ -131,6 +140,7 @@ def llava_to_mllm(
             name = f"id {sample['id']}" if named else f"index {i}"
             report.skipped.append((name, str(e)))
     report.kept = len(converted)
+    report.outside = sum(any(p.startswith("../") for p in s["images"] + s.get("videos", [])) for s in converted)
     if strict and report.skipped:
         name, reason = report.skipped[0]
         raise ValueError(f"{input}: {len(report.skipped)} samples cannot be converted, first {name}: {reason}")
