@@ -115,6 +115,31 @@ def test_resume_with_other_loader_workers_continues_the_data_exactly(work, strai
     assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * x["loss"] for x, y in zip(a, b)), (a, b)
 
 
+def test_streaming_resume_with_other_loader_workers_continues_the_stream_exactly(work, capsys):
+    """The same for a streamed data set: resumed on another layout, the stream restarts after the samples
+    the saved run trained, and the steps after it take the straight run's samples (losses up to the worker
+    path's last bits, as above). (Rows here hold one sample each, so no row is half-filled at the save;
+    samples read into such a row would be read again, which this run does not reach.)"""
+    data = json.loads((work / "data.json").read_text())
+    data["dataset_param"]["basic_parameters"].update(streaming=True, cache_dir=None)
+    stream = work / "stream"
+    stream.mkdir()
+    (stream / "data.json").write_text(json.dumps(data))
+    shutil.copy(work / "model.json", stream / "model.json")
+    straight_s, resumed = stream / "straight", stream / "resumed"
+    assert main(_argv(stream, straight_s, 6)) == 0
+    assert main(_argv(stream, resumed, 6, "--exit-interval", "3")) == 0  # --num-workers 0
+    at_save = sum(r["samples"] for r in _metrics(resumed))  # samples trained by the save at step 3
+    capsys.readouterr()
+    assert main(_argv(stream, resumed, 6, "--num-workers", "1")) == 0
+    out = capsys.readouterr().out
+    assert f"(saved with num_workers 0: the data restarts after the {at_save} samples consumed)" in out, out
+    a, b = _metrics(straight_s), _metrics(resumed)
+    for key in ("step", "tokens", "samples", "moe_expert_tokens"):  # the same samples, step by step
+        assert [r[key] for r in a] == [r[key] for r in b], key
+    assert all(abs(x["loss"] - y["loss"]) <= 1e-6 * x["loss"] for x, y in zip(a, b)), (a, b)
+
+
 def test_resume_takes_the_flags_optimizer_settings(work, straight, capsys):
     """Moments and the schedule's position from the checkpoint, the settings from the flags: a run resumed
     with a lower --lr (what a non-finite loss's message advises) continues on the new rate's schedule."""
