@@ -7,7 +7,9 @@ Linear: `lora_A` [r, in] and `lora_B` [out, r] sit on the Linear beside `weight`
 Experts: for each stacked projection p of `GroupedExperts` (gate_up_proj [E, 2I, H], down_proj [E, H, I])
 `p_lora_A` [E, r, in] and `p_lora_B` [E, out, r]: one adapter per expert. The rows that reach the experts
 are already sorted by expert with per-expert counts, so the update runs as two more grouped matmuls over
-the same rows, (x_R A_e^T) B_e^T: O(rows * r * (in + out)) work, and the [E, out, in] delta is never built.
+the same rows, (x_R A_e^T) B_e^T: O(rows * r * (in + out)) work, and the [E, out, in] delta is never built
+(eagerly on the CPU an expert with more rows than `in` goes through its own merged weight, which is then
+cheaper and smaller than its output rows: `_PerExpertLoRA`).
 It enters the local expert computation (`ops.moe.expert_ffn`) as a `LoRAProjection` in place of the weight.
 The leading expert dim of the adapters is the experts' own, so whatever splits the experts (expert
 parallelism shards dim 0) splits their adapters with them.
