@@ -116,6 +116,12 @@ def test_hsdp_grad_accum_defers_only_the_all_reduce(dist_result):
     for a, b in zip(o["plain"]["grad_norms"][1:], o["hsdp"]["grad_norms"][1:]):
         assert abs(a - b) <= 1e-5 * abs(a), o
     assert o["max_hsdp_param_diff"] < 2e-4, o
+    # with SGD (no such amplification) HSDP's deferred all-reduce equals FSDP at every step to 1e-6
+    for key in ("losses", "grad_norms"):
+        assert len(o["hsdp_sgd"][key]) == 3, o
+        for a, b in zip(o["plain_sgd"][key], o["hsdp_sgd"][key]):
+            assert abs(a - b) <= 1e-6 * abs(a), (key, o["plain_sgd"], o["hsdp_sgd"])
+    assert o["max_hsdp_sgd_param_diff"] < 1e-7, o  # (7.5e-9 seen)
 
 
 def test_forward_prefetch_follows_execution_order():
@@ -217,11 +223,11 @@ def _offload_checks(env, root: Path) -> dict:
     reductions = {}
 
     def run(offload: bool, save: Path | None = None, resume: Path | None = None, run_env=env, mbs: int = 1,
-            count: str | None = None):
+            count: str | None = None, sgd: bool = False):
         torch.manual_seed(0)
         model = build_model(Glm4vMoeForConditionalGeneration, tiny_config(), run_env,
                             FSDPOptions(cpu_offload=offload), freeze, seed=0)
-        opt, sched = adamw(model)
+        opt, sched = adamw(model, sgd=sgd)
         s = LoopSettings(train_iters=3, grad_accum_steps=2 // mbs, loss_type="per_token_loss", clip_grad=clip,
                          save_interval=2 if save else None)
         loader = ListLoader([b for k in range(3) for b in windows_for(steps[k], mbs, env.rank, 2)])
@@ -254,11 +260,16 @@ def _offload_checks(env, root: Path) -> dict:
     hsdp_env = replace(env, dims=ParallelDims.from_config(env.world_size, 1).build_meshes("cpu"))
     hsdp, sd_hsdp, _ = run(False, run_env=hsdp_env, count="hsdp")
     hdiff = max((float((sd_plain[k] - sd_hsdp[k]).abs().max()) for k in sd_plain), default=0.0)
+    # the same pair with SGD, whose update is linear in the gradient: no amplification of the sums' order
+    plain_sgd, sd_plain_sgd, _ = run(False, sgd=True)
+    hsdp_sgd, sd_hsdp_sgd, _ = run(False, run_env=hsdp_env, sgd=True)
+    hdiff_sgd = max((float((sd_plain_sgd[k] - sd_hsdp_sgd[k]).abs().max()) for k in sd_plain_sgd), default=0.0)
     diff = max((float((sd_plain[k] - sd_off[k]).abs().max()) for k in sd_plain), default=0.0)  # {} on rank 1
     rdiff = max((float((sd_off[k] - sd_res[k]).abs().max()) for k in sd_off), default=0.0)
     return {"plain": plain, "offload": offload, "resumed": resumed, "clip": clip, "offloaded": [plain_offloaded, offloaded],
             "max_param_diff": diff, "max_resumed_param_diff": rdiff, "hsdp": hsdp, "max_hsdp_param_diff": hdiff,
-            "ga1": ga1, "reductions": reductions}
+            "ga1": ga1, "reductions": reductions, "plain_sgd": plain_sgd, "hsdp_sgd": hsdp_sgd,
+            "max_hsdp_sgd_param_diff": hdiff_sgd}
 
 
 def _prefetch_chains(env) -> dict:
