@@ -186,6 +186,13 @@ class DataConfig(_Strict):
         return files
 
 
+def climbs_out(rel: Path) -> bool:
+    """Whether a relative media path leaves its root by `..`, judged on the path as written (normalised
+    lexically, links not followed: a symlinked image or folder sits where its link is). What
+    `allow_absolute_image_paths` allows; llava-to-mllm refuses it."""
+    return os.path.normpath(rel).split(os.sep)[0] == os.pardir
+
+
 def parse_data_config(raw: dict, source: str | None = None) -> DataConfig:
     """Validate a data.json dict; ValueError naming the file and each unknown key / bad value."""
     cfg = validate(DataConfig, raw, source)

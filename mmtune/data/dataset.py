@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from mmtune.data.config import DataConfig
+from mmtune.data.config import DataConfig, climbs_out
 from mmtune.data.images import ImageProcessor, open_image
 from mmtune.data.template import NOT_UTF8, BadSample, GlmTemplate, VideoTokens, has_lone_surrogate
 from mmtune.data.video import VideoProcessor
@@ -113,7 +113,7 @@ def resolve_image(name: object, dataset_dir: Path, allow_outside: bool, what: st
     if not allow_outside:
         if rel.is_absolute():
             raise BadSample(f"absolute {what} path {name!r} (set allow_absolute_image_paths to accept)")
-        if os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+        if climbs_out(rel):
             raise BadSample(f"{what} path {name!r} is outside dataset_dir {dataset_dir}")
     full = Path(os.path.normpath(dataset_dir / rel))  # what was checked is what is opened
     if not full.is_file():

@@ -20,6 +20,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mmtune.data.config import climbs_out
 from mmtune.data.template import NOT_UTF8, has_lone_surrogate
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -70,7 +71,7 @@ def _media(value, what: str, image_dir: Path, out_dir: Path) -> list[str]:
         if not isinstance(name, str) or not name:
             raise ValueError(f"bad {what} entry {name!r}")
         rel = Path(name)
-        if rel.is_absolute() or os.path.normpath(rel).split(os.sep)[0] == os.pardir:
+        if rel.is_absolute() or climbs_out(rel):
             raise ValueError(f"{what} path {name!r} escapes the image dir {image_dir}")
         full = os.path.abspath(image_dir / rel)  # normalised, links not followed
         if not os.path.isfile(full):

@@ -184,8 +184,8 @@ def _per_expert_ok(x_RIn: torch.Tensor, proj: LoRAProjection) -> bool:
 
 
 # An expert with more rows than MERGE_ROWS x the width the low-rank product would save runs through its
-# merged weight W_e + s B_e A_e, built for that expert alone in one reused [Out, In] buffer (see
-# _PerExpertLoRA); math.inf switches it off (tests check both forms).
+# merged weight W_e + s B_e A_e (see _PerExpertLoRA: kept from the forward, or made in the backward alone);
+# math.inf switches it off (tests check both forms).
 MERGE_ROWS = 1.0
 
 
@@ -216,7 +216,7 @@ class _PerExpertLoRA(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_RIn, W_EOutIn, A_ErIn, B_EOutr, counts_E, scale):
         counts = counts_E.tolist()
-        E, Out, In = W_EOutIn.shape
+        _, Out, In = W_EOutIn.shape
         y_ROut = x_RIn.new_empty(x_RIn.shape[0], Out)
         h_Rr = x_RIn.new_empty(x_RIn.shape[0], A_ErIn.shape[1])  # x A_e^T, kept for B's gradient
         merge = _merge_above(In, x_RIn.dtype)
@@ -252,7 +252,7 @@ class _PerExpertLoRA(torch.autograd.Function):
         # twice as fast as with 16 output columns (docs/PERFORMANCE.md "LoRA")
         grad_Bt = B_EOutr.new_zeros(B_EOutr.shape[0], B_EOutr.shape[2], B_EOutr.shape[1])
         dh_Rr = x_RIn.new_empty(h_Rr.shape)  # d(loss)/d(x A_e^T) / s
-        E, Out, In = W_EOutIn.shape
+        _, Out, In = W_EOutIn.shape
         merge = _merge_above(Out, x_RIn.dtype)
         kept = dict(zip(ctx.merged, Wm_MOutIn.unbind()))
         Wm = W_EOutIn.new_empty(Out, In) if any(n > merge for e, n in enumerate(counts) if e not in kept) else None
