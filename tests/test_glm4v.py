@@ -195,6 +195,35 @@ def test_eager_fast_paths_equal_their_plain_forms(monkeypatch):
         torch.testing.assert_close(got, want, atol=1e-6, rtol=0, msg=f"compiling={compiling}")
 
 
+@pytest.mark.parametrize("backend,seq", [("flash", 512), ("sdpa", 12), ("eager", 12)])
+def test_attention_keeps_no_view_of_the_fused_qkv_output(monkeypatch, backend, seq):
+    """The fused q/k/v projection's output is not kept for the backward, on any attention path (flash at 512
+    tokens is the CPU's chunked kernel): v is a copy, q and k come from the rotary. A view of it would keep
+    all N + 2G heads alive where the attention needs G (the activation model of mmtune/plan/activations.py)."""
+    from mmtune.models.glm4v.text import DenseAttention
+    from mmtune.ops import chunked_attention
+    from mmtune.ops.attention import build_mask
+
+    chunked = []
+    kernel = chunked_attention.chunked_causal_attention
+    monkeypatch.setattr(chunked_attention, "chunked_causal_attention", lambda *a, **k: chunked.append(1) or kernel(*a, **k))
+
+    cfg = config_a()
+    attn = DenseAttention(cfg.text, 0)
+    attn.attn_backend = backend
+    fused = []
+    qkv = DenseAttention._qkv
+    monkeypatch.setattr(DenseAttention, "_qkv", lambda self, x: fused.append(qkv(self, x)) or fused[-1])
+    x = torch.randn(2, seq, cfg.text.hidden_size, requires_grad=True)
+    angles = torch.randn(2, seq, cfg.text.rotary_dim // 2)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = attn(x, (angles.cos(), angles.sin()), build_mask(2, seq, device=x.device))
+    storage = fused[0].untyped_storage().data_ptr()
+    assert saved and not [t.shape for t in saved if t.untyped_storage().data_ptr() == storage]
+    assert bool(chunked) == (backend == "flash")
+    out.sum().backward()
+
 def test_real_9b_config_on_meta_has_transformers_parameter_count():
     """GLM-4.1V-9B-Thinking's config: the same parameter names, shapes and count as transformers' model
     (10,292,777,472 — also the hub's count for zai-org/GLM-4.6V-Flash); nothing allocated."""

@@ -13,8 +13,7 @@ A decoder layer saves, per token (`decoder_layer_bytes_per_token`; no recompute)
                            o_proj's input: the output made token-major, a copy where the kernel writes it
                            head-major (the CPU's; CUDA flash kernels write it token-major and o_proj reads a
                            view: there this q is not allocated, the estimate is high by it)
-        (+ q + kv          GLM-4.1V (`fused_projections`): q/k/v are one tensor and v a view of it, so all
-                           of it stays)
+                           (GLM-4.1V's fused q/k/v projection: v is copied out of its output, which is freed)
         + MLP ]            dense SwiGLU: gate and up outputs, the activation, the product down_proj keeps: 4I
                            MoE: per routed slot the token's row, gate/up (2I), the activation, the product and
                            the product scaled by the routing weight (down's input): k (h + 5I); the shared
@@ -66,8 +65,6 @@ def decoder_layer_bytes_per_token(t, layer_idx: int, act_bytes: int, kv_repeat: 
     q, kv = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
     norms = getattr(t, "norms_per_layer", 2)
     attn = (norms + 2) * h + 3 * q + 2 * kv + 2 * kv * (kv_repeat - 1)
-    if getattr(t, "fused_projections", False):
-        attn += q + kv
     fp32 = norms + t.num_attention_heads
     if t.is_moe_layer(layer_idx):
         k, i_m, i_s = t.num_experts_per_tok, t.moe_intermediate_size, t.moe_intermediate_size * t.n_shared_experts

@@ -83,7 +83,10 @@ class DenseAttention(TextAttention):
         # zero-fill a full-size gradient per slice and add into it
         qk_BSFD, v_BSGD = self._qkv(x_BSH).view(B, S, N + 2 * G, D).split([N + G, G], dim=2)
         q_BNSD, k_BGSD = rotary(qk_BSFD.transpose(1, 2), *rope, apply_interleaved_rope).split([N, G], dim=1)
-        v_BGSD = v_BSGD.transpose(1, 2)
+        # v copied out of the fused projection's output (G of its N + 2G heads): the attention keeps v for its
+        # backward, and a view would keep the whole buffer alive until then (the rotary's q and k are new
+        # tensors). Head-major, as the CPU's chunked attention reads it; flash and SDPA take any strides.
+        v_BGSD = v_BSGD.transpose(1, 2).contiguous()
         if cache is not None:
             k_BGSD, v_BGSD = cache.update(self.layer_idx, k_BGSD, v_BGSD)
         o_BNSD = self.attention_fn(q_BNSD, k_BGSD, v_BGSD, mask, scale=D**-0.5, backend=self.attn_backend)
