@@ -43,9 +43,13 @@ CLOCK = time.perf_counter  # --cpu-time: time.process_time
 
 
 def _interleaved(fns: dict, steps: int, warmup: int = 1) -> dict[str, list[float]]:
+    """Each round runs every variant once; the order rotates from round to round, so that no variant always
+    follows the same one (a run inherits its predecessor's caches and freed memory)."""
     times = {k: [] for k in fns}
+    names = list(fns)
     for i in range(warmup + steps):
-        for k, fn in fns.items():
+        for k in names[i % len(names):] + names[: i % len(names)]:
+            fn = fns[k]
             t0 = CLOCK()
             fn()
             if i >= warmup:

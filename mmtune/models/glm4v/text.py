@@ -33,16 +33,19 @@ def mrope_cos_sin_pairs(cfg: TextConfig, position_ids_3BS: torch.Tensor, dtype: 
 def apply_interleaved_rope(x_BNSD: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
     """Rotate the first R = 2h dims of each head as h adjacent pairs (x[2i], x[2i+1]) by angle i (GPT-J
     layout, transformers' `rotate_half_llm`); the rest pass. Eagerly in fp32/fp64 each pair is read as one
-    complex number and multiplied by cos + i sin (one pass instead of the four products, the stack and
-    the slices of `rotate_pairs`; the same products, docs/PERFORMANCE.md "Dense glm4v train step")."""
+    complex number and multiplied by cos + i sin, written straight into its place in the output (one pass
+    instead of the four products, the stack and the slices of `rotate_pairs`, and no join of the two parts;
+    the same products, docs/PERFORMANCE.md "Dense glm4v train step")."""
     h = cos_BSh.shape[-1]
     rot = x_BNSD[..., : 2 * h]
-    if _complex_view_ok(rot):
+    if _complex_view_ok(rot) and x_BNSD.shape[-1] % 2 == 0:  # an even head dim: the output's pairs too
+        out_BNSD = x_BNSD.new_empty(x_BNSD.shape)
+        out_BNSD[..., 2 * h :] = x_BNSD[..., 2 * h :]
         turn = torch.complex(cos_BSh, sin_BSh)[:, None]
-        rotated = torch.view_as_real(torch.view_as_complex(rot.unflatten(-1, (h, 2))) * turn).flatten(-2)
-    else:
-        rotated = rotate_pairs(rot, cos_BSh, sin_BSh)
-    return torch.cat([rotated, x_BNSD[..., 2 * h :]], dim=-1)
+        pairs = out_BNSD[..., : 2 * h].unflatten(-1, (h, 2))
+        torch.mul(torch.view_as_complex(rot.unflatten(-1, (h, 2))), turn, out=torch.view_as_complex(pairs))
+        return out_BNSD
+    return torch.cat([rotate_pairs(rot, cos_BSh, sin_BSh), x_BNSD[..., 2 * h :]], dim=-1)
 
 
 def rotate_pairs(x_BNSR: torch.Tensor, cos_BSh: torch.Tensor, sin_BSh: torch.Tensor) -> torch.Tensor:
