@@ -122,8 +122,11 @@ def run(cfg, *, print_fn=print) -> dict:
             layout_changed = {k: (v, layout[k]) for k, v in saved_layout.items() if k in layout and v != layout[k]}
             if layout_changed:  # the loader starts after what the saved run consumed, counted over all ranks
                 if data_cfg.basic.streaming:
-                    # a stream is read sample by sample, round-robin over the ranks: after the samples trained
-                    # (the few read into rows not yet trained at the save are read again; none is skipped)
+                    # a stream is read sample by sample, round-robin over the ranks: after as many samples as
+                    # were trained. Exact when every rank trained the same number (no packing, no dropped
+                    # samples); otherwise a rank that read ahead of the others had trained samples past that
+                    # point (read again) and one behind had untrained ones before it (skipped): at most the
+                    # ranks' difference. Samples in rows not yet trained at the save are read again.
                     consumed_for_loader = int(saved.get("consumed_samples", 0))
                 else:  # the cached rows: the saved run took its global batch of rows per step
                     consumed_for_loader = int(saved.get("step", 0)) * int(
