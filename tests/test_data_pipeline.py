@@ -532,3 +532,41 @@ def test_a_cache_that_recorded_a_missing_image_is_rebuilt_once_the_image_exists(
     assert len(list((tmp_path / "cache").glob("mmtune-*.old-*"))) == 1  # the stale one, set aside (not deleted)
     later = build_dataset(cfg, env / "tok", progress=False)  # the rebuilt cache is reused, not rebuilt again
     assert later.from_cache and later.good == [0, 1]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_stream_resume_point_of_uneven_ranks_skips_no_sample(env, workers):
+    """Two ranks of a packed stream, one ahead of the other (7 rows against 3), resumed on one rank from
+    their `resume_point`: to the end of the pass it reads every sample neither had trained, each once, and
+    again only samples from the point on that the faster rank had trained. Restarting after as many samples
+    as were trained (a count) would skip some. (Items are numbered over all ranks in file order, as
+    `raw_samples` gives them.)"""
+    from torchdata.stateful_dataloader import StatefulDataLoader
+
+    from mmtune.data.dataset import raw_samples
+    from mmtune.data.loader import resume_point
+
+    cfg = _cfg(env, packing=True, streaming=True)
+    order = [src for _, src in raw_samples(cfg)]
+    kw = dict(seq_length=96, micro_batch_size=1, dp_size=2, num_workers=0, progress=False)
+    trained, progress = [], []
+    for rank, rows in ((0, 7), (1, 3)):
+        stream = build_train_loader(cfg, dp_rank=rank, **kw).dataset
+        loader = StatefulDataLoader(stream, batch_size=1, num_workers=workers, collate_fn=lambda rows: rows)
+        it = iter(loader)
+        for _ in range(rows):
+            trained += [s.src for row in next(it) for s in row]
+        progress += stream.progress(loader.state_dict())
+    point = resume_point(progress)
+    assert point["epoch"] == 0 and point["open"] and len(set(trained)) == len(trained)
+    assert [i for i in range(len(trained)) if order[i] not in trained]  # what a count would skip
+    resumed = build_train_loader(cfg, stream_start=point, **dict(kw, dp_size=1)).dataset
+    again = []
+    for row in iter(resumed):
+        again += [s.src for s in row]
+        if resumed.state["epoch"] > 0 or len(again) > 2 * len(order):
+            break
+    again = again[: len(again) - len(row)] if resumed.state["epoch"] > 0 else again  # this pass only
+    assert len(set(again)) == len(again)
+    assert set(order) - set(trained) - set(again) == set()  # nothing skipped
+    assert all(order.index(src) >= point["k"] for src in set(again) & set(trained))  # read twice: past k only

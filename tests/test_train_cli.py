@@ -116,10 +116,11 @@ def test_resume_with_other_loader_workers_continues_the_data_exactly(work, strai
 
 
 def test_streaming_resume_with_other_loader_workers_continues_the_stream_exactly(work, capsys):
-    """The same for a streamed data set: resumed on another layout, the stream restarts after the samples
-    the saved run trained, and the steps after it take the straight run's samples (losses up to the worker
-    path's last bits, as above). (Rows here hold one sample each, so no row is half-filled at the save;
-    samples read into such a row would be read again, which this run does not reach.)"""
+    """The same for a streamed data set: resumed on another layout, the stream restarts where the saved run
+    stood (saved with the checkpoint), and the steps after it take the straight run's samples (losses up to
+    the worker path's last bits, as above). (Rows here hold one sample each, so that point is the count
+    trained and no row is open; packed rows and several ranks: test_data_pipeline.py
+    test_stream_resume_point_of_uneven_ranks_skips_no_sample, test_train_dist.py.)"""
     data = json.loads((work / "data.json").read_text())
     data["dataset_param"]["basic_parameters"].update(streaming=True, cache_dir=None)
     stream = work / "stream"
@@ -133,7 +134,8 @@ def test_streaming_resume_with_other_loader_workers_continues_the_stream_exactly
     capsys.readouterr()
     assert main(_argv(stream, resumed, 6, "--num-workers", "1")) == 0
     out = capsys.readouterr().out
-    assert f"(saved with num_workers 0: the data restarts after the {at_save} samples consumed)" in out, out
+    assert (f"(saved with num_workers 0: the data restarts at sample {at_save} of pass 0 of the stream, where the "
+            "slowest rank stood, with 0 earlier samples of open rows)") in out, out
     a, b = _metrics(straight_s), _metrics(resumed)
     for key in ("step", "tokens", "samples", "moe_expert_tokens"):  # the same samples, step by step
         assert [r[key] for r in a] == [r[key] for r in b], key

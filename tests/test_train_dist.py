@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -35,6 +36,12 @@ def dist(tmp_path_factory, tiny_hf_dir, shapes_dir):
     from mmtune.convert import hf_to_dcp
 
     hf_to_dcp(tiny_hf_dir, root / "dcp")
+    stream = root / "stream"  # the same data read as a packed stream
+    stream.mkdir()
+    data = json.loads((work / "data.json").read_text())
+    data["dataset_param"]["basic_parameters"].update(streaming=True, packing=True, max_samples=None)
+    (stream / "data.json").write_text(json.dumps(data))
+    shutil.copy(work / "model.json", stream / "model.json")
     # mmtune train on 2 ranks with expert parallelism (EP=2: each rank owns 2 of the 4 experts) and router-bias
     # balancing: 3 steps from the converted weights-only DCP; 6 steps straight from the HF dir (also the
     # uninterrupted run the elastic-restart tests compare with). test_expert_parallel's 2-rank configurations
@@ -42,12 +49,14 @@ def dist(tmp_path_factory, tiny_hf_dir, shapes_dir):
     job = {"out": str(root / "result.json"), "hf_dir": str(tiny_hf_dir),
            "cli_argvs": [train_argv(work, root / "two", 3, "--save-interval", "2", "--load", str(root / "dcp"),
                                     *EP_FLAGS),
-                         train_argv(work, root / "two_hf", 6, "--load", str(tiny_hf_dir), *EP_FLAGS)],
+                         train_argv(work, root / "two_hf", 6, "--load", str(tiny_hf_dir), *EP_FLAGS),
+                         train_argv(stream, root / "two_stream", 2, "--load", str(root / "dcp"))],
            "ep_runs": [{"kind": "parity", "ep": 2}, {"kind": "dispatch"}], "ep_out": str(root / "ep.pt")}
     (root / "job.json").write_text(json.dumps(job))
     proc = torchrun([str(HERE / "test_train_helpers.py"), str(root / "job.json")], nproc=2,
                     env={"PYTHONPATH": f"{HERE}:{HERE.parent}"})
     return {"result": json.loads((root / "result.json").read_text()), "work": work, "save": root / "two",
+            "stream": stream, "save_stream": root / "two_stream",
             "save_hf": root / "two_hf", "log": proc.stdout + proc.stderr, "hf_dir": tiny_hf_dir,
             "ep": torch.load(root / "ep.pt", weights_only=False)}
 
@@ -189,6 +198,29 @@ def test_elastic_restarts_resume_exactly(dist, tmp_path):
         assert [r["step"] for r in rows] == list(range(1, 7)), run["save"]
         assert [r["loss"] for r in rows] == ref, run["save"]  # bit for bit, before and after the restart
         assert (run["save"] / POINTER_FILE).read_text().strip() == "6"
+
+
+def test_packed_stream_resumes_on_one_rank_where_the_ranks_stood(dist, capsys):
+    """2 ranks on a packed stream save with each checkpoint where a resume on another layout starts: the
+    `resume_point` of both ranks' streams (each read back here from that rank's saved loader state; the
+    all-gather behind it is what this checks), and resumed on one rank the run starts there
+    (test_data_pipeline.py checks that such a point skips no sample)."""
+    from mmtune.data.loader import build_train_loader, resume_point
+    from mmtune.train.checkpoint import _from_bytes, _load_bytes, peek_train_state
+
+    ckpt = dist["save_stream"] / "iter_0000002"
+    saved = peek_train_state(ckpt)["extra"]["stream_position"]
+    progress = []
+    for rank in range(2):
+        loader = build_train_loader(dist["stream"] / "data.json", seq_length=96, micro_batch_size=2, dp_rank=rank,
+                                    dp_size=2, num_workers=0, progress=False)
+        progress += loader.dataset.progress(_from_bytes(_load_bytes(ckpt, f"rank_state.{rank}"))["dataloader"])
+    assert saved == resume_point(progress) and saved["open"], (saved, progress)
+    capsys.readouterr()
+    assert main(train_argv(dist["stream"], dist["save_stream"], 3)) == 0
+    out = capsys.readouterr().out
+    assert (f"the data restarts at sample {saved['k']} of pass {saved['epoch']} of the stream, where the slowest "
+            f"rank stood, with {sum(map(len, saved['open']))} earlier samples of open rows") in out, out
 
 
 def test_sharding_size_must_divide_the_world():

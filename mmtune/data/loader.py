@@ -136,6 +136,26 @@ class StreamingRows(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.state = dict(state)
 
+    def progress(self, loader_state: dict) -> list[tuple[int, int, list[list[int]]]] | None:
+        """Where each loader worker's part of this rank's stream stands, from the loader's `state_dict()`:
+        (epoch, k, open rows) per worker, in the stream's item numbers (k counts every rank's items in file
+        order): the worker has read its items before k, and the rows it has yielded hold all of them but
+        those of its open rows (and the dropped ones). `resume_point` combines the ranks' lists. None if the
+        state does not show every worker."""
+        states = _dataset_states(loader_state)
+        if not states or any(not isinstance(st, dict) or "next" not in st for st in states):
+            return None
+        out = []
+        for worker, st in enumerate(states):
+            j = st["next"]
+            while not self._mine(j, worker, len(states)):  # this worker's next own item
+                j += 1
+            out.append((st["epoch"], self._item(j), [[self._item(i) for i in row] for row in st.get("open", [])]))
+        return out
+
+    def _item(self, j: int) -> int:
+        return j * self.world + self.rank
+
     def _mine(self, j: int, worker: int, workers: int) -> bool:
         return (j // self.mbs) % workers == worker
 
@@ -295,6 +315,35 @@ def _view(buffer: torch.Tensor, where: _Slice) -> torch.Tensor:
     return buffer[where.offset:where.offset + where.nbytes].view(where.dtype).view(where.shape)
 
 
+def _dataset_states(loader_state: dict) -> list | None:
+    """The dataset's state in each loader worker (one, the loader's own, without workers) from a
+    StatefulDataLoader `state_dict()` (torchdata 0.11's layout), or None."""
+    snapshot = loader_state.get("_snapshot")
+    if snapshot is None:
+        return [loader_state.get("dataset_state")] if "dataset_state" in loader_state else None
+    workers = snapshot.get("_worker_snapshots") or {}
+    return [(workers.get(f"worker_{w}") or {}).get("dataset_state") for w in range(len(workers))] or None
+
+
+def stream_progress(loader):
+    """`StreamingRows.progress` of a training loader's stream (None for cached data or an unknown state)."""
+    ds = getattr(loader, "dataset", None)
+    return ds.progress(loader.state_dict()) if isinstance(ds, StreamingRows) else None
+
+
+def resume_point(progress: list) -> dict:
+    """Where every rank of a new layout resumes a stream whose workers (of all ranks) stood at `progress`
+    (`StreamingRows.progress` lists, concatenated): {"epoch", "k", "open"}. Items from k on are read again
+    (a faster worker's trained ones among them: read twice, at most the workers' spread); the items before
+    k that sat in open rows are read back into open rows; every other item before k was trained."""
+    epoch = min(e for e, _, _ in progress)
+    k = min(k for e, k, _ in progress if e == epoch)
+    rows = {tuple(i for i in row if i < k) for e, _, open_rows in progress if e == epoch for row in open_rows}
+    return {"epoch": epoch, "k": k, "open": sorted(list(row) for row in rows if row)}
+
+
+
+
 class TrainLoader(StatefulDataLoader):
     """A StatefulDataLoader whose workers may send each batch as one buffer (`to_one_buffer`); iterating
     yields the ordinary batch dicts."""
@@ -305,7 +354,8 @@ class TrainLoader(StatefulDataLoader):
 
 def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_batch_size: int, dp_rank: int = 0,
                        dp_size: int = 1, seed: int = 1234, num_workers: int | None = None,
-                       consumed_samples: int = 0, progress: bool = True, pin_memory: bool | None = None):
+                       consumed_samples: int = 0, stream_start: dict | None = None, progress: bool = True,
+                       pin_memory: bool | None = None):
     """The training loader of one data-parallel rank.
 
     Args:
@@ -320,6 +370,8 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
             available; pinning without a GPU does nothing).
         consumed_samples: rows already consumed by all ranks together (global_batch_size * steps); the
             loader starts after them. For exact resume prefer `loader.load_state_dict(saved)`.
+        stream_start: streaming only, instead of consumed_samples: a `resume_point` of a saved run (its
+            items before k are skipped, but for those of its open rows, which this rank's share of reopens).
 
     Returns a `TrainLoader` (a torchdata `StatefulDataLoader`), endless, yielding the batch dicts of
     docs/INTERNALS.md ("A training batch"); `loader.state_dict()` goes into checkpoints. Its
@@ -346,6 +398,11 @@ def build_train_loader(data_cfg, *, tokenizer_dir=None, seq_length: int, micro_b
     start = consumed_samples // dp_size
     if cfg.basic.streaming:
         ds = StreamingRows(cfg, mat, rank=dp_rank, world=dp_size, micro_batch_size=micro_batch_size, start=start)
+        if stream_start is not None:  # this rank's first item at or after item k, and its items of the open rows
+            k = stream_start["k"]
+            mine = [[i // dp_size for i in row if i % dp_size == dp_rank] for row in stream_start["open"]]
+            ds.state = {"epoch": stream_start["epoch"], "next": max(0, k - dp_rank + dp_size - 1) // dp_size,
+                        "open": [row for row in mine if row]}
         loader = TrainLoader(ds, **common)
         loader.pack_stats, loader.prepared = ds.stats, None
         return loader

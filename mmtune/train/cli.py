@@ -111,7 +111,7 @@ def run(cfg, *, print_fn=print) -> dict:
         # rank's (and worker's) own batches, so they resume exactly only on the same layout
         layout = {"world_size": env.world_size, "dp_size": env.dp_size, "micro_batch_size": cfg.micro_batch_size,
                   "global_batch_size": cfg.global_batch_size, "num_workers": cores.workers}
-        consumed_for_loader, layout_changed = 0, {}
+        consumed_for_loader, stream_start, layout_changed = 0, None, {}
         if source and source.kind == "training":
             from mmtune.train.checkpoint import peek_train_state
 
@@ -121,12 +121,16 @@ def run(cfg, *, print_fn=print) -> dict:
                             or {"world_size": saved.get("world_size", env.world_size)})
             layout_changed = {k: (v, layout[k]) for k, v in saved_layout.items() if k in layout and v != layout[k]}
             if layout_changed:  # the loader starts after what the saved run consumed, counted over all ranks
-                if data_cfg.basic.streaming:
-                    # a stream is read sample by sample, round-robin over the ranks: after as many samples as
-                    # were trained. Exact when every rank trained the same number (no packing, no dropped
-                    # samples); otherwise a rank that read ahead of the others had trained samples past that
-                    # point (read again) and one behind had untrained ones before it (skipped): at most the
-                    # ranks' difference. Samples in rows not yet trained at the save are read again.
+                position = (saved.get("extra") or {}).get("stream_position")
+                if data_cfg.basic.streaming and position is not None:
+                    # where the slowest rank's stream stood, and the open rows before it (trainer.py
+                    # _stream_position): no sample is skipped; what a faster rank had trained past it comes again
+                    stream_start = position
+                elif data_cfg.basic.streaming:
+                    # (a checkpoint without the position) a stream is read sample by sample, round-robin over
+                    # the ranks: after as many samples as were trained. Exact when every rank trained the same
+                    # number (no packing, no dropped samples); otherwise a rank that read ahead had trained
+                    # samples past that point (read again) and one behind had untrained ones before it (skipped)
                     consumed_for_loader = int(saved.get("consumed_samples", 0))
                 else:  # the cached rows: the saved run took its global batch of rows per step
                     consumed_for_loader = int(saved.get("step", 0)) * int(
@@ -135,6 +139,7 @@ def run(cfg, *, print_fn=print) -> dict:
         loader = build_train_loader(data_cfg, seq_length=cfg.seq_length, micro_batch_size=cfg.micro_batch_size,
                                     dp_rank=env.dp_rank, dp_size=env.dp_size, seed=cfg.seed,
                                     num_workers=cores.workers, consumed_samples=consumed_for_loader,
+                                    stream_start=stream_start,
                                     progress=env.is_main, pin_memory=data_cfg.dataloader_param.pin_memory and on_cuda)
         if loader.prepared is not None and loader.prepared.from_cache:  # (a build logs itself, on its process)
             say(f"{PROG}: {loader.prepared.note}", flush=True)
@@ -187,8 +192,11 @@ def run(cfg, *, print_fn=print) -> dict:
             note = ""
             if layout_changed:
                 unit = "samples" if data_cfg.basic.streaming else "rows"
+                where = (f"at sample {stream_start['k']} of pass {stream_start['epoch']} of the stream, where the "
+                         f"slowest rank stood, with {sum(map(len, stream_start['open']))} earlier samples of open "
+                         f"rows" if stream_start else f"after the {consumed_for_loader} {unit} consumed")
                 note = (f" (saved with {', '.join(f'{k} {a}' for k, (a, _) in layout_changed.items())}: the data "
-                        f"restarts after the {consumed_for_loader} {unit} consumed"
+                        f"restarts {where}"
                         + ("; model and optimizer resharded; RNG not restored" if "world_size" in layout_changed
                            else "") + ")")
             say(f"{PROG}: resumed from {source.path} at step {state.step}{note}", flush=True)

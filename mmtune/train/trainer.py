@@ -36,6 +36,7 @@ from mmtune.distributed.context_parallel import ContextParallel
 from mmtune.distributed.env import DistEnv
 from mmtune.distributed.grad_norm import clip_grad_norm
 from mmtune.distributed.parallelize import set_gradient_sync, unshard_lm_head
+from mmtune.data.loader import StreamingRows, resume_point, stream_progress
 from mmtune.train.checkpoint import Checkpointer, TrainState
 from mmtune.train.loss import LossContext, lm_loss
 from mmtune.train.metrics import MetricsLogger, StepStats
@@ -280,11 +281,29 @@ class Trainer:
                 break
         return self.metrics.summary() if self.metrics else {}
 
+    def _stream_position(self) -> dict | None:
+        """Streaming data: where a resume on another layout starts the stream (data/loader.py `resume_point`
+        of every rank's `StreamingRows.progress`): no sample skipped, the few a faster rank had trained past
+        the slowest one's position read again. None for cached data, or when a rank cannot tell its position."""
+        if not isinstance(getattr(self.loader, "dataset", None), StreamingRows):
+            return None
+        progress = [stream_progress(self.loader)]
+        if self.env.distributed:  # every rank (the ranks of a context-parallel group repeat their data's)
+            gathered = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, progress[0])
+            progress = gathered
+        if any(p is None for p in progress):
+            return None
+        return resume_point([w for p in progress for w in p])
+
     def save(self, step: int, consumed: int) -> None:
         extra = {"nonfinite_in_a_row": self.nonfinite_in_a_row, "nonfinite_total": self.nonfinite_total,
                  "epoch": self.epoch}
         if self.data_layout is not None:
             extra["data_layout"] = self.data_layout
+        position = self._stream_position()
+        if position is not None:
+            extra["stream_position"] = position
         ck = self.checkpointer
         path = ck.save(step, self.model, self.optimizer, self.scheduler, self.loader,
                        TrainState(step=step, consumed_samples=consumed, extra=extra))
