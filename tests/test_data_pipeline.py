@@ -570,3 +570,12 @@ def test_stream_resume_point_of_uneven_ranks_skips_no_sample(env, workers):
     assert len(set(again)) == len(again)
     assert set(order) - set(trained) - set(again) == set()  # nothing skipped
     assert all(order.index(src) >= point["k"] for src in set(again) & set(trained))  # read twice: past k only
+
+
+def test_resume_point_takes_the_earliest_pass_and_the_open_items_before_it():
+    """A worker already in the next pass counts for nothing (the new ranks read its pass's rest again);
+    open items at or after the point are read anyway, so only the earlier ones are reopened."""
+    from mmtune.data.loader import resume_point
+
+    progress = [(1, 5, [[2, 3]]), (0, 40, [[30, 31], [39, 45]]), (0, 38, [[12]])]
+    assert resume_point(progress) == {"epoch": 0, "k": 38, "open": [[12], [30, 31]]}

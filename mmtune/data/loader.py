@@ -342,8 +342,6 @@ def resume_point(progress: list) -> dict:
     return {"epoch": epoch, "k": k, "open": sorted(list(row) for row in rows if row)}
 
 
-
-
 class TrainLoader(StatefulDataLoader):
     """A StatefulDataLoader whose workers may send each batch as one buffer (`to_one_buffer`); iterating
     yields the ordinary batch dicts."""

@@ -32,11 +32,11 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from mmtune.data.loader import StreamingRows, resume_point, stream_progress
 from mmtune.distributed.context_parallel import ContextParallel
 from mmtune.distributed.env import DistEnv
 from mmtune.distributed.grad_norm import clip_grad_norm
 from mmtune.distributed.parallelize import set_gradient_sync, unshard_lm_head
-from mmtune.data.loader import StreamingRows, resume_point, stream_progress
 from mmtune.train.checkpoint import Checkpointer, TrainState
 from mmtune.train.loss import LossContext, lm_loss
 from mmtune.train.metrics import MetricsLogger, StepStats
